@@ -1,0 +1,106 @@
+//! Errors. Library code returns `Result`; only `main` exits. A user's mistake (bad flag, missing file,
+//! bad checkpoint) is `Error::User` and exits with code 2 and one line. A shape mismatch inside the
+//! engine is a bug and asserts with the op's name instead.
+
+use std::fmt;
+
+#[derive(Debug)]
+pub enum Error {
+    /// Something the user gave us is wrong: one line naming the thing and what was expected.
+    User(String),
+    /// An I/O failure on a named path.
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// A CUDA library or driver call failed.
+    Cuda(String),
+    /// Any other failure, with the chain of contexts that led to it.
+    Other(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn user(msg: impl Into<String>) -> Error {
+        Error::User(msg.into())
+    }
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+    /// The process exit code for this error: 2 for the user's mistakes, 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::User(_) | Error::Io { .. } => 2,
+            _ => 1,
+        }
+    }
+    fn with_context(self, what: &str) -> Error {
+        match self {
+            Error::User(m) => Error::User(format!("{what}: {m}")),
+            Error::Io { path, source } => Error::Io {
+                path: format!("{what}: {path}"),
+                source,
+            },
+            Error::Cuda(m) => Error::Cuda(format!("{what}: {m}")),
+            Error::Other(m) => Error::Other(format!("{what}: {m}")),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::User(m) => write!(f, "{m}"),
+            Error::Io { path, source } => write!(f, "{path}: {source}"),
+            Error::Cuda(m) => write!(f, "CUDA: {m}"),
+            Error::Other(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// `.ctx("what")` adds context to any error on its way up.
+pub trait Context<T> {
+    fn ctx(self, what: &str) -> Result<T>;
+}
+
+impl<T> Context<T> for Result<T> {
+    fn ctx(self, what: &str) -> Result<T> {
+        self.map_err(|e| e.with_context(what))
+    }
+}
+
+impl<T, E: fmt::Debug> Context<T> for std::result::Result<T, E>
+where
+    E: NotOurError,
+{
+    fn ctx(self, what: &str) -> Result<T> {
+        self.map_err(|e| Error::Other(format!("{what}: {e:?}")))
+    }
+}
+
+/// Foreign error types that `.ctx` converts (cudarc's errors, safetensors', ...).
+pub trait NotOurError {}
+impl NotOurError for cudarc::driver::DriverError {}
+impl NotOurError for safetensors::SafeTensorError {}
+impl NotOurError for std::fmt::Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_chains_and_exit_codes() {
+        let e: Result<()> = Err(Error::user("--lr must be positive, got -1"));
+        let e = e.ctx("pretrain").unwrap_err();
+        assert_eq!(e.to_string(), "pretrain: --lr must be positive, got -1");
+        assert_eq!(e.exit_code(), 2);
+        let o: Result<()> = Err(Error::Other("boom".into()));
+        assert_eq!(o.ctx("step").unwrap_err().exit_code(), 1);
+    }
+}

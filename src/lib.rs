@@ -1,0 +1,23 @@
+//! lewel: LEWEL self-supervised pretraining of ResNet-50 (Huang et al., CVPR 2022), with an exact CPU
+//! reference and a CUDA backend.
+//!
+//! Conventions, once:
+//! - Activations are NHWC; the MLP heads work on rows (one row per position, channels contiguous).
+//!   Conv weights are [out, kh, kw, in]; linear weights [out, in]. Checkpoints convert to PyTorch's
+//!   OIHW and [out, in, 1].
+//! - Parameters, gradients, optimizer state and statistics are f32; the CPU reference computes in f32
+//!   (f64 in gradient checks, through the same generic code).
+//! - Backward adds (`+=`) into every gradient; the graph zeroes activation gradients first.
+//! - Library code returns `Result`; only `main` exits. Shape mismatches are bugs and assert with the
+//!   op's name.
+//! - The CPU path is deterministic at any thread count: reductions use fixed chunks combined in order.
+
+pub mod autograd;
+pub mod error;
+pub mod gradcheck;
+pub mod memory;
+pub mod ops;
+pub mod rng;
+pub mod tensor;
+
+pub use error::{Context, Error, Result};

@@ -1,0 +1,72 @@
+//! Residual add, elementwise: y = a + b. Saved for backward: nothing.
+//! Backward: da += dy, db += dy.
+
+use super::Real;
+use rayon::prelude::*;
+
+// ----------------------------------------------------------------------------
+// CPU reference
+
+const CHUNK: usize = 1 << 14;
+
+/// y = a + b; all three have the same length.
+pub fn forward_cpu<T: Real>(a: &[T], b: &[T], y: &mut [T]) {
+    assert!(
+        a.len() == b.len() && b.len() == y.len(),
+        "add_forward: a {} b {} y {}",
+        a.len(),
+        b.len(),
+        y.len()
+    );
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(y, (a, b))| {
+            for ((o, &u), &v) in y.iter_mut().zip(a).zip(b) {
+                *o = u + v;
+            }
+        });
+}
+
+/// dx += dy (called once for each addend).
+pub fn backward_cpu<T: Real>(dy: &[T], dx: &mut [T]) {
+    assert_eq!(
+        dy.len(),
+        dx.len(),
+        "add_backward: dy {} vs dx {}",
+        dy.len(),
+        dx.len()
+    );
+    dx.par_chunks_mut(CHUNK)
+        .zip(dy.par_chunks(CHUNK))
+        .for_each(|(dx, dy)| {
+            for (d, &g) in dx.iter_mut().zip(dy) {
+                *d = *d + g;
+            }
+        });
+}
+
+// ----------------------------------------------------------------------------
+// Tests
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{assert_ok, check, uniform};
+
+    #[test]
+    fn gradcheck_add() {
+        let inputs = vec![uniform(1, 23, -1.0, 1.0), uniform(2, 23, -1.0, 1.0)];
+        let fwd = |xs: &[Vec<f64>]| {
+            let mut y = vec![0.0; 23];
+            forward_cpu(&xs[0], &xs[1], &mut y);
+            y
+        };
+        let bwd = |_: &[Vec<f64>], dy: &[f64]| {
+            let (mut da, mut db) = (vec![0.0; 23], vec![0.0; 23]);
+            backward_cpu(dy, &mut da);
+            backward_cpu(dy, &mut db);
+            vec![Some(da), Some(db)]
+        };
+        assert_ok(check("add", &["a", "b"], &inputs, &fwd, &bwd));
+    }
+}

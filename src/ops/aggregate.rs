@@ -1,0 +1,221 @@
+//! Head-split spatial weighted aggregation (LEWEL_SPEC 2.2, steps 9-10). With n heads, K = D/n
+//! attention channels and C/n feature channels per head, x the raw backbone map (B, L, C) and w the
+//! alignment maps (B, L, D), both with positions as rows:
+//!   v[b, k, h*C/n + j] = sum_p x[b, p, h*C/n + j] * w[b, p, h*K + k]
+//! v is (B, K, C): row k is aligned embedding k, the (B, C, K) tensor of PyTorch seen column-wise.
+//! Per (b, h) this is one GEMM: v_bh (K, C/n) = w_bh^T (K, L) * x_bh (L, C/n). Backward:
+//!   dx_bh (L, C/n) += w_bh (L, K) * dv_bh (K, C/n)
+//!   dw_bh (L, K)   += x_bh (L, C/n) * dv_bh^T (C/n, K)
+//! Saved for backward: the inputs x and w.
+
+use super::{gemm, Mat, Real};
+use rayon::prelude::*;
+
+// ----------------------------------------------------------------------------
+// Params
+
+/// Mirrored by `struct AggregateParams` in kernels/aggregate.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AggregateParams {
+    pub b: i32,
+    pub l: i32,
+    /// Feature channels (2048 for ResNet-50).
+    pub c: i32,
+    /// Attention channels (256).
+    pub d: i32,
+    pub heads: i32,
+}
+
+impl AggregateParams {
+    pub fn new(b: usize, l: usize, c: usize, d: usize, heads: usize) -> AggregateParams {
+        assert!(
+            heads > 0 && c % heads == 0 && d % heads == 0,
+            "aggregate: {heads} heads must divide feature channels {c} and attention channels {d}"
+        );
+        AggregateParams {
+            b: b as i32,
+            l: l as i32,
+            c: c as i32,
+            d: d as i32,
+            heads: heads as i32,
+        }
+    }
+    /// (B, L, C, D, K = D/n, C/n)
+    fn dims(&self) -> (usize, usize, usize, usize, usize, usize) {
+        let (b, l, c, d, n) = (
+            self.b as usize,
+            self.l as usize,
+            self.c as usize,
+            self.d as usize,
+            self.heads as usize,
+        );
+        (b, l, c, d, d / n, c / n)
+    }
+    pub fn v_len(&self) -> usize {
+        let (b, _, c, _, k, _) = self.dims();
+        b * k * c
+    }
+    fn check(&self, op: &str, x: usize, w: usize, v: usize) {
+        let (b, l, c, d, k, _) = self.dims();
+        assert!(
+            x == b * l * c && w == b * l * d && v == b * k * c,
+            "{op}: lengths x {x} w {w} v {v}, expected {} {} {} for {self:?}",
+            b * l * c,
+            b * l * d,
+            b * k * c
+        );
+    }
+}
+
+// ----------------------------------------------------------------------------
+// CPU reference
+
+/// v (B, K, C) from x (B, L, C) and w (B, L, D); v is overwritten.
+pub fn forward_cpu<T: Real>(x: &[T], w: &[T], v: &mut [T], p: &AggregateParams) {
+    p.check("aggregate_forward", x.len(), w.len(), v.len());
+    let (_, l, c, d, k, cn) = p.dims();
+    v.par_chunks_mut(k * c).enumerate().for_each(|(b, v_b)| {
+        for h in 0..p.heads as usize {
+            let vw_t = Mat {
+                rows: k,
+                cols: l,
+                off: b * l * d + h * k,
+                rs: 1,
+                cs: d,
+            };
+            let vx = Mat::rows(l, cn, b * l * c + h * cn).with_rs(c);
+            let vv = Mat::rows(k, cn, h * cn).with_rs(c);
+            gemm(
+                "aggregate_forward",
+                T::one(),
+                w,
+                vw_t,
+                x,
+                vx,
+                T::zero(),
+                v_b,
+                vv,
+            );
+        }
+    });
+}
+
+/// dx (B, L, C) += and dw (B, L, D) += from dv (B, K, C).
+pub fn backward_cpu<T: Real>(
+    x: &[T],
+    w: &[T],
+    dv: &[T],
+    dx: &mut [T],
+    dw: &mut [T],
+    p: &AggregateParams,
+) {
+    p.check("aggregate_backward", x.len(), w.len(), dv.len());
+    assert!(
+        dx.len() == x.len() && dw.len() == w.len(),
+        "aggregate_backward: grad lengths"
+    );
+    let (_, l, c, d, k, cn) = p.dims();
+    dx.par_chunks_mut(l * c)
+        .zip(dw.par_chunks_mut(l * d))
+        .enumerate()
+        .for_each(|(b, (dx_b, dw_b))| {
+            for h in 0..p.heads as usize {
+                let vdv = Mat::rows(k, cn, b * k * c + h * cn).with_rs(c);
+                let vw = Mat::rows(l, k, b * l * d + h * k).with_rs(d);
+                let vdx = Mat::rows(l, cn, h * cn).with_rs(c);
+                gemm(
+                    "aggregate_backward_x",
+                    T::one(),
+                    w,
+                    vw,
+                    dv,
+                    vdv,
+                    T::one(),
+                    dx_b,
+                    vdx,
+                );
+                let vx = Mat::rows(l, cn, b * l * c + h * cn).with_rs(c);
+                let vdw = Mat::rows(l, k, h * k).with_rs(d);
+                gemm(
+                    "aggregate_backward_w",
+                    T::one(),
+                    x,
+                    vx,
+                    dv,
+                    vdv.t(),
+                    T::one(),
+                    dw_b,
+                    vdw,
+                );
+            }
+        });
+}
+
+// ----------------------------------------------------------------------------
+// Tests
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{assert_ok, check, uniform};
+
+    /// The spec's formula as plain loops.
+    fn forward_loops(x: &[f64], w: &[f64], p: &AggregateParams) -> Vec<f64> {
+        let (b, l, c, d, k, cn) = p.dims();
+        let mut v = vec![0.0; p.v_len()];
+        for bi in 0..b {
+            for h in 0..p.heads as usize {
+                for j in 0..cn {
+                    for kk in 0..k {
+                        let s: f64 = (0..l)
+                            .map(|q| {
+                                x[(bi * l + q) * c + h * cn + j] * w[(bi * l + q) * d + h * k + kk]
+                            })
+                            .sum();
+                        v[(bi * k + kk) * c + h * cn + j] = s;
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn forward_matches_spec_loops() {
+        let p = AggregateParams::new(2, 5, 8, 6, 2);
+        let x = uniform(1, 80, 0.0, 2.0);
+        let w = uniform(2, 60, 0.0, 1.0);
+        let mut v = vec![0.0; p.v_len()];
+        forward_cpu(&x, &w, &mut v, &p);
+        for (a, b) in v.iter().zip(forward_loops(&x, &w, &p)) {
+            assert!((a - b).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn gradcheck_aggregate() {
+        for p in [
+            AggregateParams::new(2, 5, 8, 6, 2),
+            AggregateParams::new(1, 3, 6, 9, 3),
+            AggregateParams::new(2, 4, 4, 4, 1),
+        ] {
+            let (b, l, c, d, _, _) = p.dims();
+            let inputs = vec![
+                uniform(3, b * l * c, 0.0, 2.0),
+                uniform(4, b * l * d, 0.0, 1.0),
+            ];
+            let fwd = |xs: &[Vec<f64>]| {
+                let mut v = vec![0.0; p.v_len()];
+                forward_cpu(&xs[0], &xs[1], &mut v, &p);
+                v
+            };
+            let bwd = |xs: &[Vec<f64>], dv: &[f64]| {
+                let (mut dx, mut dw) = (vec![0.0; xs[0].len()], vec![0.0; xs[1].len()]);
+                backward_cpu(&xs[0], &xs[1], dv, &mut dx, &mut dw, &p);
+                vec![Some(dx), Some(dw)]
+            };
+            assert_ok(check("aggregate", &["x", "w"], &inputs, &fwd, &bwd));
+        }
+    }
+}

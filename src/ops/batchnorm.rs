@@ -1,0 +1,410 @@
+//! Batch norm over rows, per channel. x is (R, C) row-major: R = N*H*W for BatchNorm2d on NHWC maps,
+//! R = N*L for the BatchNorm1d of the MLP heads on (N, C, L) inputs (our rows are positions), which
+//! PyTorch also reduces over batch and length together.
+//!   train: mean, var_b = biased moments over the rows of a group; rstd = 1 / sqrt(var_b + eps)
+//!          y = gamma * (x - mean) * rstd + beta
+//!          running_mean <- (1 - momentum) * running_mean + momentum * mean
+//!          running_var  <- (1 - momentum) * running_var  + momentum * var_b * m / (m - 1)
+//!   eval:  y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta
+//! Ghost groups: rows split into consecutive groups of `group_rows` rows (a fixed number of samples
+//! each), normalized with their own statistics, reproducing per-GPU statistics on one device. The
+//! running statistics follow group 0, as DDP's broadcast of rank 0's buffers makes them do on N GPUs.
+//! `num_batches_tracked` is counted by the caller.
+//! Saved for backward (train): mean and rstd per group and channel (G, C).
+//! Backward (train), per group with xhat = (x - mean) * rstd and m rows:
+//!   dx += gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+//!   dgamma += sum(dy * xhat),  dbeta += sum(dy)
+//! Sums run in f64 over fixed chunks of rows, combined in order: deterministic at any thread count.
+
+use super::{Real, REDUCE_CHUNK};
+use rayon::prelude::*;
+
+// ----------------------------------------------------------------------------
+// Params
+
+/// Mirrored by `struct BnParams` in kernels/batchnorm.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BnParams {
+    pub rows: i32,
+    pub c: i32,
+    /// Rows per statistics group; equal to `rows` for plain batch norm.
+    pub group_rows: i32,
+    pub eps: f32,
+    pub momentum: f32,
+}
+
+impl BnParams {
+    /// PyTorch's defaults: eps 1e-5, momentum 0.1, one group.
+    pub fn new(rows: usize, c: usize) -> BnParams {
+        BnParams {
+            rows: rows as i32,
+            c: c as i32,
+            group_rows: rows as i32,
+            eps: 1e-5,
+            momentum: 0.1,
+        }
+    }
+    /// Statistics over groups of `group_rows` consecutive rows.
+    pub fn ghost(self, group_rows: usize) -> BnParams {
+        assert!(
+            group_rows > 0 && self.rows as usize % group_rows == 0,
+            "batchnorm: {} rows do not split into groups of {group_rows}",
+            self.rows
+        );
+        BnParams {
+            group_rows: group_rows as i32,
+            ..self
+        }
+    }
+    pub fn groups(&self) -> usize {
+        (self.rows / self.group_rows) as usize
+    }
+    fn check(&self, op: &str, x: usize, y: usize, gamma: usize, beta: usize) {
+        let (r, c) = (self.rows as usize, self.c as usize);
+        assert!(
+            x == r * c && y == r * c && gamma == c && beta == c,
+            "{op}: lengths x {x} y {y} gamma {gamma} beta {beta}, expected {r}x{c}, {c}, {c}"
+        );
+        assert!(
+            self.rows % self.group_rows == 0,
+            "{op}: group_rows {} vs rows {}",
+            self.group_rows,
+            self.rows
+        );
+    }
+}
+
+// ----------------------------------------------------------------------------
+// CPU reference
+
+/// Per-channel sums over rows [r0, r1) of f(row, acc) in f64: fixed chunks, combined in order.
+fn channel_sums<F>(r0: usize, r1: usize, c: usize, f: F) -> Vec<f64>
+where
+    F: Fn(usize, &mut [f64]) + Sync,
+{
+    let chunks: Vec<(usize, usize)> = (r0..r1)
+        .step_by(REDUCE_CHUNK)
+        .map(|a| (a, (a + REDUCE_CHUNK).min(r1)))
+        .collect();
+    let parts: Vec<Vec<f64>> = chunks
+        .par_iter()
+        .map(|&(a, b)| {
+            let mut acc = vec![0.0f64; c];
+            for r in a..b {
+                f(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0.0f64; c];
+    for p in &parts {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}
+
+/// Train-mode forward. x, y (R, C); gamma, beta, running_mean, running_var (C);
+/// mean, rstd (G, C) are written for backward.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_train_cpu<T: Real>(
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    y: &mut [T],
+    mean: &mut [T],
+    rstd: &mut [T],
+    running_mean: &mut [T],
+    running_var: &mut [T],
+    p: &BnParams,
+) {
+    p.check(
+        "batchnorm_forward_train",
+        x.len(),
+        y.len(),
+        gamma.len(),
+        beta.len(),
+    );
+    let (c, m) = (p.c as usize, p.group_rows as usize);
+    assert!(
+        m > 1,
+        "batchnorm_forward_train: need more than 1 value per channel, got {m} rows per group"
+    );
+    assert!(
+        mean.len() == p.groups() * c && rstd.len() == p.groups() * c,
+        "batchnorm_forward_train: saved stats length"
+    );
+    for g in 0..p.groups() {
+        let (r0, r1) = (g * m, (g + 1) * m);
+        let sum = channel_sums(r0, r1, c, |r, acc| {
+            for (a, v) in acc.iter_mut().zip(&x[r * c..][..c]) {
+                *a += v.as_f64();
+            }
+        });
+        let mu: Vec<f64> = sum.iter().map(|s| s / m as f64).collect();
+        let sq = channel_sums(r0, r1, c, |r, acc| {
+            for ((a, v), mu) in acc.iter_mut().zip(&x[r * c..][..c]).zip(&mu) {
+                let d = v.as_f64() - mu;
+                *a += d * d;
+            }
+        });
+        for ch in 0..c {
+            let var_b = sq[ch] / m as f64;
+            mean[g * c + ch] = T::from_f64(mu[ch]);
+            rstd[g * c + ch] = T::from_f64(1.0 / (var_b + p.eps as f64).sqrt());
+            if g == 0 {
+                let mo = T::from_f64(p.momentum as f64);
+                let one = T::one();
+                running_mean[ch] = (one - mo) * running_mean[ch] + mo * T::from_f64(mu[ch]);
+                running_var[ch] = (one - mo) * running_var[ch]
+                    + mo * T::from_f64(var_b * m as f64 / (m - 1) as f64);
+            }
+        }
+    }
+    let (mean, rstd) = (&*mean, &*rstd);
+    y.par_chunks_mut(c).enumerate().for_each(|(r, y_r)| {
+        let g = r / m;
+        let (mu, rs) = (&mean[g * c..][..c], &rstd[g * c..][..c]);
+        for ch in 0..c {
+            y_r[ch] = (x[r * c + ch] - mu[ch]) * rs[ch] * gamma[ch] + beta[ch];
+        }
+    });
+}
+
+/// Train-mode backward. dx (R, C) +=; dgamma, dbeta (C) +=.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_train_cpu<T: Real>(
+    x: &[T],
+    dy: &[T],
+    gamma: &[T],
+    mean: &[T],
+    rstd: &[T],
+    dx: &mut [T],
+    dgamma: &mut [T],
+    dbeta: &mut [T],
+    p: &BnParams,
+) {
+    p.check(
+        "batchnorm_backward_train",
+        x.len(),
+        dy.len(),
+        gamma.len(),
+        dbeta.len(),
+    );
+    assert!(
+        dx.len() == x.len() && dgamma.len() == gamma.len(),
+        "batchnorm_backward_train: grad lengths"
+    );
+    let (c, m) = (p.c as usize, p.group_rows as usize);
+    let mut coef = vec![(0.0f64, 0.0f64); p.groups() * c]; // (mean(dy), mean(dy * xhat)) per group
+    for g in 0..p.groups() {
+        let (mu, rs) = (&mean[g * c..][..c], &rstd[g * c..][..c]);
+        let sums = channel_sums(g * m, (g + 1) * m, 2 * c, |r, acc| {
+            for ch in 0..c {
+                let d = dy[r * c + ch].as_f64();
+                let xh = ((x[r * c + ch] - mu[ch]) * rs[ch]).as_f64();
+                acc[ch] += d;
+                acc[c + ch] += d * xh;
+            }
+        });
+        for ch in 0..c {
+            dbeta[ch] = dbeta[ch] + T::from_f64(sums[ch]);
+            dgamma[ch] = dgamma[ch] + T::from_f64(sums[c + ch]);
+            coef[g * c + ch] = (sums[ch] / m as f64, sums[c + ch] / m as f64);
+        }
+    }
+    dx.par_chunks_mut(c).enumerate().for_each(|(r, dx_r)| {
+        let g = r / m;
+        for ch in 0..c {
+            let (mu, rs) = (mean[g * c + ch], rstd[g * c + ch]);
+            let (mdy, mdyx) = coef[g * c + ch];
+            let xh = (x[r * c + ch] - mu) * rs;
+            let v = dy[r * c + ch] - T::from_f64(mdy) - xh * T::from_f64(mdyx);
+            dx_r[ch] = dx_r[ch] + gamma[ch] * rs * v;
+        }
+    });
+}
+
+/// Eval-mode forward with running statistics. x, y (R, C).
+pub fn forward_eval_cpu<T: Real>(
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    running_mean: &[T],
+    running_var: &[T],
+    y: &mut [T],
+    p: &BnParams,
+) {
+    p.check(
+        "batchnorm_forward_eval",
+        x.len(),
+        y.len(),
+        gamma.len(),
+        beta.len(),
+    );
+    let c = p.c as usize;
+    let eps = T::from_f64(p.eps as f64);
+    y.par_chunks_mut(c).enumerate().for_each(|(r, y_r)| {
+        for ch in 0..c {
+            let rs = T::one() / (running_var[ch] + eps).sqrt();
+            y_r[ch] = (x[r * c + ch] - running_mean[ch]) * rs * gamma[ch] + beta[ch];
+        }
+    });
+}
+
+/// Eval-mode backward: statistics are constants. dx (R, C) +=; dgamma, dbeta (C) +=.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_eval_cpu<T: Real>(
+    x: &[T],
+    dy: &[T],
+    gamma: &[T],
+    running_mean: &[T],
+    running_var: &[T],
+    dx: &mut [T],
+    dgamma: &mut [T],
+    dbeta: &mut [T],
+    p: &BnParams,
+) {
+    p.check(
+        "batchnorm_backward_eval",
+        x.len(),
+        dy.len(),
+        gamma.len(),
+        dbeta.len(),
+    );
+    let c = p.c as usize;
+    let eps = p.eps as f64;
+    let rstd: Vec<T> = running_var
+        .iter()
+        .map(|v| T::from_f64(1.0 / (v.as_f64() + eps).sqrt()))
+        .collect();
+    let sums = channel_sums(0, p.rows as usize, 2 * c, |r, acc| {
+        for ch in 0..c {
+            let d = dy[r * c + ch].as_f64();
+            acc[ch] += d;
+            acc[c + ch] += d * ((x[r * c + ch] - running_mean[ch]) * rstd[ch]).as_f64();
+        }
+    });
+    for ch in 0..c {
+        dbeta[ch] = dbeta[ch] + T::from_f64(sums[ch]);
+        dgamma[ch] = dgamma[ch] + T::from_f64(sums[c + ch]);
+    }
+    dx.par_chunks_mut(c).enumerate().for_each(|(r, dx_r)| {
+        for ch in 0..c {
+            dx_r[ch] = dx_r[ch] + dy[r * c + ch] * gamma[ch] * rstd[ch];
+        }
+    });
+}
+
+// ----------------------------------------------------------------------------
+// Tests
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{assert_ok, check, uniform};
+
+    fn gradcheck_train(p: BnParams) {
+        let (r, c) = (p.rows as usize, p.c as usize);
+        let inputs = vec![
+            uniform(1, r * c, -2.0, 3.0),
+            uniform(2, c, 0.5, 1.5),
+            uniform(3, c, -0.5, 0.5),
+        ];
+        let g = p.groups();
+        let fwd = |xs: &[Vec<f64>]| {
+            let mut y = vec![0.0; r * c];
+            let (mut mu, mut rs) = (vec![0.0; g * c], vec![0.0; g * c]);
+            let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
+            forward_train_cpu(
+                &xs[0], &xs[1], &xs[2], &mut y, &mut mu, &mut rs, &mut rm, &mut rv, &p,
+            );
+            y
+        };
+        let bwd = |xs: &[Vec<f64>], dy: &[f64]| {
+            let mut y = vec![0.0; r * c];
+            let (mut mu, mut rs) = (vec![0.0; g * c], vec![0.0; g * c]);
+            let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
+            forward_train_cpu(
+                &xs[0], &xs[1], &xs[2], &mut y, &mut mu, &mut rs, &mut rm, &mut rv, &p,
+            );
+            let (mut dx, mut dg, mut db) = (vec![0.0; r * c], vec![0.0; c], vec![0.0; c]);
+            backward_train_cpu(&xs[0], dy, &xs[1], &mu, &rs, &mut dx, &mut dg, &mut db, &p);
+            vec![Some(dx), Some(dg), Some(db)]
+        };
+        assert_ok(check(
+            "batchnorm",
+            &["x", "gamma", "beta"],
+            &inputs,
+            &fwd,
+            &bwd,
+        ));
+    }
+
+    #[test]
+    fn gradcheck_batchnorm() {
+        gradcheck_train(BnParams::new(7, 5)); // odd sizes
+        gradcheck_train(BnParams::new(2 * 9, 3)); // BN2d: N=2, 3x3 maps
+        gradcheck_train(BnParams::new(12, 4).ghost(4)); // three ghost groups
+    }
+
+    #[test]
+    fn gradcheck_batchnorm_eval() {
+        let (r, c) = (6, 3);
+        let p = BnParams::new(r, c);
+        let rm = uniform(4, c, -0.5, 0.5);
+        let rv = uniform(5, c, 0.5, 2.0);
+        let inputs = vec![
+            uniform(1, r * c, -2.0, 3.0),
+            uniform(2, c, 0.5, 1.5),
+            uniform(3, c, -0.5, 0.5),
+        ];
+        let fwd = |xs: &[Vec<f64>]| {
+            let mut y = vec![0.0; r * c];
+            forward_eval_cpu(&xs[0], &xs[1], &xs[2], &rm, &rv, &mut y, &p);
+            y
+        };
+        let bwd = |xs: &[Vec<f64>], dy: &[f64]| {
+            let (mut dx, mut dg, mut db) = (vec![0.0; r * c], vec![0.0; c], vec![0.0; c]);
+            backward_eval_cpu(&xs[0], dy, &xs[1], &rm, &rv, &mut dx, &mut dg, &mut db, &p);
+            vec![Some(dx), Some(dg), Some(db)]
+        };
+        assert_ok(check(
+            "batchnorm_eval",
+            &["x", "gamma", "beta"],
+            &inputs,
+            &fwd,
+            &bwd,
+        ));
+    }
+
+    #[test]
+    fn ghost_groups_equal_separate_batches_and_running_stats_follow_group_0() {
+        let (c, m) = (3, 5);
+        let x = uniform(9, 3 * m * c, -1.0, 2.0);
+        let (gm, gb) = (uniform(10, c, 0.5, 1.5), uniform(11, c, -0.5, 0.5));
+        let p = BnParams::new(3 * m, c).ghost(m);
+        let mut y = vec![0.0; 3 * m * c];
+        let (mut mu, mut rs) = (vec![0.0; 3 * c], vec![0.0; 3 * c]);
+        let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
+        forward_train_cpu(&x, &gm, &gb, &mut y, &mut mu, &mut rs, &mut rm, &mut rv, &p);
+        for g in 0..3 {
+            let q = BnParams::new(m, c);
+            let mut yg = vec![0.0; m * c];
+            let (mut mu1, mut rs1) = (vec![0.0; c], vec![0.0; c]);
+            let (mut rm1, mut rv1) = (vec![0.0; c], vec![1.0; c]);
+            let xg = &x[g * m * c..][..m * c];
+            forward_train_cpu(
+                xg, &gm, &gb, &mut yg, &mut mu1, &mut rs1, &mut rm1, &mut rv1, &q,
+            );
+            for (a, b) in yg.iter().zip(&y[g * m * c..][..m * c]) {
+                assert!((a - b).abs() < 1e-12);
+            }
+            if g == 0 {
+                assert_eq!((rm1.clone(), rv1.clone()), (rm.clone(), rv.clone()));
+            }
+        }
+    }
+}

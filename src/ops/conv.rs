@@ -1,0 +1,431 @@
+//! 2-D convolution, no bias, NHWC; weights [out, kh, kw, in] (cuDNN's KRSC for NHWC).
+//!   y[n, oh, ow, o] = sum_{ky, kx, c} x[n, oh*s - pad + ky, ow*s - pad + kx, c] * w[o, ky, kx, c]
+//! (zero outside the image). With K = kh*kw*c_in and col = im2col(x_n) of shape (Ho*Wo, K):
+//!   forward        y_n (Ho*Wo, O)  = col (Ho*Wo, K) * w^T (K, O)
+//!   grad input     dx_n += col2im( dy_n (Ho*Wo, O) * w (O, K) )
+//!   grad weight    dw (O, K)      += sum_n dy_n^T (O, Ho*Wo) * col_n (Ho*Wo, K)
+//! A 1x1 stride-1 unpadded conv uses x_n itself as col. Images run in parallel (rayon); the weight
+//! gradient sums per-group partials in a fixed order, so the result does not depend on thread count.
+//! Saved for backward: nothing but the input x. Backward: += into dx and dw.
+
+use super::{gemm, Mat, Real};
+use rayon::prelude::*;
+
+// ----------------------------------------------------------------------------
+// Params
+
+/// Mirrored field for field by `struct ConvParams` in kernels/conv.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvParams {
+    pub n: i32,
+    pub h_in: i32,
+    pub w_in: i32,
+    pub c_in: i32,
+    pub c_out: i32,
+    pub kh: i32,
+    pub kw: i32,
+    pub stride: i32,
+    pub pad: i32,
+    pub h_out: i32,
+    pub w_out: i32,
+}
+
+/// Images whose weight-gradient partials are summed separately, at most. Fixed, so the summation
+/// order depends only on the batch size.
+const WGRAD_GROUPS: usize = 16;
+
+impl ConvParams {
+    /// A square k x k convolution; output size as PyTorch: floor((h + 2 pad - k) / stride) + 1.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        n: usize,
+        h: usize,
+        w: usize,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Self {
+        assert!(
+            h + 2 * pad >= k && w + 2 * pad >= k && stride > 0,
+            "conv2d: kernel {k} pad {pad} does not fit input {h}x{w}"
+        );
+        let h_out = (h + 2 * pad - k) / stride + 1;
+        let w_out = (w + 2 * pad - k) / stride + 1;
+        let i = |v: usize| i32::try_from(v).expect("conv2d: dimension exceeds i32");
+        ConvParams {
+            n: i(n),
+            h_in: i(h),
+            w_in: i(w),
+            c_in: i(c_in),
+            c_out: i(c_out),
+            kh: i(k),
+            kw: i(k),
+            stride: i(stride),
+            pad: i(pad),
+            h_out: i(h_out),
+            w_out: i(w_out),
+        }
+    }
+    pub fn k_dim(&self) -> usize {
+        (self.kh * self.kw * self.c_in) as usize
+    }
+    pub fn x_len(&self) -> usize {
+        (self.n * self.h_in * self.w_in * self.c_in) as usize
+    }
+    pub fn w_len(&self) -> usize {
+        self.c_out as usize * self.k_dim()
+    }
+    pub fn y_len(&self) -> usize {
+        (self.n * self.h_out * self.w_out * self.c_out) as usize
+    }
+    /// Multiply-adds of the forward (each of the two backward GEMMs costs the same).
+    pub fn macs(&self) -> u64 {
+        (self.n as u64) * (self.h_out * self.w_out) as u64 * self.c_out as u64 * self.k_dim() as u64
+    }
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    fn check(&self, op: &str, x: usize, w: usize, y: usize) {
+        assert!(
+            x == self.x_len() && w == self.w_len() && y == self.y_len(),
+            "{op}: lengths x {x} w {w} y {y}, expected {} {} {} for {:?}",
+            self.x_len(),
+            self.w_len(),
+            self.y_len(),
+            self
+        );
+    }
+}
+
+// ----------------------------------------------------------------------------
+// CPU reference
+
+/// col (Ho*Wo, K) from one image x_n (H, W, C); taps outside the image are zero.
+fn im2col<T: Real>(x_n: &[T], col: &mut [T], p: &ConvParams) {
+    let (h, w, c) = (p.h_in as isize, p.w_in as isize, p.c_in as usize);
+    let (kh, kw) = (p.kh as isize, p.kw as isize);
+    let (s, pad) = (p.stride as isize, p.pad as isize);
+    let kdim = p.k_dim();
+    for oh in 0..p.h_out as isize {
+        for ow in 0..p.w_out as isize {
+            let row = &mut col[(oh * p.w_out as isize + ow) as usize * kdim..][..kdim];
+            for ky in 0..kh {
+                let ih = oh * s - pad + ky;
+                for kx in 0..kw {
+                    let iw = ow * s - pad + kx;
+                    let dst = &mut row[((ky * kw + kx) as usize) * c..][..c];
+                    if ih < 0 || ih >= h || iw < 0 || iw >= w {
+                        dst.fill(T::zero());
+                    } else {
+                        dst.copy_from_slice(&x_n[((ih * w + iw) as usize) * c..][..c]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// dx_n (H, W, C) += col2im(dcol (Ho*Wo, K)); a fixed loop order, one image per call.
+fn col2im_add<T: Real>(dcol: &[T], dx_n: &mut [T], p: &ConvParams) {
+    let (h, w, c) = (p.h_in as isize, p.w_in as isize, p.c_in as usize);
+    let (kh, kw) = (p.kh as isize, p.kw as isize);
+    let (s, pad) = (p.stride as isize, p.pad as isize);
+    let kdim = p.k_dim();
+    for oh in 0..p.h_out as isize {
+        for ow in 0..p.w_out as isize {
+            let row = &dcol[(oh * p.w_out as isize + ow) as usize * kdim..][..kdim];
+            for ky in 0..kh {
+                let ih = oh * s - pad + ky;
+                if ih < 0 || ih >= h {
+                    continue;
+                }
+                for kx in 0..kw {
+                    let iw = ow * s - pad + kx;
+                    if iw < 0 || iw >= w {
+                        continue;
+                    }
+                    let src = &row[((ky * kw + kx) as usize) * c..][..c];
+                    let dst = &mut dx_n[((ih * w + iw) as usize) * c..][..c];
+                    for (d, v) in dst.iter_mut().zip(src) {
+                        *d = *d + *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn col_len(p: &ConvParams) -> usize {
+    if p.pointwise() {
+        0
+    } else {
+        (p.h_out * p.w_out) as usize * p.k_dim()
+    }
+}
+
+/// y (N, Ho, Wo, O) = conv(x (N, H, W, C), w (O, kh, kw, C)); y is overwritten.
+pub fn forward_cpu<T: Real>(x: &[T], w: &[T], y: &mut [T], p: &ConvParams) {
+    p.check("conv2d_forward", x.len(), w.len(), y.len());
+    let img_in = (p.h_in * p.w_in * p.c_in) as usize;
+    let img_out = (p.h_out * p.w_out * p.c_out) as usize;
+    let (m, kdim, co) = ((p.h_out * p.w_out) as usize, p.k_dim(), p.c_out as usize);
+    if img_out == 0 {
+        return;
+    }
+    y.par_chunks_mut(img_out).enumerate().for_each_init(
+        || vec![T::zero(); col_len(p)],
+        |col, (i, y_n)| {
+            let x_n = &x[i * img_in..][..img_in];
+            let a: &[T] = if p.pointwise() {
+                x_n
+            } else {
+                im2col(x_n, col, p);
+                col
+            };
+            let vw = Mat::rows(co, kdim, 0).t();
+            gemm(
+                "conv2d_forward",
+                T::one(),
+                a,
+                Mat::rows(m, kdim, 0),
+                w,
+                vw,
+                T::zero(),
+                y_n,
+                Mat::rows(m, co, 0),
+            );
+        },
+    );
+}
+
+/// dx (N, H, W, C) += conv2d input gradient of dy (N, Ho, Wo, O) through w (O, kh, kw, C).
+pub fn backward_data_cpu<T: Real>(dy: &[T], w: &[T], dx: &mut [T], p: &ConvParams) {
+    p.check("conv2d_backward_data", dx.len(), w.len(), dy.len());
+    let img_in = (p.h_in * p.w_in * p.c_in) as usize;
+    let img_out = (p.h_out * p.w_out * p.c_out) as usize;
+    let (m, kdim, co) = ((p.h_out * p.w_out) as usize, p.k_dim(), p.c_out as usize);
+    if img_in == 0 {
+        return;
+    }
+    dx.par_chunks_mut(img_in).enumerate().for_each_init(
+        || vec![T::zero(); col_len(p)],
+        |col, (i, dx_n)| {
+            let dy_n = &dy[i * img_out..][..img_out];
+            let (vdy, vw) = (Mat::rows(m, co, 0), Mat::rows(co, kdim, 0));
+            if p.pointwise() {
+                gemm(
+                    "conv2d_backward_data",
+                    T::one(),
+                    dy_n,
+                    vdy,
+                    w,
+                    vw,
+                    T::one(),
+                    dx_n,
+                    Mat::rows(m, kdim, 0),
+                );
+            } else {
+                gemm(
+                    "conv2d_backward_data",
+                    T::one(),
+                    dy_n,
+                    vdy,
+                    w,
+                    vw,
+                    T::zero(),
+                    col,
+                    Mat::rows(m, kdim, 0),
+                );
+                col2im_add(col, dx_n, p);
+            }
+        },
+    );
+}
+
+/// dw (O, kh, kw, C) += conv2d weight gradient from x (N, H, W, C) and dy (N, Ho, Wo, O).
+pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvParams) {
+    p.check("conv2d_backward_weight", x.len(), dw.len(), dy.len());
+    let n = p.n as usize;
+    let img_in = (p.h_in * p.w_in * p.c_in) as usize;
+    let img_out = (p.h_out * p.w_out * p.c_out) as usize;
+    let (m, kdim, co) = ((p.h_out * p.w_out) as usize, p.k_dim(), p.c_out as usize);
+    let groups = n.min(WGRAD_GROUPS);
+    if groups == 0 {
+        return;
+    }
+    let partials: Vec<Vec<T>> = (0..groups)
+        .into_par_iter()
+        .map(|g| {
+            let mut acc = vec![T::zero(); co * kdim];
+            let mut col = vec![T::zero(); col_len(p)];
+            for i in g * n / groups..(g + 1) * n / groups {
+                let x_n = &x[i * img_in..][..img_in];
+                let a: &[T] = if p.pointwise() {
+                    x_n
+                } else {
+                    im2col(x_n, &mut col, p);
+                    &col
+                };
+                let vdy_t = Mat::rows(m, co, 0).t();
+                let dy_n = &dy[i * img_out..][..img_out];
+                gemm(
+                    "conv2d_backward_weight",
+                    T::one(),
+                    dy_n,
+                    vdy_t,
+                    a,
+                    Mat::rows(m, kdim, 0),
+                    T::one(),
+                    &mut acc,
+                    Mat::rows(co, kdim, 0),
+                );
+            }
+            acc
+        })
+        .collect();
+    for part in &partials {
+        for (d, v) in dw.iter_mut().zip(part) {
+            *d = *d + *v;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Tests
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{assert_ok, check, uniform};
+
+    /// Direct seven-loop convolution, independent of im2col and GEMM.
+    fn forward_direct(x: &[f64], w: &[f64], p: &ConvParams) -> Vec<f64> {
+        let mut y = vec![0.0; p.y_len()];
+        let (h, wd, c) = (p.h_in as isize, p.w_in as isize, p.c_in as usize);
+        for n in 0..p.n as usize {
+            for oh in 0..p.h_out as isize {
+                for ow in 0..p.w_out as isize {
+                    for o in 0..p.c_out as usize {
+                        let mut acc = 0.0;
+                        for ky in 0..p.kh as isize {
+                            for kx in 0..p.kw as isize {
+                                let ih = oh * p.stride as isize - p.pad as isize + ky;
+                                let iw = ow * p.stride as isize - p.pad as isize + kx;
+                                if ih < 0 || iw < 0 || ih >= h || iw >= wd {
+                                    continue;
+                                }
+                                for ci in 0..c {
+                                    let xv = x[((n as isize * h + ih) * wd + iw) as usize * c + ci];
+                                    let wv = w[((o * p.kh as usize + ky as usize) * p.kw as usize
+                                        + kx as usize)
+                                        * c
+                                        + ci];
+                                    acc += xv * wv;
+                                }
+                            }
+                        }
+                        y[((n * p.h_out as usize + oh as usize) * p.w_out as usize
+                            + ow as usize)
+                            * p.c_out as usize
+                            + o] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn configs() -> Vec<ConvParams> {
+        vec![
+            ConvParams::new(2, 5, 6, 3, 4, 3, 2, 1), // stride 2, padding, odd sizes
+            ConvParams::new(2, 4, 3, 5, 3, 1, 1, 0), // pointwise path
+            ConvParams::new(3, 5, 5, 2, 3, 1, 2, 0), // strided 1x1 (downsample)
+            ConvParams::new(1, 7, 7, 3, 2, 7, 2, 3), // the stem's 7x7/2
+            ConvParams::new(2, 3, 4, 2, 2, 3, 1, 1), // 3x3 stride 1
+        ]
+    }
+
+    #[test]
+    fn forward_matches_direct_loops() {
+        for p in configs() {
+            let x = uniform(1, p.x_len(), -1.0, 1.0);
+            let w = uniform(2, p.w_len(), -1.0, 1.0);
+            let mut y = vec![0.0; p.y_len()];
+            forward_cpu(&x, &w, &mut y, &p);
+            let r = forward_direct(&x, &w, &p);
+            for (a, b) in y.iter().zip(&r) {
+                assert!((a - b).abs() < 1e-12, "{p:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn gradcheck_conv2d() {
+        for p in configs() {
+            let inputs = vec![
+                uniform(3, p.x_len(), -1.0, 1.0),
+                uniform(4, p.w_len(), -1.0, 1.0),
+            ];
+            let fwd = |xs: &[Vec<f64>]| {
+                let mut y = vec![0.0; p.y_len()];
+                forward_cpu(&xs[0], &xs[1], &mut y, &p);
+                y
+            };
+            let bwd = |xs: &[Vec<f64>], dy: &[f64]| {
+                let mut dx = vec![0.0; p.x_len()];
+                let mut dw = vec![0.0; p.w_len()];
+                backward_data_cpu(dy, &xs[1], &mut dx, &p);
+                backward_weight_cpu(&xs[0], dy, &mut dw, &p);
+                vec![Some(dx), Some(dw)]
+            };
+            assert_ok(check("conv2d", &["x", "w"], &inputs, &fwd, &bwd));
+        }
+    }
+
+    #[test]
+    fn backward_accumulates() {
+        let p = ConvParams::new(2, 5, 5, 3, 4, 3, 2, 1);
+        let x = uniform(5, p.x_len(), -1.0, 1.0);
+        let w = uniform(6, p.w_len(), -1.0, 1.0);
+        let dy = uniform(7, p.y_len(), -1.0, 1.0);
+        let (mut dx1, mut dw1) = (vec![0.0; p.x_len()], vec![0.0; p.w_len()]);
+        backward_data_cpu(&dy, &w, &mut dx1, &p);
+        backward_weight_cpu(&x, &dy, &mut dw1, &p);
+        let (mut dx2, mut dw2) = (dx1.clone(), dw1.clone());
+        backward_data_cpu(&dy, &w, &mut dx2, &p);
+        backward_weight_cpu(&x, &dy, &mut dw2, &p);
+        for (a, b) in dx1.iter().zip(&dx2).chain(dw1.iter().zip(&dw2)) {
+            assert!((2.0 * a - b).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn weight_gradient_independent_of_thread_count() {
+        let p = ConvParams::new(20, 6, 6, 8, 8, 3, 1, 1);
+        let x: Vec<f32> = uniform(8, p.x_len(), -1.0, 1.0)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let dy: Vec<f32> = uniform(9, p.y_len(), -1.0, 1.0)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut dw = vec![0.0f32; p.w_len()];
+                backward_weight_cpu(&x, &dy, &mut dw, &p);
+                dw
+            })
+        };
+        let a = run(1);
+        let b = run(5);
+        assert!(a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits()));
+    }
+}

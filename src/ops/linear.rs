@@ -1,0 +1,169 @@
+//! Linear map over rows, no bias: PyTorch's 1x1 Conv1d of the MLP heads seen position by position.
+//!   y (R, O) = x (R, I) * w^T,  w (O, I)  (the [out, in, 1] Conv1d weight without its last axis)
+//!   dx (R, I) += dy (R, O) * w (O, I)
+//!   dw (O, I) += dy^T (O, R) * x (R, I)
+//! Rows run in parallel in fixed blocks; the weight gradient sums per-block partials in order, so the
+//! result does not depend on thread count. Saved for backward: the input x.
+
+use super::{gemm, Mat, Real};
+use rayon::prelude::*;
+
+// ----------------------------------------------------------------------------
+// Params
+
+/// Mirrored by `struct LinearParams` in kernels/linear.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearParams {
+    pub rows: i32,
+    pub c_in: i32,
+    pub c_out: i32,
+}
+
+/// Rows per parallel block.
+const BLOCK: usize = 64;
+
+impl LinearParams {
+    pub fn new(rows: usize, c_in: usize, c_out: usize) -> LinearParams {
+        LinearParams {
+            rows: rows as i32,
+            c_in: c_in as i32,
+            c_out: c_out as i32,
+        }
+    }
+    fn dims(&self) -> (usize, usize, usize) {
+        (self.rows as usize, self.c_in as usize, self.c_out as usize)
+    }
+    fn check(&self, op: &str, x: usize, w: usize, y: usize) {
+        let (r, i, o) = self.dims();
+        assert!(
+            x == r * i && w == o * i && y == r * o,
+            "{op}: lengths x {x} w {w} y {y}, expected {} {} {} for {self:?}",
+            r * i,
+            o * i,
+            r * o
+        );
+    }
+}
+
+// ----------------------------------------------------------------------------
+// CPU reference
+
+/// y (R, O) = x (R, I) w^T; y is overwritten.
+pub fn forward_cpu<T: Real>(x: &[T], w: &[T], y: &mut [T], p: &LinearParams) {
+    p.check("linear_forward", x.len(), w.len(), y.len());
+    let (_, ci, co) = p.dims();
+    y.par_chunks_mut(BLOCK * co)
+        .enumerate()
+        .for_each(|(b, y_b)| {
+            let rows = y_b.len() / co;
+            let vw = Mat::rows(co, ci, 0).t();
+            gemm(
+                "linear_forward",
+                T::one(),
+                x,
+                Mat::rows(rows, ci, b * BLOCK * ci),
+                w,
+                vw,
+                T::zero(),
+                y_b,
+                Mat::rows(rows, co, 0),
+            );
+        });
+}
+
+/// dx (R, I) += dy (R, O) w.
+pub fn backward_data_cpu<T: Real>(dy: &[T], w: &[T], dx: &mut [T], p: &LinearParams) {
+    p.check("linear_backward_data", dx.len(), w.len(), dy.len());
+    let (_, ci, co) = p.dims();
+    dx.par_chunks_mut(BLOCK * ci)
+        .enumerate()
+        .for_each(|(b, dx_b)| {
+            let rows = dx_b.len() / ci;
+            let vdy = Mat::rows(rows, co, b * BLOCK * co);
+            gemm(
+                "linear_backward_data",
+                T::one(),
+                dy,
+                vdy,
+                w,
+                Mat::rows(co, ci, 0),
+                T::one(),
+                dx_b,
+                Mat::rows(rows, ci, 0),
+            );
+        });
+}
+
+/// dw (O, I) += dy^T x over all rows.
+pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &LinearParams) {
+    p.check("linear_backward_weight", x.len(), dw.len(), dy.len());
+    let (r, ci, co) = p.dims();
+    // Blocks of whole BLOCKs: a fixed partition of the rows, whatever the thread count.
+    let per = BLOCK * (r.div_ceil(BLOCK)).div_ceil(16).max(1);
+    let starts: Vec<usize> = (0..r).step_by(per).collect();
+    let parts: Vec<Vec<T>> = starts
+        .par_iter()
+        .map(|&a| {
+            let rows = per.min(r - a);
+            let mut acc = vec![T::zero(); co * ci];
+            let vdy_t = Mat::rows(rows, co, a * co).t();
+            gemm(
+                "linear_backward_weight",
+                T::one(),
+                dy,
+                vdy_t,
+                x,
+                Mat::rows(rows, ci, a * ci),
+                T::zero(),
+                &mut acc,
+                Mat::rows(co, ci, 0),
+            );
+            acc
+        })
+        .collect();
+    for part in &parts {
+        for (d, v) in dw.iter_mut().zip(part) {
+            *d = *d + *v;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Tests
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{assert_ok, check, uniform};
+
+    #[test]
+    fn gradcheck_linear() {
+        for p in [LinearParams::new(7, 5, 3), LinearParams::new(150, 4, 6)] {
+            let (r, i, o) = p.dims();
+            let inputs = vec![uniform(1, r * i, -1.0, 1.0), uniform(2, o * i, -1.0, 1.0)];
+            let fwd = |xs: &[Vec<f64>]| {
+                let mut y = vec![0.0; r * o];
+                forward_cpu(&xs[0], &xs[1], &mut y, &p);
+                y
+            };
+            let bwd = |xs: &[Vec<f64>], dy: &[f64]| {
+                let (mut dx, mut dw) = (vec![0.0; r * i], vec![0.0; o * i]);
+                backward_data_cpu(dy, &xs[1], &mut dx, &p);
+                backward_weight_cpu(&xs[0], dy, &mut dw, &p);
+                vec![Some(dx), Some(dw)]
+            };
+            assert_ok(check("linear", &["x", "w"], &inputs, &fwd, &bwd));
+        }
+    }
+
+    #[test]
+    fn forward_matches_loops() {
+        let p = LinearParams::new(3, 2, 2);
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let w = [1.0, -1.0, 0.5, 2.0];
+        let mut y = [0.0; 6];
+        forward_cpu(&x, &w, &mut y, &p);
+        assert_eq!(y, [-1.0, 4.5, -1.0, 9.5, -1.0, 14.5]);
+    }
+}

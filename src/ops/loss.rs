@@ -1,0 +1,128 @@
+//! Normalized MSE between prediction rows P and target rows T (N, D) (LEWEL_SPEC 3.2, step 3):
+//!   loss = 2 - (2 / N) * sum_i <P_i / max(||P_i||, eps), T_i / max(||T_i||, eps)>,  eps = 1e-12
+//! The target is detached: only P gets a gradient. With p = P_i / n_i (n_i = ||P_i|| > eps), t the
+//! normalized target row and upstream scalar g:
+//!   dP_i += g * (-2 / N) * (t - p (p . t)) / n_i      (t / eps when the clamp is active)
+//! Saved for backward: P and T.
+
+use super::Real;
+use rayon::prelude::*;
+
+// ----------------------------------------------------------------------------
+// Params
+
+/// Mirrored by `struct LossParams` in kernels/loss.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossParams {
+    pub n: i32,
+    pub d: i32,
+    pub eps: f32,
+}
+
+impl LossParams {
+    pub fn new(n: usize, d: usize) -> LossParams {
+        LossParams {
+            n: n as i32,
+            d: d as i32,
+            eps: 1e-12,
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// CPU reference
+
+fn norm<T: Real>(r: &[T]) -> f64 {
+    r.iter()
+        .map(|v| v.as_f64() * v.as_f64())
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// The loss of pred (N, D) against target (N, D); cosines summed in f64, rows in order.
+pub fn forward_cpu<T: Real>(pred: &[T], target: &[T], p: &LossParams) -> T {
+    let (n, d) = (p.n as usize, p.d as usize);
+    assert!(
+        pred.len() == n * d && target.len() == n * d,
+        "loss_forward: pred {} target {} for {p:?}",
+        pred.len(),
+        target.len()
+    );
+    let eps = p.eps as f64;
+    let cos: Vec<f64> = pred
+        .par_chunks(d)
+        .zip(target.par_chunks(d))
+        .map(|(a, b)| {
+            let dot: f64 = a.iter().zip(b).map(|(u, v)| u.as_f64() * v.as_f64()).sum();
+            dot / (norm(a).max(eps) * norm(b).max(eps))
+        })
+        .collect();
+    T::from_f64(2.0 - 2.0 * cos.iter().sum::<f64>() / n as f64)
+}
+
+/// dpred (N, D) += dloss * d loss / d pred.
+pub fn backward_cpu<T: Real>(pred: &[T], target: &[T], dloss: T, dpred: &mut [T], p: &LossParams) {
+    let (n, d) = (p.n as usize, p.d as usize);
+    assert!(
+        pred.len() == n * d && target.len() == n * d && dpred.len() == n * d,
+        "loss_backward: pred {} target {} dpred {} for {p:?}",
+        pred.len(),
+        target.len(),
+        dpred.len()
+    );
+    let eps = p.eps as f64;
+    let k = -2.0 * dloss.as_f64() / n as f64;
+    dpred.par_chunks_mut(d).enumerate().for_each(|(i, dp)| {
+        let (a, b) = (&pred[i * d..][..d], &target[i * d..][..d]);
+        let (na, nb) = (norm(a), norm(b).max(eps));
+        if na > eps {
+            let dot: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(u, v)| u.as_f64() * v.as_f64())
+                .sum::<f64>()
+                / (na * nb);
+            for ((o, u), v) in dp.iter_mut().zip(a).zip(b) {
+                let (pu, tv) = (u.as_f64() / na, v.as_f64() / nb);
+                *o = *o + T::from_f64(k * (tv - pu * dot) / na);
+            }
+        } else {
+            for (o, v) in dp.iter_mut().zip(b) {
+                *o = *o + T::from_f64(k * v.as_f64() / nb / eps);
+            }
+        }
+    });
+}
+
+// ----------------------------------------------------------------------------
+// Tests
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{assert_ok, check, uniform};
+
+    #[test]
+    fn gradcheck_loss() {
+        let p = LossParams::new(5, 7);
+        let target = uniform(9, 35, -1.0, 1.0);
+        let inputs = vec![uniform(1, 35, -1.0, 1.0)];
+        let fwd = |xs: &[Vec<f64>]| vec![forward_cpu(&xs[0], &target, &p)];
+        let bwd = |xs: &[Vec<f64>], dy: &[f64]| {
+            let mut dp = vec![0.0; 35];
+            backward_cpu(&xs[0], &target, dy[0], &mut dp, &p);
+            vec![Some(dp)]
+        };
+        assert_ok(check("loss", &["pred"], &inputs, &fwd, &bwd));
+    }
+
+    #[test]
+    fn range_and_extremes() {
+        let p = LossParams::new(2, 3);
+        let a = [1.0, 2.0, 3.0, -1.0, 0.5, 2.0];
+        assert!(forward_cpu::<f64>(&a, &a, &p).abs() < 1e-12);
+        let neg: Vec<f64> = a.iter().map(|v| -2.0 * v).collect();
+        assert!((forward_cpu(&a, &neg, &p) - 4.0).abs() < 1e-12);
+    }
+}

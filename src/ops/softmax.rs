@@ -1,0 +1,138 @@
+//! Softmax over positions, separately for each sample and channel (LEWEL_SPEC 2.2, step 8): the
+//! alignment maps. x, y are (B, L, D) with positions as rows:
+//!   y[b, p, d] = exp(x[b, p, d] - max_p) / sum_p' exp(x[b, p', d] - max_p)
+//! Backward: dx[b, p, d] += y[b, p, d] * (dy[b, p, d] - sum_p' y[b, p', d] dy[b, p', d]).
+//! Saved for backward: the output y.
+
+use super::Real;
+use rayon::prelude::*;
+
+// ----------------------------------------------------------------------------
+// Params
+
+/// Mirrored by `struct SoftmaxParams` in kernels/softmax.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoftmaxParams {
+    pub b: i32,
+    pub l: i32,
+    pub d: i32,
+}
+
+impl SoftmaxParams {
+    pub fn new(b: usize, l: usize, d: usize) -> SoftmaxParams {
+        SoftmaxParams {
+            b: b as i32,
+            l: l as i32,
+            d: d as i32,
+        }
+    }
+    fn len(&self) -> usize {
+        (self.b * self.l * self.d) as usize
+    }
+}
+
+// ----------------------------------------------------------------------------
+// CPU reference
+
+/// y (B, L, D) = softmax of x over L for every (b, d).
+pub fn forward_cpu<T: Real>(x: &[T], y: &mut [T], p: &SoftmaxParams) {
+    assert!(
+        x.len() == p.len() && y.len() == p.len(),
+        "softmax_forward: x {} y {} for {p:?}",
+        x.len(),
+        y.len()
+    );
+    let (l, d) = (p.l as usize, p.d as usize);
+    y.par_chunks_mut(l * d)
+        .zip(x.par_chunks(l * d))
+        .for_each(|(y_b, x_b)| {
+            let mut mx = vec![f64::NEG_INFINITY; d];
+            for r in x_b.chunks(d) {
+                for (m, v) in mx.iter_mut().zip(r) {
+                    *m = m.max(v.as_f64());
+                }
+            }
+            let mut sum = vec![0.0f64; d];
+            for (yr, xr) in y_b.chunks_mut(d).zip(x_b.chunks(d)) {
+                for ch in 0..d {
+                    let e = (xr[ch].as_f64() - mx[ch]).exp();
+                    sum[ch] += e;
+                    yr[ch] = T::from_f64(e);
+                }
+            }
+            for yr in y_b.chunks_mut(d) {
+                for ch in 0..d {
+                    yr[ch] = T::from_f64(yr[ch].as_f64() / sum[ch]);
+                }
+            }
+        });
+}
+
+/// dx (B, L, D) += softmax backward from the saved output y and dy.
+pub fn backward_cpu<T: Real>(y: &[T], dy: &[T], dx: &mut [T], p: &SoftmaxParams) {
+    assert!(
+        y.len() == p.len() && dy.len() == p.len() && dx.len() == p.len(),
+        "softmax_backward: y {} dy {} dx {} for {p:?}",
+        y.len(),
+        dy.len(),
+        dx.len()
+    );
+    let (l, d) = (p.l as usize, p.d as usize);
+    dx.par_chunks_mut(l * d).enumerate().for_each(|(b, dx_b)| {
+        let (y_b, dy_b) = (&y[b * l * d..][..l * d], &dy[b * l * d..][..l * d]);
+        let mut dot = vec![0.0f64; d];
+        for (yr, gr) in y_b.chunks(d).zip(dy_b.chunks(d)) {
+            for ch in 0..d {
+                dot[ch] += yr[ch].as_f64() * gr[ch].as_f64();
+            }
+        }
+        for ((dr, yr), gr) in dx_b.chunks_mut(d).zip(y_b.chunks(d)).zip(dy_b.chunks(d)) {
+            for ch in 0..d {
+                dr[ch] = dr[ch] + T::from_f64(yr[ch].as_f64() * (gr[ch].as_f64() - dot[ch]));
+            }
+        }
+    });
+}
+
+// ----------------------------------------------------------------------------
+// Tests
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{assert_ok, check, uniform};
+
+    #[test]
+    fn gradcheck_softmax() {
+        let p = SoftmaxParams::new(2, 5, 3);
+        let inputs = vec![uniform(1, 30, -2.0, 2.0)];
+        let fwd = |xs: &[Vec<f64>]| {
+            let mut y = vec![0.0; 30];
+            forward_cpu(&xs[0], &mut y, &p);
+            y
+        };
+        let bwd = |xs: &[Vec<f64>], dy: &[f64]| {
+            let mut y = vec![0.0; 30];
+            forward_cpu(&xs[0], &mut y, &p);
+            let mut dx = vec![0.0; 30];
+            backward_cpu(&y, dy, &mut dx, &p);
+            vec![Some(dx)]
+        };
+        assert_ok(check("softmax", &["x"], &inputs, &fwd, &bwd));
+    }
+
+    #[test]
+    fn sums_to_one_over_positions() {
+        let p = SoftmaxParams::new(2, 7, 4);
+        let x = uniform(2, 56, -50.0, 50.0);
+        let mut y = vec![0.0; 56];
+        forward_cpu(&x, &mut y, &p);
+        for b in 0..2 {
+            for ch in 0..4 {
+                let s: f64 = (0..7).map(|q| y[(b * 7 + q) * 4 + ch]).sum();
+                assert!((s - 1.0).abs() < 1e-12);
+            }
+        }
+    }
+}
