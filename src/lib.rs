@@ -21,3 +21,8 @@ pub mod rng;
 pub mod tensor;
 
 pub use error::{Context, Error, Result};
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod model;
+pub mod train;

@@ -1,0 +1,3 @@
+//! Evaluation: the kNN monitor now; linear probe and fine-tuning later.
+
+pub mod knn;
