@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use lewel::device::{self, DeviceChoice};
 use lewel::train::{run_demo, DemoConfig};
-use lewel::{Error, Result};
+use lewel::Result;
 
 #[derive(Parser)]
 #[command(
@@ -101,9 +101,6 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("lewel: error: {e}");
-        std::process::exit(match e {
-            Error::User(_) | Error::Io { .. } => 2,
-            _ => e.exit_code(),
-        });
+        std::process::exit(e.exit_code());
     }
 }

@@ -166,6 +166,7 @@ pub struct Arena<T> {
     vals: Vec<Vec<T>>,
     grads: Vec<Vec<T>>,
     live: usize,
+    live_elems: usize,
     peak_elems: usize,
 }
 
@@ -175,6 +176,7 @@ impl<T: Real> Arena<T> {
             vals: Vec::new(),
             grads: Vec::new(),
             live: 0,
+            live_elems: 0,
             peak_elems: 0,
         }
     }
@@ -188,13 +190,14 @@ impl<T: Real> Arena<T> {
         v.resize(len, T::zero());
         v.truncate(len);
         self.live += 1;
-        let used: usize = self.vals[..self.live].iter().map(|v| v.len()).sum();
-        self.peak_elems = self.peak_elems.max(used);
+        self.live_elems += len;
+        self.peak_elems = self.peak_elems.max(self.live_elems);
         (self.live - 1) as u32
     }
     /// Forgets every slot; their memory is kept for the next step.
     pub fn reset(&mut self) {
         self.live = 0;
+        self.live_elems = 0;
     }
     pub fn live(&self) -> usize {
         self.live
