@@ -1,0 +1,215 @@
+//! ResNet-18 and ResNet-50 as torchvision builds them (v1.5: the stride of a downsampling bottleneck on
+//! its 3x3 conv), with torchvision's parameter names and init, without avgpool and fc: the forward
+//! returns the layer4 map after its final ReLU, (B, H/32, W/32, C). A small configuration keeps the
+//! same topology at a fraction of the width for tests and the CPU demo.
+//! Init: every conv Kaiming-normal fan_out (std = sqrt(2 / (out * k * k))); BN gamma 1, beta 0; the
+//! last BN of each block is not zeroed (LEWEL_SPEC 1).
+
+use super::{bn_layer, conv_weight};
+use crate::autograd::{BnLayer, BnMode, Graph};
+use crate::memory::{ParamId, ParamStore};
+use crate::ops::Real;
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    ResNet18,
+    ResNet50,
+    /// ResNet-50 topology at 1/8 width (stem 8, stage widths 8/16/32/64, output 256).
+    Tiny,
+}
+
+impl std::str::FromStr for Arch {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Arch> {
+        match s {
+            "resnet18" => Ok(Arch::ResNet18),
+            "resnet50" => Ok(Arch::ResNet50),
+            "tiny" => Ok(Arch::Tiny),
+            _ => Err(crate::Error::user(format!(
+                "--arch: expected resnet50, resnet18 or tiny, got '{s}'"
+            ))),
+        }
+    }
+}
+
+impl Arch {
+    /// (blocks per stage, bottleneck?, width divisor)
+    fn layout(self) -> ([usize; 4], bool, usize) {
+        match self {
+            Arch::ResNet18 => ([2, 2, 2, 2], false, 1),
+            Arch::ResNet50 => ([3, 4, 6, 3], true, 1),
+            Arch::Tiny => ([3, 4, 6, 3], true, 8),
+        }
+    }
+    /// Channels of the returned map.
+    pub fn out_channels(self) -> usize {
+        let (_, bottleneck, div) = self.layout();
+        512 / div * if bottleneck { 4 } else { 1 }
+    }
+}
+
+/// One residual block: its convs with their BN and stride, and the projection shortcut.
+pub struct Block {
+    conv: Vec<(ParamId, BnLayer, usize)>,
+    downsample: Option<(ParamId, BnLayer)>,
+    stride: usize,
+}
+
+pub struct ResNet {
+    pub arch: Arch,
+    stem: (ParamId, BnLayer),
+    blocks: Vec<Block>,
+}
+
+impl ResNet {
+    /// Adds the backbone's tensors to `s`, every name prefixed by `prefix` (e.g. "online_net.backbone.").
+    pub fn build<T: Real>(s: &mut ParamStore<T>, prefix: &str, arch: Arch, r: &mut Rng) -> ResNet {
+        let (depths, bottleneck, div) = arch.layout();
+        let stem_c = 64 / div;
+        let stem = (
+            conv_weight(s, &format!("{prefix}conv1.weight"), stem_c, 7, 3, r),
+            bn_layer(s, &format!("{prefix}bn1"), stem_c),
+        );
+        let expansion = if bottleneck { 4 } else { 1 };
+        let mut c_in = stem_c;
+        let mut blocks = Vec::new();
+        for (li, &n) in depths.iter().enumerate() {
+            let width = (64 << li) / div;
+            for bi in 0..n {
+                let stride = if li > 0 && bi == 0 { 2 } else { 1 };
+                let p = format!("{prefix}layer{}.{bi}.", li + 1);
+                let c_out = width * expansion;
+                let mut conv = Vec::new();
+                let mut add =
+                    |s: &mut ParamStore<T>, j: usize, o: usize, k: usize, i: usize, st: usize| {
+                        let w = conv_weight(s, &format!("{p}conv{j}.weight"), o, k, i, r);
+                        (w, bn_layer(s, &format!("{p}bn{j}"), o), st)
+                    };
+                // The stride sits on the 3x3 conv: conv2 of a bottleneck (v1.5), conv1 of a basic block.
+                if bottleneck {
+                    conv.push(add(s, 1, width, 1, c_in, 1));
+                    conv.push(add(s, 2, width, 3, width, stride));
+                    conv.push(add(s, 3, c_out, 1, width, 1));
+                } else {
+                    conv.push(add(s, 1, width, 3, c_in, stride));
+                    conv.push(add(s, 2, width, 3, width, 1));
+                }
+                let downsample = (stride != 1 || c_in != c_out).then(|| {
+                    let w = conv_weight(s, &format!("{p}downsample.0.weight"), c_out, 1, c_in, r);
+                    (w, bn_layer(s, &format!("{p}downsample.1"), c_out))
+                });
+                blocks.push(Block {
+                    conv,
+                    downsample,
+                    stride,
+                });
+                c_in = c_out;
+            }
+        }
+        ResNet { arch, stem, blocks }
+    }
+
+    /// x (B, H, W, 3) -> (B, H/32, W/32, C) after the final ReLU.
+    pub fn forward<T: Real>(&self, g: &mut Graph<T>, x: Tensor, mode: BnMode) -> Tensor {
+        let h = g.conv2d(x, self.stem.0, 2, 3);
+        let h = g.batchnorm(h, self.stem.1, mode);
+        let h = g.relu(h);
+        let mut h = g.maxpool(h, 3, 2, 1);
+        for b in &self.blocks {
+            let mut r = h;
+            let last = b.conv.len() - 1;
+            for (j, &(w, bn, stride)) in b.conv.iter().enumerate() {
+                let k = g.store.shape(w).dim(1);
+                r = g.conv2d(r, w, stride, k / 2);
+                r = g.batchnorm(r, bn, mode);
+                if j < last {
+                    r = g.relu(r);
+                }
+            }
+            let skip = match b.downsample {
+                Some((w, bn)) => {
+                    let d = g.conv2d(h, w, b.stride, 0);
+                    g.batchnorm(d, bn, mode)
+                }
+                None => h,
+            };
+            let s = g.add(r, skip);
+            h = g.relu(s);
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Shape;
+
+    #[test]
+    fn resnet50_counts_and_names_match_torchvision() {
+        let mut s = ParamStore::<f32>::new();
+        let net = ResNet::build(&mut s, "", Arch::ResNet50, &mut Rng::new(0));
+        // LEWEL_SPEC 1 and 10: 23,454,912 conv + 53,120 BN affine.
+        assert_eq!(s.num_params(), 23_508_032);
+        let convs = s
+            .table
+            .entries
+            .iter()
+            .filter(|e| e.shape.rank() == 4)
+            .count();
+        assert_eq!(convs, 53);
+        assert_eq!(s.counters.len(), 53);
+        for name in [
+            "conv1.weight",
+            "bn1.weight",
+            "layer1.0.downsample.0.weight",
+            "layer4.2.bn3.bias",
+            "layer3.5.conv2.weight",
+        ] {
+            assert!(s.table.find(name).is_some(), "{name}");
+        }
+        assert!(s
+            .buffer_table
+            .find("layer2.0.downsample.1.running_var")
+            .is_some());
+        assert_eq!(net.blocks.len(), 16);
+        // Kaiming fan_out: conv1 std = sqrt(2 / (64 * 49)) = 0.02526.
+        let w = s.param(ParamId(0));
+        let std = (w.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+        assert!((std - 0.02526).abs() < 0.001, "conv1 std {std}");
+    }
+
+    #[test]
+    fn resnet18_has_no_layer1_downsample() {
+        let mut s = ParamStore::<f32>::new();
+        ResNet::build(&mut s, "", Arch::ResNet18, &mut Rng::new(0));
+        assert!(s.table.find("layer1.0.downsample.0.weight").is_none());
+        assert!(s.table.find("layer2.0.downsample.0.weight").is_some());
+        // torchvision resnet18 without fc: 11,689,512 - 513,000.
+        assert_eq!(s.num_params(), 11_176_512);
+    }
+
+    #[test]
+    fn resnet18_forward_shape() {
+        let mut s = ParamStore::<f32>::new();
+        let net = ResNet::build(&mut s, "", Arch::ResNet18, &mut Rng::new(0));
+        let mut g = Graph::new(s);
+        let x = g.input(Shape::new(&[2, 64, 64, 3]), &vec![0.5f32; 2 * 64 * 64 * 3]);
+        let y = net.forward(&mut g, x, BnMode::Train);
+        assert_eq!(y.shape, Shape::new(&[2, 2, 2, 512]));
+    }
+
+    #[test]
+    fn tiny_forward_shape_and_strides() {
+        let mut s = ParamStore::<f32>::new();
+        let net = ResNet::build(&mut s, "", Arch::Tiny, &mut Rng::new(0));
+        let mut g = Graph::new(s);
+        let x = vec![0.5f32; 2 * 64 * 64 * 3];
+        let x = g.input(Shape::new(&[2, 64, 64, 3]), &x);
+        let y = net.forward(&mut g, x, BnMode::Train);
+        assert_eq!(y.shape, Shape::new(&[2, 2, 2, 256]));
+        assert!(g.value(y).iter().all(|v| *v >= 0.0));
+    }
+}
