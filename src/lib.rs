@@ -17,6 +17,7 @@ pub mod error;
 pub mod gradcheck;
 pub mod memory;
 pub mod ops;
+pub mod optim;
 pub mod rng;
 pub mod tensor;
 

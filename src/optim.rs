@@ -1,0 +1,231 @@
+//! The optimizer and schedules of LEWEL_SPEC section 4 and the EMA of section 3.3.
+//!
+//! LARS, per parameter tensor p with gradient g (Frobenius norms over the whole tensor):
+//!   LARS group:     tau = eta * |p| / (|g| + wd * |p|)   (no clipping, no epsilon; |p| = 0 gives 0)
+//!                   u = lr * tau * (g + wd * p)
+//!   excluded group: u = lr * g                            (tau = 1, no weight decay, full lr)
+//!   buf = mu * buf + u  (buf starts at 0, so the first step stores u);  p -= buf
+//! The learning rate is folded in before the momentum, unlike torch SGD.
+//! Schedules: per-iteration linear warmup, then per-epoch cosine without a floor; EMA momentum
+//! m_k = 1 - (1 - m0) * (cos(pi k / K) + 1) / 2 per iteration.
+
+use crate::memory::SizeTable;
+
+/// Which names skip LARS and weight decay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExcludeRule {
+    /// The current official code: 'bn', 'downsample.1', 'bias', and with EMAN also 'mlp.1'.
+    Current { eman: bool },
+    /// The older rule of the released 100-epoch log: the neck and predictor BN gamma ('mlp.1.weight')
+    /// stay in the LARS group even for EMAN.
+    ReleasedLog,
+}
+
+/// True when `name` goes to the excluded group (wd 0, no trust ratio).
+pub fn lars_excluded(name: &str, rule: ExcludeRule) -> bool {
+    let base = name.contains("bn") || name.contains("downsample.1") || name.contains("bias");
+    match rule {
+        ExcludeRule::Current { eman } => base || (eman && name.contains("mlp.1")),
+        ExcludeRule::ReleasedLog => base,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LarsConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub eta: f64,
+}
+
+/// One LARS step over flat buffers laid out by `table`; `excluded[i]` marks the excluded tensors.
+/// Norms and the trust ratio are computed in f64.
+pub fn lars_step(
+    table: &SizeTable,
+    excluded: &[bool],
+    params: &mut [f32],
+    grads: &[f32],
+    buf: &mut [f32],
+    c: &LarsConfig,
+) {
+    assert_eq!(
+        excluded.len(),
+        table.entries.len(),
+        "lars_step: exclusion flags vs table"
+    );
+    assert!(
+        params.len() == table.total && grads.len() == table.total && buf.len() == table.total,
+        "lars_step: buffer lengths"
+    );
+    for (e, &excl) in table.entries.iter().zip(excluded) {
+        let r = e.range();
+        let (p, g, b) = (&mut params[r.clone()], &grads[r.clone()], &mut buf[r]);
+        let (scale, wd) = if excl {
+            (c.lr, 0.0)
+        } else {
+            let pn = p.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            let gn = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            let denom = gn + c.weight_decay * pn;
+            let tau = if pn > 0.0 && denom > 0.0 {
+                c.eta * pn / denom
+            } else {
+                0.0
+            };
+            (c.lr * tau, c.weight_decay)
+        };
+        for ((pv, gv), bv) in p.iter_mut().zip(g).zip(b.iter_mut()) {
+            let u = scale * (*gv as f64 + wd * *pv as f64);
+            let nb = c.momentum * *bv as f64 + u;
+            *bv = nb as f32;
+            *pv = (*pv as f64 - nb) as f32;
+        }
+    }
+}
+
+/// Learning rate at iteration `i` of epoch `epoch` (both 0-based).
+pub fn lr_at(
+    base: f64,
+    epoch: usize,
+    i: usize,
+    iters_per_epoch: usize,
+    warmup_epochs: usize,
+    epochs: usize,
+) -> f64 {
+    if epoch < warmup_epochs {
+        base * (epoch * iters_per_epoch + i + 1) as f64 / (warmup_epochs * iters_per_epoch) as f64
+    } else {
+        let t = (epoch - warmup_epochs) as f64 / (epochs - warmup_epochs) as f64;
+        base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+}
+
+/// EMA momentum at global iteration k of `total`.
+pub fn ema_momentum(m0: f64, k: usize, total: usize) -> f64 {
+    1.0 - (1.0 - m0) * ((std::f64::consts::PI * k as f64 / total as f64).cos() + 1.0) / 2.0
+}
+
+/// target <- m * target + (1 - m) * online, elementwise (f64 arithmetic, f32 storage).
+pub fn ema_update(target: &mut [f32], online: &[f32], m: f64) {
+    assert_eq!(
+        target.len(),
+        online.len(),
+        "ema_update: target {} vs online {}",
+        target.len(),
+        online.len()
+    );
+    for (t, o) in target.iter_mut().zip(online) {
+        *t = (m * *t as f64 + (1.0 - m) * *o as f64) as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Shape;
+
+    /// LEWEL_SPEC section 9: LR and MOM of the released log (1251 iterations per epoch, 10 warmup
+    /// epochs of 100, base lr 3.6, m0 0.98), as printed there.
+    #[test]
+    fn schedules_reproduce_the_released_log() {
+        let rows: [(usize, usize, f64, f64); 16] = [
+            (0, 0, 2.8777e-4, 0.98),
+            (0, 50, 0.014676, 0.9800000079),
+            (0, 100, 0.029065, 0.9800000315),
+            (0, 150, 0.043453, 0.9800000709),
+            (0, 200, 0.057842, 0.9800001261),
+            (0, 300, 0.086619, 0.9800002838),
+            (0, 500, 0.14417, 0.9800007883),
+            (0, 1000, 0.28806, 0.9800031531),
+            (0, 1250, 0.36, 0.9800049265),
+            (1, 1250, 0.72, 0.9800197170),
+            (4, 1250, 1.8, 0.9801230773),
+            (9, 1250, 3.6, 0.9804893572),
+            (19, 1250, 3.51190, 0.9819096825),
+            (49, 1250, 2.17424, 0.9899997489),
+            (74, 1250, 0.691809, 0.9970708902),
+            (99, 1250, 0.0010965, 0.9999999999968),
+        ];
+        for (e, i, lr, mom) in rows {
+            let ours = lr_at(3.6, e, i, 1251, 10, 100);
+            // The log prints 5-6 significant digits.
+            assert!(
+                (ours - lr).abs() <= 5e-5 * lr,
+                "epoch {e} iter {i}: lr {ours} vs log {lr}"
+            );
+            let m = ema_momentum(0.98, e * 1251 + i, 125_100);
+            assert!(
+                (m - mom).abs() < 6e-11,
+                "epoch {e} iter {i}: momentum {m:.13} vs log {mom}"
+            );
+        }
+    }
+
+    #[test]
+    fn exclusion_rules() {
+        let cur = ExcludeRule::Current { eman: true };
+        let plain = ExcludeRule::Current { eman: false };
+        for n in [
+            "online_net.backbone.bn1.weight",
+            "online_net.backbone.layer1.0.downsample.1.bias",
+            "predictor.mlp.1.bias",
+        ] {
+            assert!(
+                lars_excluded(n, cur)
+                    && lars_excluded(n, plain)
+                    && lars_excluded(n, ExcludeRule::ReleasedLog),
+                "{n}"
+            );
+        }
+        let g = "online_net.neck.proj.mlp.1.weight";
+        assert!(lars_excluded(g, cur));
+        assert!(!lars_excluded(g, plain));
+        assert!(!lars_excluded(g, ExcludeRule::ReleasedLog));
+        for n in [
+            "online_net.backbone.conv1.weight",
+            "online_net.backbone.layer1.0.downsample.0.weight",
+            "predictor_obj.mlp.3.weight",
+        ] {
+            assert!(!lars_excluded(n, cur), "{n}");
+        }
+    }
+
+    #[test]
+    fn lars_by_hand() {
+        let mut t = SizeTable::default();
+        t.push("w", Shape::new(&[2]));
+        t.push("bn.weight", Shape::new(&[2]));
+        let mut p = vec![3.0f32, 4.0, 1.0, 2.0]; // |w| = 5
+        let g = vec![0.6f32, 0.8, 0.5, -0.5]; // |g_w| = 1
+        let mut buf = vec![0.0f32; 4];
+        let c = LarsConfig {
+            lr: 0.5,
+            weight_decay: 0.1,
+            momentum: 0.9,
+            eta: 0.001,
+        };
+        lars_step(&t, &[false, true], &mut p, &g, &mut buf, &c);
+        // tau = 0.001 * 5 / (1 + 0.5) ; u = 0.5 * tau * (g + 0.1 p)
+        let tau = 0.001 * 5.0 / 1.5;
+        let u0 = 0.5 * tau * (0.6 + 0.3);
+        assert!((buf[0] as f64 - u0).abs() < 1e-9);
+        assert!((p[0] as f64 - (3.0 - u0)).abs() < 5e-7);
+        // excluded: u = lr * g
+        assert!((buf[2] - 0.25).abs() < 1e-7 && (p[3] - 2.25).abs() < 1e-7);
+        // second step: buf = 0.9 buf + u
+        let b2 = buf[2];
+        lars_step(&t, &[false, true], &mut p, &g, &mut buf, &c);
+        assert!((buf[2] - (0.9 * b2 + 0.25)).abs() < 1e-7);
+        // zero weights give tau = 0: no update
+        let mut z = vec![0.0f32; 4];
+        let mut bz = vec![0.0f32; 4];
+        lars_step(&t, &[false, false], &mut z, &g, &mut bz, &c);
+        assert_eq!(&z[..2], &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn ema_moves_toward_online() {
+        let mut t = vec![1.0f32, 0.0];
+        ema_update(&mut t, &[0.0, 1.0], 0.9);
+        assert!((t[0] - 0.9).abs() < 1e-7 && (t[1] - 0.1).abs() < 1e-7);
+    }
+}
