@@ -67,6 +67,11 @@ pub enum Node {
         b: Tensor,
         y: Tensor,
     },
+    Scale {
+        x: Tensor,
+        y: Tensor,
+        alpha: f64,
+    },
     MaxPool {
         x: Tensor,
         y: Tensor,
@@ -301,6 +306,16 @@ impl<T: Real> Graph<T> {
         ops::add::forward_cpu(self.arena.val(a.slot), self.arena.val(b.slot), &mut yv);
         self.arena.put(y.slot, yv);
         self.record(Node::Add { a, b, y });
+        y
+    }
+
+    /// alpha * x.
+    pub fn scale(&mut self, x: Tensor, alpha: f64) -> Tensor {
+        let y = self.alloc(x.shape, self.ng(x));
+        let mut yv = self.arena.take(y.slot);
+        ops::add::scale_forward_cpu(self.arena.val(x.slot), T::from_f64(alpha), &mut yv);
+        self.arena.put(y.slot, yv);
+        self.record(Node::Scale { x, y, alpha });
         y
     }
 
@@ -547,6 +562,13 @@ impl<T: Real> Graph<T> {
                     }
                 }
             }
+            Node::Scale { x, y, alpha } => {
+                if need(&x) {
+                    let mut dx = ar.take_grad(x.slot);
+                    ops::add::scale_backward_cpu(ar.grad(y.slot), T::from_f64(alpha), &mut dx);
+                    ar.put_grad(x.slot, dx);
+                }
+            }
             Node::MaxPool { x, y, argmax, p } => {
                 if need(&x) {
                     let mut dx = ar.take_grad(x.slot);
@@ -727,6 +749,7 @@ mod tests {
         let l1 = g.loss(o, t);
         let zt = g.input(Shape::new(&[b, 4]), &target[..8]);
         let l2 = g.loss(zg, zt);
+        let l2 = g.scale(l2, 0.7);
         g.add(l1, l2)
     }
 
@@ -753,7 +776,7 @@ mod tests {
         };
         assert_ok(check("graph", &["params"], &params, &fwd, &bwd));
         let g = g.borrow();
-        assert_eq!(g.tape().len(), 20);
+        assert_eq!(g.tape().len(), 21);
         assert!(g
             .store
             .counters

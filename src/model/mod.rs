@@ -2,6 +2,7 @@
 //! LEWEL neck and predictors join with the LEWEL issue.
 
 pub mod demo;
+pub mod lewel;
 pub mod resnet;
 
 use crate::autograd::BnLayer;

@@ -1,5 +1,6 @@
 //! Residual add, elementwise: y = a + b. Saved for backward: nothing.
 //! Backward: da += dy, db += dy.
+//! Scale, elementwise: y = alpha * x (loss weights). Backward: dx += alpha * dy.
 
 use super::Real;
 use rayon::prelude::*;
@@ -45,6 +46,34 @@ pub fn backward_cpu<T: Real>(dy: &[T], dx: &mut [T]) {
         });
 }
 
+/// y = alpha * x.
+pub fn scale_forward_cpu<T: Real>(x: &[T], alpha: T, y: &mut [T]) {
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "scale_forward: x {} vs y {}",
+        x.len(),
+        y.len()
+    );
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = alpha * v;
+    }
+}
+
+/// dx += alpha * dy.
+pub fn scale_backward_cpu<T: Real>(dy: &[T], alpha: T, dx: &mut [T]) {
+    assert_eq!(
+        dy.len(),
+        dx.len(),
+        "scale_backward: dy {} vs dx {}",
+        dy.len(),
+        dx.len()
+    );
+    for (d, &g) in dx.iter_mut().zip(dy) {
+        *d = *d + alpha * g;
+    }
+}
+
 // ----------------------------------------------------------------------------
 // Tests
 
@@ -68,5 +97,21 @@ mod tests {
             vec![Some(da), Some(db)]
         };
         assert_ok(check("add", &["a", "b"], &inputs, &fwd, &bwd));
+    }
+
+    #[test]
+    fn gradcheck_scale() {
+        let inputs = vec![uniform(3, 9, -1.0, 1.0)];
+        let fwd = |xs: &[Vec<f64>]| {
+            let mut y = vec![0.0; 9];
+            scale_forward_cpu(&xs[0], 0.3, &mut y);
+            y
+        };
+        let bwd = |_: &[Vec<f64>], dy: &[f64]| {
+            let mut dx = vec![0.0; 9];
+            scale_backward_cpu(dy, 0.3, &mut dx);
+            vec![Some(dx)]
+        };
+        assert_ok(check("scale", &["x"], &inputs, &fwd, &bwd));
     }
 }
