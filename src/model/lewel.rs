@@ -147,6 +147,9 @@ impl EncoderObj {
     }
 }
 
+/// Maps a view of the online graph to the target encoder's (z_g, O) values, computed without gradient.
+pub type TargetFn<'a, T> = dyn FnMut(Tensor, &Graph<T>) -> (Vec<T>, Vec<T>) + 'a;
+
 /// The online side: encoder and both predictors, in one store.
 pub struct LewelOnline {
     pub cfg: LewelConfig,
@@ -197,7 +200,7 @@ impl LewelOnline {
         v1: Tensor,
         v2: Tensor,
         mode: BnMode,
-        target: &mut dyn FnMut(Tensor, &Graph<T>) -> (Vec<T>, Vec<T>),
+        target: &mut TargetFn<'_, T>,
     ) -> Tensor {
         let (z1, o1) = self.encoder.forward(g, v1, mode);
         let (z2, o2) = self.encoder.forward(g, v2, mode);
