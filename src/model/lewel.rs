@@ -34,7 +34,7 @@ pub struct LewelConfig {
 impl LewelConfig {
     /// The official sizes (hid 4096, dim 256), divided by 8 for the tiny configuration.
     pub fn new(arch: Arch, heads: usize, scale: f32, loss_weight: f64) -> LewelConfig {
-        let div = if arch == Arch::Tiny { 8 } else { 1 };
+        let div = if arch == Arch::TINY { 8 } else { 1 };
         LewelConfig {
             arch,
             hid: 4096 / div,
@@ -229,7 +229,7 @@ mod tests {
 
     #[test]
     fn resnet50_lewel_parameter_counts_match_the_spec() {
-        let cfg = LewelConfig::new(Arch::ResNet50, 4, 1.0, 0.5);
+        let cfg = LewelConfig::new(Arch::RESNET50, 4, 1.0, 0.5);
         let mut s = ParamStore::<f32>::new();
         LewelOnline::build(&mut s, &cfg, &mut Rng::new(1));
         // LEWEL_SPEC section 10.
@@ -264,7 +264,7 @@ mod tests {
 
     #[test]
     fn initial_loss_is_about_four() {
-        let cfg = LewelConfig::new(Arch::Tiny, 4, 1.0, 0.5);
+        let cfg = LewelConfig::new(Arch::TINY, 4, 1.0, 0.5);
         let mut s = ParamStore::<f32>::new();
         let online = LewelOnline::build(&mut s, &cfg, &mut Rng::new(2));
         let mut ts = ParamStore::<f32>::new();
@@ -303,12 +303,12 @@ mod tests {
 
     #[test]
     fn bad_heads_are_user_errors() {
-        let e = LewelConfig::new(Arch::ResNet50, 3, 1.0, 0.5)
+        let e = LewelConfig::new(Arch::RESNET50, 3, 1.0, 0.5)
             .validate()
             .unwrap_err();
         assert_eq!(e.exit_code(), 2);
         assert!(e.to_string().starts_with("--lewel-num-heads"));
-        assert!(LewelConfig::new(Arch::ResNet50, 4, 1.0, 0.5)
+        assert!(LewelConfig::new(Arch::RESNET50, 4, 1.0, 0.5)
             .validate()
             .is_ok());
     }

@@ -12,41 +12,56 @@ use crate::ops::Real;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
+/// A torchvision ResNet topology at 1/div of the standard widths: stem 64/div, stage widths
+/// 64/div .. 512/div. ResNet-50's bottlenecks expand by 4, ResNet-18's basic blocks by 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    ResNet18,
-    ResNet50,
-    /// ResNet-50 topology at 1/8 width (stem 8, stage widths 8/16/32/64, output 256).
-    Tiny,
+pub struct Arch {
+    /// 18 or 50.
+    pub depth: usize,
+    /// Width divisor (1 for the standard networks).
+    pub div: usize,
+}
+
+impl Arch {
+    pub const RESNET18: Arch = Arch { depth: 18, div: 1 };
+    pub const RESNET50: Arch = Arch { depth: 50, div: 1 };
+    /// ResNet-50 topology at 1/8 width (stem 8, stage widths 8/16/32/64, output 256): tests and the
+    /// CPU demo.
+    pub const TINY: Arch = Arch { depth: 50, div: 8 };
+
+    /// (blocks per stage, bottleneck?)
+    fn layout(self) -> ([usize; 4], bool) {
+        match self.depth {
+            18 => ([2, 2, 2, 2], false),
+            50 => ([3, 4, 6, 3], true),
+            d => panic!("Arch: depth {d} (18 or 50)"),
+        }
+    }
+    /// Channels of the returned map.
+    pub fn out_channels(self) -> usize {
+        let (_, bottleneck) = self.layout();
+        512 / self.div * if bottleneck { 4 } else { 1 }
+    }
+    pub fn name(self) -> String {
+        match (self.depth, self.div) {
+            (50, 8) => "tiny".into(),
+            (d, 1) => format!("resnet{d}"),
+            (d, k) => format!("resnet{d}/{k}"),
+        }
+    }
 }
 
 impl std::str::FromStr for Arch {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Arch> {
         match s {
-            "resnet18" => Ok(Arch::ResNet18),
-            "resnet50" => Ok(Arch::ResNet50),
-            "tiny" => Ok(Arch::Tiny),
+            "resnet18" => Ok(Arch::RESNET18),
+            "resnet50" => Ok(Arch::RESNET50),
+            "tiny" => Ok(Arch::TINY),
             _ => Err(crate::Error::user(format!(
                 "--arch: expected resnet50, resnet18 or tiny, got '{s}'"
             ))),
         }
-    }
-}
-
-impl Arch {
-    /// (blocks per stage, bottleneck?, width divisor)
-    fn layout(self) -> ([usize; 4], bool, usize) {
-        match self {
-            Arch::ResNet18 => ([2, 2, 2, 2], false, 1),
-            Arch::ResNet50 => ([3, 4, 6, 3], true, 1),
-            Arch::Tiny => ([3, 4, 6, 3], true, 8),
-        }
-    }
-    /// Channels of the returned map.
-    pub fn out_channels(self) -> usize {
-        let (_, bottleneck, div) = self.layout();
-        512 / div * if bottleneck { 4 } else { 1 }
     }
 }
 
@@ -66,7 +81,8 @@ pub struct ResNet {
 impl ResNet {
     /// Adds the backbone's tensors to `s`, every name prefixed by `prefix` (e.g. "online_net.backbone.").
     pub fn build<T: Real>(s: &mut ParamStore<T>, prefix: &str, arch: Arch, r: &mut Rng) -> ResNet {
-        let (depths, bottleneck, div) = arch.layout();
+        let (depths, bottleneck) = arch.layout();
+        let div = arch.div;
         let stem_c = 64 / div;
         let stem = (
             conv_weight(s, &format!("{prefix}conv1.weight"), stem_c, 7, 3, r),
@@ -150,7 +166,7 @@ mod tests {
     #[test]
     fn resnet50_counts_and_names_match_torchvision() {
         let mut s = ParamStore::<f32>::new();
-        let net = ResNet::build(&mut s, "", Arch::ResNet50, &mut Rng::new(0));
+        let net = ResNet::build(&mut s, "", Arch::RESNET50, &mut Rng::new(0));
         // LEWEL_SPEC 1 and 10: 23,454,912 conv + 53,120 BN affine.
         assert_eq!(s.num_params(), 23_508_032);
         let convs = s
@@ -184,7 +200,7 @@ mod tests {
     #[test]
     fn resnet18_has_no_layer1_downsample() {
         let mut s = ParamStore::<f32>::new();
-        ResNet::build(&mut s, "", Arch::ResNet18, &mut Rng::new(0));
+        ResNet::build(&mut s, "", Arch::RESNET18, &mut Rng::new(0));
         assert!(s.table.find("layer1.0.downsample.0.weight").is_none());
         assert!(s.table.find("layer2.0.downsample.0.weight").is_some());
         // torchvision resnet18 without fc: 11,689,512 - 513,000.
@@ -194,7 +210,7 @@ mod tests {
     #[test]
     fn resnet18_forward_shape() {
         let mut s = ParamStore::<f32>::new();
-        let net = ResNet::build(&mut s, "", Arch::ResNet18, &mut Rng::new(0));
+        let net = ResNet::build(&mut s, "", Arch::RESNET18, &mut Rng::new(0));
         let mut g = Graph::new(s);
         let x = g.input(Shape::new(&[2, 64, 64, 3]), &vec![0.5f32; 2 * 64 * 64 * 3]);
         let y = net.forward(&mut g, x, BnMode::Train);
@@ -204,7 +220,7 @@ mod tests {
     #[test]
     fn tiny_forward_shape_and_strides() {
         let mut s = ParamStore::<f32>::new();
-        let net = ResNet::build(&mut s, "", Arch::Tiny, &mut Rng::new(0));
+        let net = ResNet::build(&mut s, "", Arch::TINY, &mut Rng::new(0));
         let mut g = Graph::new(s);
         let x = vec![0.5f32; 2 * 64 * 64 * 3];
         let x = g.input(Shape::new(&[2, 64, 64, 3]), &x);
