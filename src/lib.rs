@@ -24,6 +24,7 @@ pub mod tensor;
 
 pub use error::{Context, Error, Result};
 pub mod data;
+pub mod demo;
 pub mod device;
 pub mod eval;
 pub mod model;

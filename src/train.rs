@@ -1,265 +1,540 @@
-//! Training loops. For now the engine demo: the small residual net learns to map synthetic images to
-//! fixed random class prototypes under the normalized-MSE loss of LEWEL, with momentum SGD over the
-//! flat parameter buffer, and the kNN monitor (k = 20, majority vote, L2-normalized pooled features)
-//! measures the features at init and after every epoch. LEWEL pretraining replaces it with the LEWEL
-//! issue.
+//! One LEWEL training iteration, top to bottom (LEWEL_SPEC 3 and 6):
+//!   online(v1), online(v2) in train mode; target(v1), target(v2) without gradient (eval mode for
+//!   EMAN, train mode for LEWEL-B); the two-direction loss; backward; LARS; then the EMA of the target
+//!   (parameters and BN running statistics for EMAN, with num_batches_tracked copied; parameters only
+//!   for LEWEL-B), with this iteration's momentum.
+//! The online store holds online_net.*, predictor.*, predictor_obj.*; the target store holds
+//! target_net.* in the same order, so the online_net part of every flat buffer lines up with the
+//! target's buffer element for element.
 
 use crate::autograd::{BnMode, Graph};
-use crate::data::synthetic::{Split, Synthetic, CLASSES};
+use crate::checkpoint::{self, Owned, Tensors};
 use crate::error::{Error, Result};
-use crate::eval::knn;
-use crate::model::demo::DemoNet;
+use crate::memory::ParamStore;
+use crate::model::lewel::{EncoderObj, LewelConfig, LewelOnline};
+use crate::optim::{self, ExcludeRule, LarsConfig};
 use crate::rng::Rng;
-use crate::tensor::Shape;
-use rayon::prelude::*;
-use std::io::Write;
-use std::time::Instant;
+use crate::tensor::{Shape, Tensor};
 
-#[derive(Clone, Debug)]
-pub struct DemoConfig {
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f32,
-    pub momentum: f32,
-    pub seed: u64,
-    pub image_size: usize,
-    pub train_len: usize,
-    pub val_len: usize,
-    pub width: usize,
-    pub log_every: usize,
+/// The LEWEL variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// LEWEL-B with EMAN: target in eval mode, EMA over parameters and BN running statistics.
+    LewelBEman,
+    /// LEWEL-B: target in train mode (batch statistics), EMA over parameters only.
+    LewelB,
 }
 
-impl Default for DemoConfig {
-    fn default() -> Self {
-        DemoConfig {
-            epochs: 4,
-            batch_size: 64,
-            lr: 0.05,
-            momentum: 0.9,
-            seed: 0,
-            image_size: 32,
-            train_len: 4000,
-            val_len: 1000,
-            width: 16,
-            log_every: 20,
+impl std::str::FromStr for Method {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Method> {
+        match s {
+            "lewel-b-eman" => Ok(Method::LewelBEman),
+            "lewel-b" => Ok(Method::LewelB),
+            _ => Err(Error::user(format!(
+                "--method: expected lewel-b-eman or lewel-b, got '{s}'"
+            ))),
         }
     }
 }
 
-impl DemoConfig {
-    pub fn validate(&self) -> Result<()> {
-        let bad = |flag: &str, what: &str| Err(Error::user(format!("{flag}: {what}")));
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad(
-                "--lr",
-                &format!("must be a positive number, got {}", self.lr),
-            );
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::LewelBEman => "lewel-b-eman",
+            Method::LewelB => "lewel-b",
         }
-        if self.batch_size < 2 {
-            return bad(
-                "--batch-size",
-                &format!(
-                    "must be at least 2 (batch norm needs 2 values), got {}",
-                    self.batch_size
-                ),
-            );
-        }
-        if self.batch_size > self.train_len {
-            return bad(
-                "--batch-size",
-                &format!(
-                    "{} exceeds the {} training images",
-                    self.batch_size, self.train_len
-                ),
-            );
-        }
-        if self.epochs == 0 {
-            return bad("--epochs", "must be at least 1");
-        }
-        Ok(())
     }
 }
 
-#[derive(Clone, Debug)]
-pub struct DemoSummary {
-    pub knn_init: f64,
-    pub knn_final: f64,
-    pub first_loss: f32,
-    pub last_loss: f32,
-    pub steps: usize,
-    pub seconds: f64,
+/// What one iteration needs besides the state.
+#[derive(Clone, Copy, Debug)]
+pub struct StepConfig {
+    pub method: Method,
+    pub lars: LarsConfig,
+    pub ema_m: f64,
+    pub exclude: ExcludeRule,
+    /// Samples per batch-norm statistics group (per-GPU batch emulation); None: the whole batch.
+    pub bn_group: Option<usize>,
 }
 
-/// Images `idx` of a split, stacked (B, S, S, 3), and their labels.
-fn batch(data: &Synthetic, split: Split, idx: &[usize]) -> (Vec<f32>, Vec<usize>) {
-    let imgs: Vec<Vec<f32>> = idx.par_iter().map(|&i| data.image(split, i)).collect();
-    (imgs.concat(), idx.iter().map(|&i| data.label(i)).collect())
+/// Online and target models with their graphs and the LARS momentum buffer.
+pub struct Lewel {
+    pub cfg: LewelConfig,
+    pub online: LewelOnline,
+    pub g: Graph<f32>,
+    pub target: EncoderObj,
+    pub tg: Graph<f32>,
+    /// LARS momentum, laid out by the online store's table.
+    pub momentum: Vec<f32>,
+    /// Lengths of the online_net part of the parameter and buffer tables, and its counter count.
+    online_params: usize,
+    online_buffers: usize,
+    online_counters: usize,
 }
 
-/// L2-normalized pooled features of a split's first `n` images, eval-mode BN.
-fn features(
-    g: &mut Graph<f32>,
-    net: &DemoNet,
-    data: &Synthetic,
-    split: Split,
-    n: usize,
-) -> (Vec<f32>, Vec<usize>) {
-    g.set_recording(false);
-    let mut feats = Vec::new();
-    let mut labels = Vec::new();
-    let all: Vec<usize> = (0..n).collect();
-    for chunk in all.chunks(256) {
-        let (x, l) = batch(data, split, chunk);
-        g.reset();
-        let x = g.input(DemoNet::input_shape(chunk.len(), data.size), &x);
-        let (pooled, _) = net.forward(g, x, BnMode::Eval);
-        feats.extend_from_slice(g.value(pooled));
-        labels.extend(l);
-    }
-    g.set_recording(true);
-    knn::normalize_rows(&mut feats, 2 * net.width);
-    (feats, labels)
-}
-
-fn knn_monitor(g: &mut Graph<f32>, net: &DemoNet, data: &Synthetic) -> f64 {
-    let mem_n = data.train_len.min(1000);
-    let (mem, mem_l) = features(g, net, data, Split::Train, mem_n);
-    let (q, q_l) = features(g, net, data, Split::Val, data.val_len);
-    knn::knn_accuracy(&mem, &mem_l, &q, &q_l, 2 * net.width, 20, CLASSES.len())
-}
-
-/// Runs the demo, writing one line per logged step to `log`.
-pub fn run_demo(cfg: &DemoConfig, log: &mut dyn Write) -> Result<DemoSummary> {
-    cfg.validate()?;
-    let t0 = Instant::now();
-    let data = Synthetic::new(cfg.seed, cfg.image_size, cfg.train_len, cfg.val_len);
-    let embed = 16;
-    let (net, store) = DemoNet::new(cfg.width, embed, cfg.seed);
-    let mut g = Graph::new(store);
-    let mut momentum = vec![0.0f32; g.store.num_params()];
-    // One fixed random unit vector per class: the regression targets.
-    let mut r = Rng::keyed(&[cfg.seed, 0x9707]);
-    let protos: Vec<f32> = (0..CLASSES.len() * embed)
-        .map(|_| r.normal() as f32)
-        .collect();
-    let io = |e: std::io::Error| Error::Other(format!("writing the log: {e}"));
-
-    writeln!(
-        log,
-        "engine demo: {} params, {} train / {} val synthetic images of {}px in {} classes, batch {}, {} epochs",
-        g.store.num_params(),
-        cfg.train_len,
-        cfg.val_len,
-        cfg.image_size,
-        CLASSES.len(),
-        cfg.batch_size,
-        cfg.epochs
-    )
-    .map_err(io)?;
-    let knn_init = knn_monitor(&mut g, &net, &data);
-    writeln!(log, "knn | epoch 0 | acc {knn_init:.2}%").map_err(io)?;
-
-    let steps_per_epoch = cfg.train_len / cfg.batch_size;
-    let total = steps_per_epoch * cfg.epochs;
-    let (mut first_loss, mut last_loss) = (f32::NAN, f32::NAN);
-    let mut knn_final = knn_init;
-    let mut step = 0;
-    for epoch in 0..cfg.epochs {
-        let mut order: Vec<usize> = (0..cfg.train_len).collect();
-        let mut r = Rng::keyed(&[cfg.seed, 0x5eed, epoch as u64]);
-        for i in (1..order.len()).rev() {
-            order.swap(i, r.below(i as u64 + 1) as usize);
-        }
-        for idx in order.chunks_exact(cfg.batch_size).take(steps_per_epoch) {
-            let ts = Instant::now();
-            let (x, labels) = batch(&data, Split::Train, idx);
-            let target: Vec<f32> = labels
+impl Lewel {
+    /// Fresh models: online initialized from `seed`, target a copy of online_net (LEWEL_SPEC 3.1).
+    pub fn new(cfg: LewelConfig, seed: u64) -> Lewel {
+        let mut s = ParamStore::new();
+        let online = LewelOnline::build(&mut s, &cfg, &mut Rng::keyed(&[seed, 0x041]));
+        let mut ts = ParamStore::new();
+        let target = EncoderObj::build(
+            &mut ts,
+            "target_net.",
+            &cfg,
+            &mut Rng::keyed(&[seed, 0x7a6]),
+        );
+        let prefix_len = |names: Vec<&String>| {
+            names
                 .iter()
-                .flat_map(|&l| protos[l * embed..][..embed].to_vec())
-                .collect();
-            g.reset();
-            let x = g.input(DemoNet::input_shape(idx.len(), cfg.image_size), &x);
-            let (_, emb) = net.forward(&mut g, x, BnMode::Train);
-            let t = g.input(Shape::new(&[idx.len(), embed]), &target);
-            let loss = g.loss(emb, t);
-            g.store.zero_grads();
-            g.backward(loss);
-            // Momentum SGD over the flat buffer: buf = mu * buf + grad; p -= lr * buf.
-            let st = &mut g.store;
-            for ((p, gr), m) in st.params.iter_mut().zip(&st.grads).zip(momentum.iter_mut()) {
-                *m = cfg.momentum * *m + gr;
-                *p -= cfg.lr * *m;
-            }
-            let l = g.value(loss)[0];
-            if !l.is_finite() {
-                return Err(Error::Other(format!("loss became {l} at step {step}")));
-            }
-            if step == 0 {
-                first_loss = l;
-            }
-            last_loss = l;
-            step += 1;
-            if step % cfg.log_every == 0 || step == total {
-                let ms = ts.elapsed().as_secs_f64() * 1e3;
-                writeln!(
-                    log,
-                    "step {step}/{total} | epoch {} | loss {l:.4} | lr {} | {ms:.0} ms | {:.0} img/s",
-                    epoch + 1,
-                    cfg.lr,
-                    idx.len() as f64 / (ms / 1e3)
-                )
-                .map_err(io)?;
+                .take_while(|n| n.starts_with("online_net."))
+                .count()
+        };
+        let np = prefix_len(s.table.entries.iter().map(|e| &e.name).collect());
+        let nb = prefix_len(s.buffer_table.entries.iter().map(|e| &e.name).collect());
+        let nc = prefix_len(s.counters.iter().map(|c| &c.0).collect());
+        // The target's tables must be the online_net prefix of the online tables, name for name.
+        assert_eq!(ts.table.entries.len(), np, "Lewel: target parameter count");
+        for (a, b) in s.table.entries.iter().zip(&ts.table.entries) {
+            assert!(
+                b.name == a.name.replacen("online_net.", "target_net.", 1)
+                    && a.shape == b.shape
+                    && a.offset == b.offset
+            );
+        }
+        let online_params = s.table.entries.get(np).map_or(s.table.total, |e| e.offset);
+        let online_buffers = s
+            .buffer_table
+            .entries
+            .get(nb)
+            .map_or(s.buffer_table.total, |e| e.offset);
+        assert_eq!(
+            (online_params, online_buffers, nc),
+            (ts.table.total, ts.buffer_table.total, ts.counters.len())
+        );
+        let n = s.num_params();
+        let mut m = Lewel {
+            cfg,
+            online,
+            g: Graph::new(s),
+            target,
+            tg: Graph::new(ts),
+            momentum: vec![0.0; n],
+            online_params,
+            online_buffers,
+            online_counters: nc,
+        };
+        m.copy_online_to_target();
+        m
+    }
+
+    /// target_net <- online_net (parameters, buffers and counters).
+    pub fn copy_online_to_target(&mut self) {
+        let (s, t) = (&self.g.store, &mut self.tg.store);
+        t.params.copy_from_slice(&s.params[..self.online_params]);
+        t.buffers.copy_from_slice(&s.buffers[..self.online_buffers]);
+        for (tc, oc) in t.counters.iter_mut().zip(&s.counters) {
+            tc.1 = oc.1;
+        }
+    }
+
+    /// Forward and backward of one iteration on views (B, H, W, 3); leaves the gradients in
+    /// `g.store.grads` and returns the loss.
+    pub fn forward_backward(
+        &mut self,
+        v1: &[f32],
+        v2: &[f32],
+        shape: Shape,
+        sc: &StepConfig,
+    ) -> f32 {
+        let online_mode = match sc.bn_group {
+            Some(n) => BnMode::TrainGhost(n),
+            None => BnMode::Train,
+        };
+        let target_mode = match sc.method {
+            Method::LewelBEman => BnMode::Eval,
+            Method::LewelB => online_mode,
+        };
+        self.g.reset();
+        self.g.store.zero_grads();
+        self.tg.set_recording(false);
+        let a = self.g.input(shape, v1);
+        let b = self.g.input(shape, v2);
+        let (tg, target) = (&mut self.tg, &self.target);
+        let mut run_target = |v: Tensor, og: &Graph<f32>| {
+            tg.reset();
+            let x = tg.input(v.shape, og.value(v));
+            let (z, o) = target.forward(tg, x, target_mode);
+            (tg.value(z).to_vec(), tg.value(o).to_vec())
+        };
+        let loss = self
+            .online
+            .loss(&mut self.g, a, b, online_mode, &mut run_target);
+        self.g.backward(loss);
+        self.g.value(loss)[0]
+    }
+
+    /// The LARS step over the online parameters, then the EMA of the target.
+    pub fn update(&mut self, sc: &StepConfig) {
+        let s = &mut self.g.store;
+        let excluded: Vec<bool> = s
+            .table
+            .entries
+            .iter()
+            .map(|e| optim::lars_excluded(&e.name, sc.exclude))
+            .collect();
+        optim::lars_step(
+            &s.table,
+            &excluded,
+            &mut s.params,
+            &s.grads,
+            &mut self.momentum,
+            &sc.lars,
+        );
+        let t = &mut self.tg.store;
+        optim::ema_update(&mut t.params, &s.params[..self.online_params], sc.ema_m);
+        if sc.method == Method::LewelBEman {
+            optim::ema_update(&mut t.buffers, &s.buffers[..self.online_buffers], sc.ema_m);
+            for (tc, oc) in t
+                .counters
+                .iter_mut()
+                .zip(&s.counters[..self.online_counters])
+            {
+                tc.1 = oc.1;
             }
         }
-        knn_final = knn_monitor(&mut g, &net, &data);
-        writeln!(log, "knn | epoch {} | acc {knn_final:.2}%", epoch + 1).map_err(io)?;
     }
-    Ok(DemoSummary {
-        knn_init,
-        knn_final,
-        first_loss,
-        last_loss,
-        steps: step,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+}
+
+// ----------------------------------------------------------------------------
+// `lewel step`: one iteration from files
+
+/// NCHW (B, 3, H, W) -> NHWC.
+fn nchw_to_nhwc(v: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for n in 0..b {
+        for ch in 0..c {
+            for y in 0..h {
+                for x in 0..w {
+                    out[((n * h + y) * w + x) * c + ch] = v[((n * c + ch) * h + y) * w + x];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Reads `view1` and `view2` (float32 NCHW (B, 3, H, W), already normalized) as NHWC.
+fn read_views(path: &std::path::Path) -> Result<(Vec<f32>, Vec<f32>, Shape)> {
+    let t = checkpoint::read_file(path)?;
+    let what = path.display();
+    let get = |n: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        let o = t.get(n).ok_or_else(|| {
+            Error::user(format!(
+                "{what}: no tensor '{n}' (expected view1 and view2)"
+            ))
+        })?;
+        let v = o
+            .to_f32()
+            .ok_or_else(|| Error::user(format!("{what}: {n} is {:?}, expected F32", o.dtype)))?;
+        if o.shape.len() != 4
+            || o.shape[1] != 3
+            || o.shape[0] < 2
+            || o.shape[2] < 32
+            || o.shape[3] < 32
+        {
+            return Err(Error::user(format!(
+                "{what}: {n} has shape {:?}, expected (B >= 2, 3, H >= 32, W >= 32)",
+                o.shape
+            )));
+        }
+        Ok((o.shape.clone(), v))
+    };
+    let (s1, v1) = get("view1")?;
+    let (s2, v2) = get("view2")?;
+    if s1 != s2 {
+        return Err(Error::user(format!(
+            "{what}: view1 {s1:?} and view2 {s2:?} differ in shape"
+        )));
+    }
+    let (b, h, w) = (s1[0], s1[2], s1[3]);
+    Ok((
+        nchw_to_nhwc(&v1, b, 3, h, w),
+        nchw_to_nhwc(&v2, b, 3, h, w),
+        Shape::new(&[b, h, w, 3]),
+    ))
+}
+
+/// `lewel step`: loads the full state (official names, PyTorch layouts, optional `momentum.<name>`
+/// LARS buffers), runs exactly one iteration on the views and writes `loss`, `grad.<name>` for every
+/// trainable parameter (before the update) and `state.<name>` for every entry of the state after the
+/// LARS step and the EMA update, plus `state.momentum.<name>`.
+pub fn step_files(
+    state: &std::path::Path,
+    views: &std::path::Path,
+    out: &std::path::Path,
+    sc: &StepConfig,
+    heads: usize,
+    scale: f32,
+    loss_weight: f64,
+) -> Result<f32> {
+    let t = checkpoint::read_file(state)?;
+    let what = state.display().to_string();
+    let cfg = LewelConfig::infer(&t, heads, scale, loss_weight, &what)?;
+    let (v1, v2, shape) = read_views(views)?;
+    let mut m = Lewel::new(cfg, 0);
+    checkpoint::load_store(&mut m.g.store, &t, &what)?;
+    checkpoint::load_store(&mut m.tg.store, &t, &what)?;
+    let known: std::collections::HashSet<&str> =
+        m.g.store
+            .table
+            .entries
+            .iter()
+            .chain(&m.g.store.buffer_table.entries)
+            .chain(&m.tg.store.table.entries)
+            .chain(&m.tg.store.buffer_table.entries)
+            .map(|e| e.name.as_str())
+            .chain(
+                m.g.store
+                    .counters
+                    .iter()
+                    .chain(&m.tg.store.counters)
+                    .map(|c| c.0.as_str()),
+            )
+            .collect();
+    for (n, o) in &t {
+        match n.strip_prefix("momentum.") {
+            Some(p) => {
+                let i = m.g.store.table.find(p).ok_or_else(|| {
+                    Error::user(format!("{what}: {n} names no trainable parameter"))
+                })?;
+                let e = &m.g.store.table.entries[i];
+                if o.shape != checkpoint::torch_shape(e.shape) || o.dtype != safetensors::Dtype::F32
+                {
+                    return Err(Error::user(format!(
+                        "{what}: {n} is {:?} {:?}, expected F32 {:?}",
+                        o.dtype,
+                        o.shape,
+                        checkpoint::torch_shape(e.shape)
+                    )));
+                }
+                let r = e.range();
+                let v = checkpoint::from_torch(e.shape, &o.to_f32().unwrap());
+                m.momentum[r].copy_from_slice(&v);
+            }
+            None if !known.contains(n.as_str()) => {
+                return Err(Error::user(format!(
+                    "{what}: unexpected tensor {n} for a {} LEWEL state",
+                    cfg.arch.name()
+                )));
+            }
+            None => {}
+        }
+    }
+    let loss = m.forward_backward(&v1, &v2, shape, sc);
+    let mut o = Tensors::new();
+    o.insert("loss".into(), Owned::f32(vec![], &[loss]));
+    for e in &m.g.store.table.entries {
+        let (sh, v) = checkpoint::to_torch(e.shape, &m.g.store.grads[e.range()]);
+        o.insert(format!("grad.{}", e.name), Owned::f32(sh, &v));
+    }
+    m.update(sc);
+    for (n, v) in checkpoint::store_tensors(&m.g.store)
+        .into_iter()
+        .chain(checkpoint::store_tensors(&m.tg.store))
+    {
+        o.insert(format!("state.{n}"), v);
+    }
+    for e in &m.g.store.table.entries {
+        let (sh, v) = checkpoint::to_torch(e.shape, &m.momentum[e.range()]);
+        o.insert(format!("state.momentum.{}", e.name), Owned::f32(sh, &v));
+    }
+    checkpoint::write_file_atomic(out, &o, None)?;
+    Ok(loss)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::resnet::Arch;
 
-    #[test]
-    fn demo_learns_and_is_deterministic() {
-        let cfg = DemoConfig {
-            epochs: 1,
-            train_len: 640,
-            val_len: 200,
-            batch_size: 32,
-            log_every: 5,
-            ..Default::default()
-        };
-        let mut log = Vec::new();
-        let a = run_demo(&cfg, &mut log).unwrap();
-        let text = String::from_utf8(log).unwrap();
-        assert!(text.contains("step 20/20 | epoch 1 | loss"), "{text}");
-        assert!(a.last_loss < a.first_loss, "{a:?}");
-        let b = run_demo(&cfg, &mut Vec::new()).unwrap();
-        assert_eq!(
-            a.last_loss.to_bits(),
-            b.last_loss.to_bits(),
-            "two runs, same loss bits"
-        );
-        assert_eq!(a.knn_final, b.knn_final);
+    fn views(seed: u64, b: usize, s: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut r = Rng::new(seed);
+        let n = b * s * s * 3;
+        (
+            (0..n).map(|_| r.normal() as f32).collect(),
+            (0..n).map(|_| r.normal() as f32).collect(),
+        )
+    }
+
+    fn sc(method: Method) -> StepConfig {
+        StepConfig {
+            method,
+            lars: LarsConfig {
+                lr: 0.3,
+                weight_decay: 1.5e-6,
+                momentum: 0.9,
+                eta: 0.001,
+            },
+            ema_m: 0.99,
+            exclude: ExcludeRule::Current {
+                eman: method == Method::LewelBEman,
+            },
+            bn_group: None,
+        }
     }
 
     #[test]
-    fn bad_flags_are_user_errors() {
-        let cfg = DemoConfig {
-            lr: -1.0,
-            ..Default::default()
+    fn eman_step_updates_online_and_target() {
+        let cfg = LewelConfig::new(Arch::TINY, 4, 1.0, 0.5);
+        let mut m = Lewel::new(cfg, 0);
+        assert_eq!(
+            m.tg.store.params,
+            m.g.store.params[..m.online_params].to_vec()
+        );
+        let (v1, v2) = views(1, 4, 32);
+        let sh = Shape::new(&[4, 32, 32, 3]);
+        let c = sc(Method::LewelBEman);
+        let l0 = m.forward_backward(&v1, &v2, sh, &c);
+        assert!((l0 - 4.0).abs() < 0.6, "{l0}");
+        let before = m.g.store.params.clone();
+        let tb = m.tg.store.buffers.clone();
+        m.update(&c);
+        assert_ne!(before, m.g.store.params);
+        // EMAN: the target's running stats moved toward the online ones (which two forwards changed).
+        assert_ne!(tb, m.tg.store.buffers);
+        assert_eq!(
+            m.tg.store.counters[0].1, 2,
+            "num_batches_tracked copied from online (two views)"
+        );
+        // LEWEL-B: the target keeps its own buffers (updated by its own train-mode forwards).
+        let mut m2 = Lewel::new(cfg, 0);
+        let c2 = sc(Method::LewelB);
+        m2.forward_backward(&v1, &v2, sh, &c2);
+        let tb2 = m2.tg.store.buffers.clone();
+        m2.update(&c2);
+        assert_eq!(tb2, m2.tg.store.buffers);
+        assert_eq!(
+            m2.tg.store.counters[0].1, 2,
+            "the target's own two train-mode forwards"
+        );
+    }
+
+    /// A narrow ResNet-50 LEWEL state and views written to files, as `lewel step` reads them.
+    fn state_files(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, Lewel) {
+        let cfg = LewelConfig::new(Arch { depth: 50, div: 32 }, 4, 1.0, 0.5);
+        let m = Lewel::new(cfg, 3);
+        let mut t = checkpoint::store_tensors(&m.g.store);
+        t.extend(checkpoint::store_tensors(&m.tg.store));
+        let sp = dir.join("in.safetensors");
+        checkpoint::write_file_atomic(&sp, &t, None).unwrap();
+        let (v1, v2) = views(5, 2, 32);
+        // NHWC -> NCHW for the file
+        let to_nchw = |v: &[f32]| {
+            let mut o = vec![0.0; v.len()];
+            for n in 0..2 {
+                for y in 0..32 {
+                    for x in 0..32 {
+                        for c in 0..3 {
+                            o[((n * 3 + c) * 32 + y) * 32 + x] = v[((n * 32 + y) * 32 + x) * 3 + c];
+                        }
+                    }
+                }
+            }
+            o
         };
-        let e = run_demo(&cfg, &mut Vec::new()).unwrap_err();
-        assert_eq!(e.exit_code(), 2);
-        assert!(e.to_string().starts_with("--lr"), "{e}");
+        let mut vt = Tensors::new();
+        vt.insert(
+            "view1".into(),
+            Owned::f32(vec![2, 3, 32, 32], &to_nchw(&v1)),
+        );
+        vt.insert(
+            "view2".into(),
+            Owned::f32(vec![2, 3, 32, 32], &to_nchw(&v2)),
+        );
+        let vp = dir.join("views.safetensors");
+        checkpoint::write_file_atomic(&vp, &vt, None).unwrap();
+        (sp, vp, m)
+    }
+
+    #[test]
+    fn step_files_matches_the_in_memory_step() {
+        let dir = std::env::temp_dir().join(format!("lewel-step-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (sp, vp, mut m) = state_files(&dir);
+        let c = sc(Method::LewelBEman);
+        let op = dir.join("out.safetensors");
+        let loss = step_files(&sp, &vp, &op, &c, 4, 1.0, 0.5).unwrap();
+        let out = checkpoint::read_file(&op).unwrap();
+        // The same step in memory.
+        let (v1, v2) = views(5, 2, 32);
+        let l2 = m.forward_backward(&v1, &v2, Shape::new(&[2, 32, 32, 3]), &c);
+        assert_eq!(loss.to_bits(), l2.to_bits());
+        let e = m.g.store.table.entries[0].clone();
+        let (_, g) = checkpoint::to_torch(e.shape, &m.g.store.grads[e.range()]);
+        assert_eq!(out[&format!("grad.{}", e.name)].to_f32().unwrap(), g);
+        m.update(&c);
+        let (_, p) = checkpoint::to_torch(e.shape, &m.g.store.params[e.range()]);
+        assert_eq!(out[&format!("state.{}", e.name)].to_f32().unwrap(), p);
+        let n_state = out
+            .keys()
+            .filter(|k| k.starts_with("state.") && !k.starts_with("state.momentum."))
+            .count();
+        assert_eq!(n_state, checkpoint::read_file(&sp).unwrap().len());
+        assert!(out.contains_key("state.target_net.backbone.layer1.0.bn1.num_batches_tracked"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn step_files_bad_input_is_one_clear_line() {
+        let dir = std::env::temp_dir().join(format!("lewel-step-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (sp, vp, _) = state_files(&dir);
+        let c = sc(Method::LewelBEman);
+        let op = dir.join("out.safetensors");
+        let missing =
+            step_files(&dir.join("nope.safetensors"), &vp, &op, &c, 4, 1.0, 0.5).unwrap_err();
+        assert_eq!(missing.exit_code(), 2);
+        assert!(
+            missing.to_string().contains("nope.safetensors"),
+            "{missing}"
+        );
+        // views passed as the state
+        let e = step_files(&vp, &vp, &op, &c, 4, 1.0, 0.5).unwrap_err();
+        assert!(e.to_string().contains("not a LEWEL state"), "{e}");
+        // heads that do not divide the channels
+        let e = step_files(&sp, &vp, &op, &c, 3, 1.0, 0.5).unwrap_err();
+        assert!(e.to_string().starts_with("--lewel-num-heads"), "{e}");
+        // a state from another architecture: one tensor reshaped
+        let mut t = checkpoint::read_file(&sp).unwrap();
+        t.insert(
+            "online_net.neck.proj_obj.mlp.3.weight".into(),
+            Owned::f32(vec![4, 128, 1], &[0.0; 512]),
+        );
+        let bad = dir.join("bad.safetensors");
+        checkpoint::write_file_atomic(&bad, &t, None).unwrap();
+        let e = step_files(&bad, &vp, &op, &c, 4, 1.0, 0.5).unwrap_err();
+        assert!(e.to_string().contains("online_net.neck.proj_obj.mlp.3.weight is F32 [4, 128, 1], expected F32 [8, 128, 1]"), "{e}");
+        // views with the wrong shape
+        let mut vt = Tensors::new();
+        vt.insert("view1".into(), Owned::f32(vec![2, 1, 32, 32], &[0.0; 2048]));
+        vt.insert("view2".into(), Owned::f32(vec![2, 1, 32, 32], &[0.0; 2048]));
+        let vb = dir.join("vbad.safetensors");
+        checkpoint::write_file_atomic(&vb, &vt, None).unwrap();
+        let e = step_files(&sp, &vb, &op, &c, 4, 1.0, 0.5).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("expected (B >= 2, 3, H >= 32, W >= 32)"),
+            "{e}"
+        );
+        assert!(!op.exists(), "nothing written on failure");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn parse_methods() {
+        assert_eq!("lewel-b".parse::<Method>().unwrap(), Method::LewelB);
+        assert_eq!("byol".parse::<Method>().unwrap_err().exit_code(), 2);
     }
 }

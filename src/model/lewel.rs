@@ -32,18 +32,58 @@ pub struct LewelConfig {
 }
 
 impl LewelConfig {
-    /// The official sizes (hid 4096, dim 256), divided by 8 for the tiny configuration.
+    /// The official sizes (hid 4096, dim 256), divided by the architecture's width divisor.
     pub fn new(arch: Arch, heads: usize, scale: f32, loss_weight: f64) -> LewelConfig {
-        let div = if arch == Arch::TINY { 8 } else { 1 };
         LewelConfig {
             arch,
-            hid: 4096 / div,
-            dim: 256 / div,
+            hid: 4096 / arch.div,
+            dim: 256 / arch.div,
             heads,
             scale,
             loss_weight,
         }
     }
+    /// Reads the architecture off a state's names and shapes (depth from the bottleneck's conv3, width
+    /// from conv1, hid and dim from the neck); `what` names the file in errors.
+    pub fn infer(
+        t: &crate::checkpoint::Tensors,
+        heads: usize,
+        scale: f32,
+        loss_weight: f64,
+        what: &str,
+    ) -> crate::Result<LewelConfig> {
+        let shape = |n: &str| -> crate::Result<&Vec<usize>> {
+            t.get(n).map(|o| &o.shape).ok_or_else(|| {
+                crate::Error::user(format!("{what}: no tensor {n}: not a LEWEL state"))
+            })
+        };
+        let stem = shape("online_net.backbone.conv1.weight")?;
+        if stem.len() != 4 || stem[0] == 0 || 64 % stem[0] != 0 {
+            return Err(crate::Error::user(format!("{what}: online_net.backbone.conv1.weight has shape {stem:?}, expected [64/k, 3, 7, 7]")));
+        }
+        let depth = if t.contains_key("online_net.backbone.layer1.0.conv3.weight") {
+            50
+        } else {
+            18
+        };
+        let arch = Arch {
+            depth,
+            div: 64 / stem[0],
+        };
+        let hid = shape("online_net.neck.proj.mlp.0.weight")?[0];
+        let dim = shape("online_net.neck.proj.mlp.3.weight")?[0];
+        let c = LewelConfig {
+            arch,
+            hid,
+            dim,
+            heads,
+            scale,
+            loss_weight,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
     /// Checks the flags a user can set.
     pub fn validate(&self) -> crate::Result<()> {
         let c = self.arch.out_channels();
