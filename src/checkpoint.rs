@@ -274,8 +274,8 @@ mod tests {
         let v: Vec<f32> = (0..24).map(|i| i as f32).collect();
         let (ts, tv) = to_torch(sh, &v);
         assert_eq!(ts, vec![2, 4, 3, 1]);
-        // OIHW [0, 1, 2, 0] = ours [0, 2, 0, 1]
-        assert_eq!(tv[(1 * 3 + 2) * 1], v[(2 * 1) * 4 + 1]);
+        // OIHW [o=0, i=1, h=2, w=0] = ours [o=0, h=2, w=0, i=1]
+        assert_eq!(tv[5], v[9]); // OIHW index (0*4 + 1)*3 + 2 = ours (0*3 + 2)*4 + 1
         assert_eq!(from_torch(sh, &tv), v);
         assert_eq!(torch_shape(Shape::new(&[5, 7])), vec![5, 7, 1]);
     }
