@@ -20,11 +20,11 @@ pub mod memory;
 pub mod ops;
 pub mod optim;
 pub mod rng;
+pub mod run;
 pub mod tensor;
 
 pub use error::{Context, Error, Result};
 pub mod data;
-pub mod demo;
 pub mod device;
 pub mod eval;
 pub mod model;

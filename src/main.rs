@@ -1,9 +1,9 @@
 //! The `lewel` command line.
 
 use clap::{Parser, Subcommand};
-use lewel::demo::{run_demo, DemoConfig};
-use lewel::device::{self, DeviceChoice};
+use lewel::device;
 use lewel::optim::{ExcludeRule, LarsConfig};
+use lewel::run::{self, PretrainConfig};
 use lewel::train::{step_files, Method, StepConfig};
 use lewel::{Error, Result};
 use std::path::PathBuf;
@@ -21,9 +21,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Train. With no arguments: the built-in synthetic dataset and a small model on the best device.
-    /// (Until LEWEL lands this runs the engine demo: a small residual net on synthetic shapes.)
+    /// LEWEL pretraining. With no arguments: the built-in synthetic dataset, the tiny model (ResNet-50
+    /// at 1/8 width), the best device available, runs/lewel as the run folder.
     Pretrain(PretrainArgs),
+    /// Write the online backbone of a checkpoint in torchvision names.
+    Export(ExportArgs),
     /// Exactly one LEWEL training iteration from a given state and views (the parity hook).
     Step(StepArgs),
     /// Print the GPU, the driver and the CUDA libraries found, or why not.
@@ -143,45 +145,112 @@ fn step(a: StepArgs) -> Result<()> {
     Ok(())
 }
 
+/// Flags of `lewel pretrain`; each overrides the config file, which overrides the defaults.
 #[derive(clap::Args, Default)]
 struct PretrainArgs {
-    /// Epochs over the synthetic training split.
-    #[arg(long, default_value_t = 4)]
-    epochs: usize,
-    /// Images per step.
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
-    /// Learning rate.
-    #[arg(long, default_value_t = 0.05)]
-    lr: f32,
-    /// Seed of the data, the initialization and the shuffling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// A TOML file with any of the settings below (underscored names: batch_size = 64).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue a run from its folder (or its checkpoint.json); its saved config is used.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Stop after this many epochs are done (resume later with --resume).
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// resnet50, resnet18 or tiny (ResNet-50 at 1/8 width).
+    #[arg(long)]
+    arch: Option<String>,
+    /// lewel-b-eman (EMAN, the default) or lewel-b.
+    #[arg(long)]
+    method: Option<String>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    warmup_epochs: Option<usize>,
+    /// Total batch per iteration.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Absolute learning rate for the total batch.
+    #[arg(long, allow_negative_numbers = true)]
+    lr: Option<f64>,
+    /// Weight decay.
+    #[arg(long, allow_negative_numbers = true)]
+    wd: Option<f64>,
+    /// Initial EMA momentum.
+    #[arg(long, allow_negative_numbers = true)]
+    enc_m: Option<f64>,
+    #[arg(long)]
+    lewel_num_heads: Option<usize>,
+    #[arg(long, allow_negative_numbers = true)]
+    lewel_loss_weight: Option<f64>,
+    #[arg(long, allow_negative_numbers = true)]
+    lewel_scale: Option<f32>,
+    /// current or released-log.
+    #[arg(long)]
+    lars_exclude: Option<String>,
+    /// Samples per BN statistics group (emulates per-GPU BN).
+    #[arg(long)]
+    bn_group: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
     /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[arg(long)]
+    device: Option<String>,
+    /// Side of the training views in pixels.
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Images in the synthetic training split.
+    #[arg(long)]
+    train_len: Option<usize>,
+    /// Images in the synthetic validation split (kNN queries).
+    #[arg(long)]
+    val_len: Option<usize>,
+    #[arg(long)]
+    log_every: Option<usize>,
+    /// The run folder: config.toml, metrics.jsonl, checkpoints.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
-    let choice: DeviceChoice = a.device.parse()?;
-    let (dev, note) = device::resolve(choice)?;
-    if let Some(n) = note {
-        eprintln!("warning: {n}");
-    }
-    let cfg = DemoConfig {
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        lr: a.lr,
-        seed: a.seed,
-        ..Default::default()
+    let mut c = match &a.config {
+        Some(p) => PretrainConfig::from_toml(p)?,
+        None => PretrainConfig::default(),
     };
-    eprintln!(
-        "device {dev:?}, {} CPU threads",
-        rayon::current_num_threads()
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
+    }
+    set!(
+        arch,
+        method,
+        epochs,
+        warmup_epochs,
+        batch_size,
+        lr,
+        wd,
+        enc_m,
+        lewel_num_heads,
+        lewel_loss_weight,
+        lewel_scale
     );
-    let s = run_demo(&cfg, &mut std::io::stderr())?;
+    set!(
+        lars_exclude,
+        bn_group,
+        seed,
+        device,
+        image_size,
+        train_len,
+        val_len,
+        log_every,
+        out
+    );
+    if a.stop_after == Some(0) {
+        return Err(Error::user("--stop-after: must be at least 1"));
+    }
+    let s = run::pretrain(&c, a.resume.as_deref(), a.stop_after)?;
     println!(
-        "done | {} steps in {:.1} s | loss {:.4} -> {:.4} | kNN accuracy {:.2}% at init -> {:.2}% (+{:.2} points)",
+        "done | {} epochs, {} steps in {:.1} s | loss {:.4} -> {:.4} | kNN accuracy {:.2}% at init -> {:.2}% ({:+.2} points)",
+        s.epochs_done,
         s.steps,
         s.seconds,
         s.first_loss,
@@ -193,26 +262,30 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// A run folder, its checkpoint.json, or a checkpoint .safetensors.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Output: the online backbone in torchvision names.
+    #[arg(long)]
+    out: PathBuf,
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        None => pretrain(PretrainArgs::parse_defaults()),
+        None => pretrain(PretrainArgs::default()),
+        Some(Cmd::Export(a)) => {
+            let n = run::export(&a.checkpoint, &a.out)?;
+            println!("wrote {} ({n} tensors, torchvision names)", a.out.display());
+            Ok(())
+        }
         Some(Cmd::Pretrain(a)) => pretrain(a),
         Some(Cmd::Step(a)) => step(a),
         Some(Cmd::Info) => {
             print!("{}", device::probe().report());
             Ok(())
         }
-    }
-}
-
-impl PretrainArgs {
-    fn parse_defaults() -> PretrainArgs {
-        #[derive(Parser)]
-        struct Only {
-            #[command(flatten)]
-            a: PretrainArgs,
-        }
-        Only::parse_from(["lewel"]).a
     }
 }
 

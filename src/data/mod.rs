@@ -1,6 +1,7 @@
 //! Datasets. For now the built-in synthetic one; ImageFolder, packed files and the LEWEL two-view
 //! augmentation join with the data issue.
 
+pub mod augment;
 pub mod synthetic;
 
 /// ImageNet normalization (torchvision's Normalize constants), RGB.

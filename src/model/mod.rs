@@ -1,7 +1,6 @@
 //! Models built on the graph. For now the small residual net of the engine demo; ResNet-18/50 and the
 //! LEWEL neck and predictors join with the LEWEL issue.
 
-pub mod demo;
 pub mod lewel;
 pub mod resnet;
 

@@ -1,0 +1,605 @@
+//! `lewel pretrain`: the whole run. Config (flags or a TOML file, the effective one written into the
+//! run folder), the data, the LEWEL iteration of train.rs once per batch with the schedules of
+//! optim.rs, a progress bar on a terminal (plain lines otherwise), one grep-able line per logged step,
+//! JSONL metrics, the kNN monitor at init and after every epoch, checkpoints after every epoch
+//! (atomic; a manifest written last names the files and their CRC32), and exact resume.
+//!
+//! Resume is exact because nothing random is carried in generator state: every draw (data order,
+//! augmentation) is a pure function of (seed, epoch, sample, view), the schedules are functions of the
+//! iteration, and the checkpoint holds the weights, BN statistics, counters and LARS momentum.
+
+use crate::checkpoint::{self, Owned, Tensors};
+use crate::data::augment;
+use crate::data::synthetic::{Split, Synthetic, CLASSES};
+use crate::device::{self, DeviceChoice};
+use crate::error::{Context, Error, Result};
+use crate::eval::knn;
+use crate::model::lewel::LewelConfig;
+use crate::model::resnet::Arch;
+use crate::optim::{self, ExcludeRule, LarsConfig};
+use crate::rng::Rng;
+use crate::tensor::Shape;
+use crate::train::{Lewel, Method, StepConfig};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything that defines a run. Flags and the TOML file use the same names (the file with
+/// underscores: `batch_size = 64`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainConfig {
+    pub arch: String,
+    pub method: String,
+    pub epochs: usize,
+    pub warmup_epochs: usize,
+    /// Total batch per iteration.
+    pub batch_size: usize,
+    /// Absolute learning rate for the total batch.
+    pub lr: f64,
+    pub wd: f64,
+    /// Initial EMA momentum m0.
+    pub enc_m: f64,
+    pub lewel_num_heads: usize,
+    pub lewel_loss_weight: f64,
+    pub lewel_scale: f32,
+    /// current or released-log.
+    pub lars_exclude: String,
+    /// Samples per BN statistics group (per-GPU batch emulation); 0: the whole batch.
+    pub bn_group: usize,
+    pub seed: u64,
+    pub device: String,
+    /// Side of the training views in pixels.
+    pub image_size: usize,
+    pub train_len: usize,
+    pub val_len: usize,
+    pub knn_k: usize,
+    pub log_every: usize,
+    /// Checkpoints kept (the newest ones).
+    pub keep: usize,
+    pub out: PathBuf,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig {
+            arch: "tiny".into(),
+            method: "lewel-b-eman".into(),
+            epochs: 8,
+            warmup_epochs: 1,
+            batch_size: 64,
+            lr: 2.0,
+            wd: 1.5e-6,
+            enc_m: 0.99,
+            lewel_num_heads: 4,
+            lewel_loss_weight: 0.5,
+            lewel_scale: 1.0,
+            lars_exclude: "current".into(),
+            bn_group: 0,
+            seed: 0,
+            device: "auto".into(),
+            image_size: 64,
+            train_len: 4000,
+            val_len: 1000,
+            knn_k: 20,
+            log_every: 10,
+            keep: 2,
+            out: PathBuf::from("runs/lewel"),
+        }
+    }
+}
+
+/// Side of the rendered synthetic images the views are cropped from.
+const SOURCE_SIZE: usize = 80;
+/// Memory images of the kNN monitor: the first this many of the training split (labels are read only
+/// by the monitor).
+const KNN_MEMORY: usize = 500;
+
+impl PretrainConfig {
+    /// Reads a TOML config; unknown keys are errors naming the file.
+    pub fn from_toml(path: &Path) -> Result<PretrainConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| {
+            Error::user(format!(
+                "{}: {}",
+                path.display(),
+                e.to_string().lines().next().unwrap_or("")
+            ))
+        })
+    }
+
+    /// Checks every value; one line naming the flag on error.
+    pub fn validate(&self) -> Result<(LewelConfig, StepConfig)> {
+        let bad = |flag: &str, what: String| Err(Error::user(format!("--{flag}: {what}")));
+        let arch: Arch = self.arch.parse()?;
+        let method: Method = self.method.parse()?;
+        let finite_pos = |v: f64| v.is_finite() && v > 0.0;
+        if !finite_pos(self.lr) {
+            return bad("lr", format!("must be a positive number, got {}", self.lr));
+        }
+        if !(self.wd.is_finite() && self.wd >= 0.0) {
+            return bad(
+                "wd",
+                format!("must be a non-negative number, got {}", self.wd),
+            );
+        }
+        if !(0.0..1.0).contains(&self.enc_m) {
+            return bad("enc-m", format!("must lie in [0, 1), got {}", self.enc_m));
+        }
+        if self.epochs == 0 || self.warmup_epochs >= self.epochs {
+            return bad(
+                "warmup-epochs",
+                format!(
+                    "{} must be below --epochs {}",
+                    self.warmup_epochs, self.epochs
+                ),
+            );
+        }
+        if self.batch_size < 2 || self.batch_size > self.train_len {
+            return bad(
+                "batch-size",
+                format!(
+                    "must lie in [2, {}] (the training images), got {}",
+                    self.train_len, self.batch_size
+                ),
+            );
+        }
+        if self.bn_group != 0 && (self.bn_group < 2 || self.batch_size % self.bn_group != 0) {
+            return bad(
+                "bn-group",
+                format!(
+                    "must be at least 2 and divide --batch-size {}, got {}",
+                    self.batch_size, self.bn_group
+                ),
+            );
+        }
+        if self.image_size < 32 || self.image_size > SOURCE_SIZE {
+            return bad(
+                "image-size",
+                format!("must lie in [32, {SOURCE_SIZE}], got {}", self.image_size),
+            );
+        }
+        if self.knn_k == 0 || self.val_len == 0 {
+            return bad(
+                "knn-k",
+                "the kNN monitor needs k >= 1 and a validation split".into(),
+            );
+        }
+        let exclude = match self.lars_exclude.as_str() {
+            "current" => ExcludeRule::Current {
+                eman: method == Method::LewelBEman,
+            },
+            "released-log" => ExcludeRule::ReleasedLog,
+            s => {
+                return bad(
+                    "lars-exclude",
+                    format!("expected current or released-log, got '{s}'"),
+                )
+            }
+        };
+        let lc = LewelConfig::new(
+            arch,
+            self.lewel_num_heads,
+            self.lewel_scale,
+            self.lewel_loss_weight,
+        );
+        lc.validate()?;
+        let sc = StepConfig {
+            method,
+            lars: LarsConfig {
+                lr: self.lr,
+                weight_decay: self.wd,
+                momentum: 0.9,
+                eta: 0.001,
+            },
+            ema_m: self.enc_m,
+            exclude,
+            bn_group: (self.bn_group != 0).then_some(self.bn_group),
+        };
+        Ok((lc, sc))
+    }
+}
+
+/// The end of a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub knn_init: f64,
+    pub knn_final: f64,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub epochs_done: usize,
+    pub steps: usize,
+    pub seconds: f64,
+}
+
+/// What is saved beside the weights.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Iterations completed.
+    pub step: usize,
+    pub weights: String,
+    pub weights_crc32: u32,
+    pub optimizer: String,
+    pub optimizer_crc32: u32,
+    pub knn_init: f64,
+    pub knn_last: f64,
+    pub first_loss: f64,
+    /// How the data order and augmentation resume: no generator state is needed.
+    pub rng: String,
+    pub config: PretrainConfig,
+}
+
+fn views_batch(
+    data: &Synthetic,
+    seed: u64,
+    epoch: usize,
+    idx: &[usize],
+    out: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let pairs: Vec<(Vec<f32>, Vec<f32>)> = idx
+        .par_iter()
+        .map(|&i| {
+            let img = data.image_rgb(Split::Train, i);
+            let s = data.size;
+            let a = augment::view(
+                &img,
+                s,
+                out,
+                &mut Rng::keyed(&[seed, epoch as u64, i as u64, 0]),
+            );
+            let b = augment::view(
+                &img,
+                s,
+                out,
+                &mut Rng::keyed(&[seed, epoch as u64, i as u64, 1]),
+            );
+            (a, b)
+        })
+        .collect();
+    let (a, b): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+    (a.concat(), b.concat())
+}
+
+/// Pooled online backbone features (eval mode), L2-normalized.
+fn features(
+    m: &mut Lewel,
+    data: &Synthetic,
+    split: Split,
+    n: usize,
+    out: usize,
+) -> (Vec<f32>, Vec<usize>) {
+    let c = m.cfg.arch.out_channels();
+    let (mut feats, mut labels) = (Vec::with_capacity(n * c), Vec::with_capacity(n));
+    let all: Vec<usize> = (0..n).collect();
+    m.g.set_recording(false);
+    for chunk in all.chunks(128) {
+        let x: Vec<f32> = chunk
+            .par_iter()
+            .flat_map(|&i| augment::eval_view(&data.image_rgb(split, i), data.size, out))
+            .collect();
+        m.g.reset();
+        let x = m.g.input(Shape::new(&[chunk.len(), out, out, 3]), &x);
+        let f = m
+            .online
+            .encoder
+            .backbone
+            .forward(&mut m.g, x, crate::autograd::BnMode::Eval);
+        let p = m.g.avgpool(f);
+        feats.extend_from_slice(m.g.value(p));
+        labels.extend(chunk.iter().map(|&i| data.label(i)));
+    }
+    m.g.set_recording(true);
+    knn::normalize_rows(&mut feats, c);
+    (feats, labels)
+}
+
+fn knn_monitor(m: &mut Lewel, data: &Synthetic, cfg: &PretrainConfig) -> f64 {
+    let c = m.cfg.arch.out_channels();
+    let (mem, ml) = features(
+        m,
+        data,
+        Split::Train,
+        KNN_MEMORY.min(data.train_len),
+        cfg.image_size,
+    );
+    let (q, ql) = features(m, data, Split::Val, data.val_len, cfg.image_size);
+    knn::knn_accuracy(&mem, &ml, &q, &ql, c, cfg.knn_k, CLASSES.len())
+}
+
+struct Log {
+    jsonl: std::fs::File,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Log {
+    fn line(&self, s: &str) {
+        match &self.bar {
+            Some(b) => b.println(s),
+            None => eprintln!("{s}"),
+        }
+    }
+    fn json(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.jsonl, "{v}").map_err(|e| Error::io("metrics.jsonl", e))
+    }
+}
+
+fn save(m: &Lewel, dir: &Path, man: &mut Manifest) -> Result<()> {
+    let mut state = checkpoint::store_tensors(&m.g.store);
+    state.extend(checkpoint::store_tensors(&m.tg.store));
+    let mut opt = Tensors::new();
+    for e in &m.g.store.table.entries {
+        let (sh, v) = checkpoint::to_torch(e.shape, &m.momentum[e.range()]);
+        opt.insert(format!("momentum.{}", e.name), Owned::f32(sh, &v));
+    }
+    man.weights = format!("checkpoint_{:04}.safetensors", man.epoch);
+    man.optimizer = format!("optimizer_{:04}.safetensors", man.epoch);
+    checkpoint::write_file_atomic(&dir.join(&man.weights), &state, None)?;
+    checkpoint::write_file_atomic(&dir.join(&man.optimizer), &opt, None)?;
+    man.weights_crc32 = crc_of(&dir.join(&man.weights))?;
+    man.optimizer_crc32 = crc_of(&dir.join(&man.optimizer))?;
+    let json =
+        serde_json::to_string_pretty(man).map_err(|e| Error::Other(format!("manifest: {e}")))?;
+    checkpoint::write_bytes_atomic(&dir.join("checkpoint.json"), json.as_bytes())?;
+    // Only now, with the manifest pointing at the new files, drop checkpoints beyond the newest `keep`.
+    if man.epoch > man.config.keep {
+        let old = man.epoch - man.config.keep;
+        for f in [
+            format!("checkpoint_{old:04}.safetensors"),
+            format!("optimizer_{old:04}.safetensors"),
+        ] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+    }
+    Ok(())
+}
+
+fn crc_of(p: &Path) -> Result<u32> {
+    let b = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+    Ok(crc32fast::hash(&b))
+}
+
+/// Reads a run folder's manifest (or the manifest file itself) and checks the files it names.
+pub fn read_manifest(path: &Path) -> Result<(PathBuf, Manifest)> {
+    let (dir, mpath) = if path.is_dir() {
+        (path.to_path_buf(), path.join("checkpoint.json"))
+    } else {
+        (
+            path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            path.to_path_buf(),
+        )
+    };
+    let text = std::fs::read_to_string(&mpath).map_err(|e| Error::io(&mpath, e))?;
+    let man: Manifest = serde_json::from_str(&text).map_err(|e| {
+        Error::user(format!(
+            "{}: not a lewel checkpoint manifest ({e})",
+            mpath.display()
+        ))
+    })?;
+    for (f, crc) in [
+        (&man.weights, man.weights_crc32),
+        (&man.optimizer, man.optimizer_crc32),
+    ] {
+        let got = crc_of(&dir.join(f))?;
+        if got != crc {
+            return Err(Error::user(format!(
+                "{}: CRC32 {got:08x}, the manifest says {crc:08x}: the file is damaged",
+                dir.join(f).display()
+            )));
+        }
+    }
+    Ok((dir, man))
+}
+
+/// Runs (or resumes) pretraining. `stop_after`: stop once this many epochs are done (an interruption
+/// on purpose; the run resumes with `resume`).
+pub fn pretrain(
+    cfg: &PretrainConfig,
+    resume: Option<&Path>,
+    stop_after: Option<usize>,
+) -> Result<Summary> {
+    let t0 = Instant::now();
+    let (mut cfg, man) = match resume {
+        Some(p) => {
+            let (_, man) = read_manifest(p).ctx("--resume")?;
+            (man.config.clone(), Some(man))
+        }
+        None => (cfg.clone(), None),
+    };
+    if let Some(p) = resume {
+        if p.is_dir() {
+            cfg.out = p.to_path_buf();
+        }
+    }
+    let (lc, mut sc) = cfg.validate()?;
+    let (dev, note) = device::resolve(cfg.device.parse::<DeviceChoice>()?)?;
+    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+    let toml_text = toml::to_string(&cfg).map_err(|e| Error::Other(format!("config: {e}")))?;
+    checkpoint::write_bytes_atomic(&cfg.out.join("config.toml"), toml_text.as_bytes())?;
+
+    let mut m = Lewel::new(lc, cfg.seed);
+    let mut start_epoch = 0;
+    if let Some(man) = &man {
+        let dir = &cfg.out;
+        let state = checkpoint::read_file(&dir.join(&man.weights))?;
+        checkpoint::load_store(&mut m.g.store, &state, &man.weights)?;
+        checkpoint::load_store(&mut m.tg.store, &state, &man.weights)?;
+        let opt = checkpoint::read_file(&dir.join(&man.optimizer))?;
+        for e in m.g.store.table.entries.clone() {
+            let o = opt
+                .get(&format!("momentum.{}", e.name))
+                .and_then(|o| o.to_f32())
+                .ok_or_else(|| {
+                    Error::user(format!("{}: no momentum for {}", man.optimizer, e.name))
+                })?;
+            let r = e.range();
+            m.momentum[r].copy_from_slice(&checkpoint::from_torch(e.shape, &o));
+        }
+        start_epoch = man.epoch;
+    }
+
+    let data = Synthetic::new(cfg.seed, SOURCE_SIZE, cfg.train_len, cfg.val_len);
+    let iters = cfg.train_len / cfg.batch_size;
+    let total = iters * cfg.epochs;
+    let tty = std::io::stderr().is_terminal();
+    let jsonl = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.out.join("metrics.jsonl"))
+        .map_err(|e| Error::io(cfg.out.join("metrics.jsonl"), e))?;
+    let mut log = Log { jsonl, bar: None };
+    if let Some(n) = note {
+        log.line(&format!("warning: {n}"));
+    }
+    log.line(&format!(
+        "lewel pretrain | {} {} | {} params | device {dev:?} ({} CPU threads) | synthetic {} train / {} val, {}px | batch {} | {} epochs x {iters} iters | lr {} wd {} m0 {} | out {}",
+        cfg.method,
+        lc.arch.name(),
+        m.g.store.num_params(),
+        rayon::current_num_threads(),
+        cfg.train_len,
+        cfg.val_len,
+        cfg.image_size,
+        cfg.batch_size,
+        cfg.epochs,
+        cfg.lr,
+        cfg.wd,
+        cfg.enc_m,
+        cfg.out.display()
+    ));
+    let (knn_init, mut first_loss) = match &man {
+        Some(man) => {
+            log.line(&format!(
+                "resumed from {} at epoch {}",
+                cfg.out.join(&man.weights).display(),
+                man.epoch
+            ));
+            (man.knn_init, man.first_loss)
+        }
+        None => {
+            let acc = knn_monitor(&mut m, &data, &cfg);
+            log.line(&format!("knn | epoch 0 | acc {acc:.2}%"));
+            log.json(serde_json::json!({"epoch": 0, "knn_acc": acc}))?;
+            (acc, f64::NAN)
+        }
+    };
+    let mut knn_last = man.as_ref().map_or(knn_init, |m| m.knn_last);
+    let mut last_loss = f64::NAN;
+    if tty {
+        let bar =
+            indicatif::ProgressBar::new(total as u64).with_position((start_epoch * iters) as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        log.bar = Some(bar);
+    }
+    let shape = Shape::new(&[cfg.batch_size, cfg.image_size, cfg.image_size, 3]);
+    let mut epochs_done = start_epoch;
+    for epoch in start_epoch..cfg.epochs {
+        // DistributedSampler-style per-epoch shuffle from the seed (one rank), drop_last.
+        let mut order: Vec<usize> = (0..cfg.train_len).collect();
+        let mut r = Rng::keyed(&[cfg.seed, 0x5a3, epoch as u64]);
+        for i in (1..order.len()).rev() {
+            order.swap(i, r.below(i as u64 + 1) as usize);
+        }
+        let mut loss_sum = 0.0;
+        for i in 0..iters {
+            let ts = Instant::now();
+            let k = epoch * iters + i;
+            sc.lars.lr = optim::lr_at(cfg.lr, epoch, i, iters, cfg.warmup_epochs, cfg.epochs);
+            sc.ema_m = optim::ema_momentum(cfg.enc_m, k, total);
+            let idx = &order[i * cfg.batch_size..][..cfg.batch_size];
+            let (v1, v2) = views_batch(&data, cfg.seed, epoch, idx, cfg.image_size);
+            let loss = m.forward_backward(&v1, &v2, shape, &sc) as f64;
+            if !loss.is_finite() {
+                return Err(Error::Other(format!(
+                    "the loss became {loss} at step {k}: lower --lr"
+                )));
+            }
+            m.update(&sc);
+            if first_loss.is_nan() {
+                first_loss = loss;
+            }
+            last_loss = loss;
+            loss_sum += loss;
+            let ms = ts.elapsed().as_secs_f64() * 1e3;
+            let ips = cfg.batch_size as f64 / (ms / 1e3);
+            log.json(serde_json::json!({"step": k + 1, "epoch": epoch + 1, "loss": loss, "lr": sc.lars.lr, "ema_m": sc.ema_m, "ms": ms, "img_per_s": ips}))?;
+            if (k + 1) % cfg.log_every == 0 || i + 1 == iters {
+                log.line(&format!("step {}/{total} | loss {loss:.4} | lr {:.4} | m {:.5} | {ms:.0} ms | {ips:.0} img/s", k + 1, sc.lars.lr, sc.ema_m));
+            }
+            if let Some(b) = &log.bar {
+                b.set_message(format!("loss {loss:.4}"));
+                b.inc(1);
+            }
+        }
+        knn_last = knn_monitor(&mut m, &data, &cfg);
+        log.line(&format!(
+            "knn | epoch {} | acc {knn_last:.2}% | mean loss {:.4}",
+            epoch + 1,
+            loss_sum / iters as f64
+        ));
+        log.json(serde_json::json!({"epoch": epoch + 1, "knn_acc": knn_last, "mean_loss": loss_sum / iters as f64}))?;
+        epochs_done = epoch + 1;
+        let mut mf = Manifest {
+            epoch: epochs_done,
+            step: epochs_done * iters,
+            weights: String::new(),
+            weights_crc32: 0,
+            optimizer: String::new(),
+            optimizer_crc32: 0,
+            knn_init,
+            knn_last,
+            first_loss,
+            rng: "none saved: every draw is a pure function of (seed, epoch, sample, view)".into(),
+            config: cfg.clone(),
+        };
+        save(&m, &cfg.out, &mut mf)?;
+        if stop_after == Some(epochs_done) {
+            break;
+        }
+    }
+    if let Some(b) = &log.bar {
+        b.finish_and_clear();
+    }
+    Ok(Summary {
+        knn_init,
+        knn_final: knn_last,
+        first_loss,
+        last_loss,
+        epochs_done,
+        steps: epochs_done * iters,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// `lewel export`: the online backbone in torchvision names (f32, OIHW, num_batches_tracked as i64).
+pub fn export(checkpoint_path: &Path, out: &Path) -> Result<usize> {
+    let weights =
+        if checkpoint_path.is_dir() || checkpoint_path.extension().is_some_and(|e| e == "json") {
+            let (dir, man) = read_manifest(checkpoint_path)?;
+            dir.join(man.weights)
+        } else {
+            checkpoint_path.to_path_buf()
+        };
+    let t = checkpoint::read_file(&weights)?;
+    let prefix = "online_net.backbone.";
+    let bb: Tensors = t
+        .into_iter()
+        .filter_map(|(n, o)| n.strip_prefix(prefix).map(|s| (s.to_string(), o)))
+        .collect();
+    if !bb.contains_key("conv1.weight") {
+        return Err(Error::user(format!(
+            "{}: no {prefix}conv1.weight: not a LEWEL checkpoint",
+            weights.display()
+        )));
+    }
+    checkpoint::write_file_atomic(out, &bb, None)?;
+    Ok(bb.len())
+}
