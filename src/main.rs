@@ -19,6 +19,8 @@ struct Cli {
     cmd: Option<Cmd>,
 }
 
+// Parsed once at start-up: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// LEWEL pretraining. With no arguments: the built-in synthetic dataset, the tiny model (ResNet-50
