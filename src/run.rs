@@ -102,11 +102,10 @@ impl PretrainConfig {
     pub fn from_toml(path: &Path) -> Result<PretrainConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         toml::from_str(&text).map_err(|e| {
-            Error::user(format!(
-                "{}: {}",
-                path.display(),
-                e.to_string().lines().next().unwrap_or("")
-            ))
+            let line = e
+                .span()
+                .map_or(0, |s| text[..s.start].matches('\n').count() + 1);
+            Error::user(format!("{} line {line}: {}", path.display(), e.message()))
         })
     }
 
@@ -602,4 +601,151 @@ pub fn export(checkpoint_path: &Path, out: &Path) -> Result<usize> {
     }
     checkpoint::write_file_atomic(out, &bb, None)?;
     Ok(bb.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small(out: PathBuf) -> PretrainConfig {
+        PretrainConfig {
+            epochs: 2,
+            warmup_epochs: 1,
+            batch_size: 16,
+            train_len: 64,
+            val_len: 40,
+            image_size: 32,
+            log_every: 1000,
+            device: "cpu".into(),
+            out,
+            ..Default::default()
+        }
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("lewel-run-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn losses(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!("{} {} {} {}", v["step"], v["loss"], v["knn_acc"], v["lr"])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn resume_after_an_interruption_is_exact() {
+        let (a, b) = (tmp("full"), tmp("split"));
+        let full = pretrain(&small(a.clone()), None, None).unwrap();
+        let first = pretrain(&small(b.clone()), None, Some(1)).unwrap();
+        assert_eq!(first.epochs_done, 1);
+        assert!(b.join("checkpoint_0001.safetensors").exists());
+        let resumed = pretrain(&PretrainConfig::default(), Some(&b), None).unwrap();
+        assert_eq!(
+            (
+                resumed.knn_final,
+                resumed.last_loss.to_bits(),
+                resumed.epochs_done
+            ),
+            (full.knn_final, full.last_loss.to_bits(), 2)
+        );
+        let wa = std::fs::read(a.join("checkpoint_0002.safetensors")).unwrap();
+        let wb = std::fs::read(b.join("checkpoint_0002.safetensors")).unwrap();
+        assert!(
+            wa == wb,
+            "weights after resume differ from the uninterrupted run"
+        );
+        assert_eq!(losses(&a), losses(&b));
+        // the manifest names the newest files; the CRC catches a damaged file
+        let (_, man) = read_manifest(&b).unwrap();
+        assert_eq!((man.epoch, man.step), (2, 8));
+        let mut bytes = wb.clone();
+        let n = bytes.len();
+        bytes[n - 1] ^= 1;
+        std::fs::write(b.join("checkpoint_0002.safetensors"), bytes).unwrap();
+        let e = read_manifest(&b).unwrap_err();
+        assert!(e.to_string().contains("the file is damaged"), "{e}");
+        // export writes torchvision names
+        let ex = a.join("backbone.safetensors");
+        let n = export(&a, &ex).unwrap();
+        let t = checkpoint::read_file(&ex).unwrap();
+        assert_eq!(t.len(), n);
+        assert_eq!(t["conv1.weight"].shape, vec![8, 3, 7, 7]);
+        assert_eq!(
+            t["layer1.0.bn1.num_batches_tracked"].dtype,
+            safetensors::Dtype::I64
+        );
+        assert!(!t.keys().any(|k| k.starts_with("fc.") || k.contains("neck")));
+        std::fs::remove_dir_all(&a).unwrap();
+        std::fs::remove_dir_all(&b).unwrap();
+    }
+
+    #[test]
+    fn bad_config_is_one_clear_line() {
+        let d = tmp("bad");
+        std::fs::create_dir_all(&d).unwrap();
+        let f = d.join("c.toml");
+        std::fs::write(&f, "batch_size = 64\nlearning_rate = 3\n").unwrap();
+        let e = PretrainConfig::from_toml(&f).unwrap_err();
+        assert!(
+            e.to_string().contains("c.toml") && e.to_string().contains("learning_rate"),
+            "{e}"
+        );
+        let cases: [(&str, PretrainConfig); 5] = [
+            (
+                "--lr",
+                PretrainConfig {
+                    lr: -1.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "--method",
+                PretrainConfig {
+                    method: "byol".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--lewel-num-heads",
+                PretrainConfig {
+                    lewel_num_heads: 3,
+                    ..Default::default()
+                },
+            ),
+            (
+                "--arch",
+                PretrainConfig {
+                    arch: "vit".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--bn-group",
+                PretrainConfig {
+                    bn_group: 5,
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (flag, c) in cases {
+            let e = c.validate().unwrap_err();
+            assert!(
+                e.to_string().starts_with(flag) && e.exit_code() == 2,
+                "{flag}: {e}"
+            );
+        }
+        let e = pretrain(&PretrainConfig::default(), Some(&d.join("nothing")), None).unwrap_err();
+        assert!(
+            e.to_string().contains("--resume") && e.exit_code() == 2,
+            "{e}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }
