@@ -1,8 +1,10 @@
 //! A simple two-view augmentation for the synthetic dataset (the exact LEWEL pipeline of
 //! LEWEL_SPEC 5 comes with the data issue): random resized crop (scale 0.3-1, aspect 3/4-4/3,
-//! bilinear), horizontal flip, color jitter (brightness 0.4, contrast 0.4, saturation 0.2) applied
-//! with probability 0.8, grayscale with probability 0.2, then ImageNet normalization. Every draw is a
-//! pure function of (seed, epoch, sample, view).
+//! bilinear), horizontal flip, color jitter (brightness 0.4, contrast 0.4, saturation 0.2, and a hue
+//! rotation by any angle) applied with probability 0.8, grayscale with probability 0.2, then ImageNet
+//! normalization. The hue range is wider than LEWEL's 0.1: the synthetic classes are shapes drawn in
+//! uniformly random colors, and two views that keep their colors can be matched by color alone.
+//! Every draw is a pure function of (seed, epoch, sample, view).
 
 use super::{MEAN, STD};
 use crate::rng::Rng;
@@ -33,6 +35,7 @@ pub fn view(img: &[f32], s: usize, out: usize, r: &mut Rng) -> Vec<f32> {
         let b = r.range(0.6, 1.4) as f32;
         let c = r.range(0.6, 1.4) as f32;
         let sat = r.range(0.8, 1.2) as f32;
+        let (sin, cos) = (r.range(-std::f64::consts::PI, std::f64::consts::PI) as f32).sin_cos();
         let mean = v.chunks(3).map(luma).sum::<f32>() / (out * out) as f32;
         for px in v.chunks_mut(3) {
             for q in px.iter_mut() {
@@ -42,6 +45,7 @@ pub fn view(img: &[f32], s: usize, out: usize, r: &mut Rng) -> Vec<f32> {
             for q in px.iter_mut() {
                 *q = (l + (*q - l) * sat).clamp(0.0, 1.0);
             }
+            rotate_hue(px, sin, cos);
         }
     }
     if r.uniform() < 0.2 {
@@ -52,6 +56,18 @@ pub fn view(img: &[f32], s: usize, out: usize, r: &mut Rng) -> Vec<f32> {
     }
     normalize(&mut v);
     v
+}
+
+/// Rotates the chroma of one RGB pixel by an angle in YIQ space (the luma stays), clamped to [0, 1].
+fn rotate_hue(px: &mut [f32], sin: f32, cos: f32) {
+    let (r, g, b) = (px[0], px[1], px[2]);
+    let y = 0.299 * r + 0.587 * g + 0.114 * b;
+    let i = 0.596 * r - 0.274 * g - 0.322 * b;
+    let q = 0.211 * r - 0.523 * g + 0.312 * b;
+    let (i, q) = (i * cos - q * sin, i * sin + q * cos);
+    px[0] = (y + 0.956 * i + 0.621 * q).clamp(0.0, 1.0);
+    px[1] = (y - 0.272 * i - 0.647 * q).clamp(0.0, 1.0);
+    px[2] = (y - 1.106 * i + 1.703 * q).clamp(0.0, 1.0);
 }
 
 fn normalize(v: &mut [f32]) {
@@ -112,5 +128,18 @@ mod tests {
         assert_ne!(a, c);
         assert_eq!(a.len(), 32 * 32 * 3);
         assert!(a.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn hue_rotation_keeps_gray_and_round_trips() {
+        let mut g = [0.4f32, 0.4, 0.4];
+        rotate_hue(&mut g, 0.8f32.sin(), 0.8f32.cos());
+        assert!(g.iter().all(|v| (v - 0.4).abs() < 1e-3), "{g:?}");
+        let mut p = [0.6f32, 0.3, 0.2];
+        rotate_hue(&mut p, 0.0, 1.0);
+        assert!(
+            (p[0] - 0.6).abs() < 2e-3 && (p[1] - 0.3).abs() < 2e-3 && (p[2] - 0.2).abs() < 2e-3,
+            "{p:?}"
+        );
     }
 }
