@@ -28,6 +28,8 @@ enum Cmd {
     Pretrain(PretrainArgs),
     /// Write the online backbone of a checkpoint in torchvision names.
     Export(ExportArgs),
+    /// Pooled backbone features (eval mode) of images, from a checkpoint or an exported backbone.
+    Embed(EmbedArgs),
     /// Exactly one LEWEL training iteration from a given state and views (the parity hook).
     Step(StepArgs),
     /// Print the GPU, the driver and the CUDA libraries found, or why not.
@@ -265,6 +267,19 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
 }
 
 #[derive(clap::Args)]
+struct EmbedArgs {
+    /// A run folder, its checkpoint.json, a LEWEL state or an exported backbone (.safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `images`: float32 NCHW (N, 3, H, W), already normalized.
+    #[arg(long)]
+    images: PathBuf,
+    /// Output: `features`, float32 (N, C).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct ExportArgs {
     /// A run folder, its checkpoint.json, or a checkpoint .safetensors.
     #[arg(long)]
@@ -284,6 +299,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Some(Cmd::Pretrain(a)) => pretrain(a),
         Some(Cmd::Step(a)) => step(a),
+        Some(Cmd::Embed(a)) => {
+            let (n, c) = run::embed(&a.checkpoint, &a.images, &a.out)?;
+            println!("wrote {} ({n} x {c} features)", a.out.display());
+            Ok(())
+        }
         Some(Cmd::Info) => {
             print!("{}", device::probe().report());
             Ok(())

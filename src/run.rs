@@ -578,15 +578,19 @@ pub fn pretrain(
     })
 }
 
+/// The weights file behind a run folder, a manifest, or a state file given directly.
+fn weights_file(checkpoint_path: &Path) -> Result<PathBuf> {
+    if checkpoint_path.is_dir() || checkpoint_path.extension().is_some_and(|e| e == "json") {
+        let (dir, man) = read_manifest(checkpoint_path)?;
+        Ok(dir.join(man.weights))
+    } else {
+        Ok(checkpoint_path.to_path_buf())
+    }
+}
+
 /// `lewel export`: the online backbone in torchvision names (f32, OIHW, num_batches_tracked as i64).
 pub fn export(checkpoint_path: &Path, out: &Path) -> Result<usize> {
-    let weights =
-        if checkpoint_path.is_dir() || checkpoint_path.extension().is_some_and(|e| e == "json") {
-            let (dir, man) = read_manifest(checkpoint_path)?;
-            dir.join(man.weights)
-        } else {
-            checkpoint_path.to_path_buf()
-        };
+    let weights = weights_file(checkpoint_path)?;
     let t = checkpoint::read_file(&weights)?;
     let prefix = "online_net.backbone.";
     let bb: Tensors = t
@@ -601,6 +605,67 @@ pub fn export(checkpoint_path: &Path, out: &Path) -> Result<usize> {
     }
     checkpoint::write_file_atomic(out, &bb, None)?;
     Ok(bb.len())
+}
+
+/// `lewel embed`: pooled backbone features (eval-mode BN, not normalized) of `images` (float32 NCHW,
+/// normalized) from a LEWEL state (its online backbone), a run folder, or an exported backbone.
+pub fn embed(checkpoint_path: &Path, images: &Path, out: &Path) -> Result<(usize, usize)> {
+    let weights = weights_file(checkpoint_path)?;
+    let what = weights.display().to_string();
+    let t = checkpoint::read_file(&weights)?;
+    let prefix = if t.contains_key("online_net.backbone.conv1.weight") {
+        "online_net.backbone."
+    } else {
+        ""
+    };
+    let arch = Arch::infer(&t, prefix, &what)?;
+    let mut s = crate::memory::ParamStore::new();
+    let net = crate::model::resnet::ResNet::build(&mut s, prefix, arch, &mut Rng::new(0));
+    checkpoint::load_store(&mut s, &t, &what)?;
+    let it = checkpoint::read_file(images)?;
+    let im = it
+        .get("images")
+        .ok_or_else(|| Error::user(format!("{}: no tensor 'images'", images.display())))?;
+    let v = im.to_f32().ok_or_else(|| {
+        Error::user(format!(
+            "{}: images is {:?}, expected F32",
+            images.display(),
+            im.dtype
+        ))
+    })?;
+    if im.shape.len() != 4 || im.shape[1] != 3 || im.shape[2] < 32 || im.shape[3] < 32 {
+        return Err(Error::user(format!(
+            "{}: images has shape {:?}, expected (N, 3, H >= 32, W >= 32)",
+            images.display(),
+            im.shape
+        )));
+    }
+    let (n, h, w) = (im.shape[0], im.shape[2], im.shape[3]);
+    let c = arch.out_channels();
+    let mut g = crate::autograd::Graph::new(s);
+    g.set_recording(false);
+    let mut feats = Vec::with_capacity(n * c);
+    let img_len = 3 * h * w;
+    for start in (0..n).step_by(64) {
+        let b = (n - start).min(64);
+        let mut x = vec![0.0f32; b * img_len];
+        for i in 0..b {
+            for ch in 0..3 {
+                for p in 0..h * w {
+                    x[(i * h * w + p) * 3 + ch] = v[(start + i) * img_len + ch * h * w + p];
+                }
+            }
+        }
+        g.reset();
+        let x = g.input(Shape::new(&[b, h, w, 3]), &x);
+        let f = net.forward(&mut g, x, crate::autograd::BnMode::Eval);
+        let p = g.avgpool(f);
+        feats.extend_from_slice(g.value(p));
+    }
+    let mut o = Tensors::new();
+    o.insert("features".into(), Owned::f32(vec![n, c], &feats));
+    checkpoint::write_file_atomic(out, &o, None)?;
+    Ok((n, c))
 }
 
 #[cfg(test)]
@@ -682,6 +747,26 @@ mod tests {
             safetensors::Dtype::I64
         );
         assert!(!t.keys().any(|k| k.starts_with("fc.") || k.contains("neck")));
+        // embed: the run folder and the exported backbone give the same features
+        let mut r = Rng::new(9);
+        let imgs: Vec<f32> = (0..3 * 3 * 40 * 40).map(|_| r.normal() as f32).collect();
+        let mut it = Tensors::new();
+        it.insert("images".into(), Owned::f32(vec![3, 3, 40, 40], &imgs));
+        let ip = a.join("images.safetensors");
+        checkpoint::write_file_atomic(&ip, &it, None).unwrap();
+        let (f1, f2) = (a.join("f1.safetensors"), a.join("f2.safetensors"));
+        assert_eq!(embed(&a, &ip, &f1).unwrap(), (3, 256));
+        embed(&ex, &ip, &f2).unwrap();
+        let (v1, v2) = (
+            checkpoint::read_file(&f1).unwrap(),
+            checkpoint::read_file(&f2).unwrap(),
+        );
+        assert_eq!(v1["features"], v2["features"]);
+        assert!(v1["features"]
+            .to_f32()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite() && *v >= 0.0));
         std::fs::remove_dir_all(&a).unwrap();
         std::fs::remove_dir_all(&b).unwrap();
     }

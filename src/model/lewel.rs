@@ -57,19 +57,11 @@ impl LewelConfig {
                 crate::Error::user(format!("{what}: no tensor {n}: not a LEWEL state"))
             })
         };
-        let stem = shape("online_net.backbone.conv1.weight")?;
-        if stem.len() != 4 || stem[0] == 0 || 64 % stem[0] != 0 {
-            return Err(crate::Error::user(format!("{what}: online_net.backbone.conv1.weight has shape {stem:?}, expected [64/k, 3, 7, 7]")));
-        }
-        let depth = if t.contains_key("online_net.backbone.layer1.0.conv3.weight") {
-            50
-        } else {
-            18
-        };
-        let arch = Arch {
-            depth,
-            div: 64 / stem[0],
-        };
+        let arch = Arch::infer(t, "online_net.backbone.", what).map_err(|_| {
+            crate::Error::user(format!(
+                "{what}: no usable online_net.backbone.conv1.weight: not a LEWEL state"
+            ))
+        })?;
         let hid = shape("online_net.neck.proj.mlp.0.weight")?[0];
         let dim = shape("online_net.neck.proj.mlp.3.weight")?[0];
         let c = LewelConfig {

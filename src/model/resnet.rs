@@ -42,6 +42,29 @@ impl Arch {
         let (_, bottleneck) = self.layout();
         512 / self.div * if bottleneck { 4 } else { 1 }
     }
+    /// Reads the topology off a state's names and shapes under `prefix` (e.g. "online_net.backbone."):
+    /// depth from the bottleneck's conv3, width from conv1. `what` names the file in errors.
+    pub fn infer(t: &crate::checkpoint::Tensors, prefix: &str, what: &str) -> crate::Result<Arch> {
+        let name = format!("{prefix}conv1.weight");
+        let stem = t.get(&name).map(|o| &o.shape).ok_or_else(|| {
+            crate::Error::user(format!("{what}: no tensor {name}: not a ResNet state"))
+        })?;
+        if stem.len() != 4 || stem[0] == 0 || 64 % stem[0] != 0 || stem[1] != 3 {
+            return Err(crate::Error::user(format!(
+                "{what}: {name} has shape {stem:?}, expected [64/k, 3, 7, 7]"
+            )));
+        }
+        let depth = if t.contains_key(&format!("{prefix}layer1.0.conv3.weight")) {
+            50
+        } else {
+            18
+        };
+        Ok(Arch {
+            depth,
+            div: 64 / stem[0],
+        })
+    }
+
     pub fn name(self) -> String {
         match (self.depth, self.div) {
             (50, 8) => "tiny".into(),
