@@ -71,6 +71,8 @@ pub struct Lewel {
     online_params: usize,
     online_buffers: usize,
     online_counters: usize,
+    /// LARS exclusion flags per online parameter, for the rule they were computed for.
+    excluded: Option<(ExcludeRule, Vec<bool>)>,
 }
 
 impl Lewel {
@@ -124,6 +126,7 @@ impl Lewel {
             online_params,
             online_buffers,
             online_counters: nc,
+            excluded: None,
         };
         m.copy_online_to_target();
         m
@@ -178,15 +181,20 @@ impl Lewel {
     /// The LARS step over the online parameters, then the EMA of the target.
     pub fn update(&mut self, sc: &StepConfig) {
         let s = &mut self.g.store;
-        let excluded: Vec<bool> = s
-            .table
-            .entries
-            .iter()
-            .map(|e| optim::lars_excluded(&e.name, sc.exclude))
-            .collect();
+        // The exclusion flags depend only on the names and the rule: computed once per rule.
+        if self.excluded.as_ref().is_none_or(|(r, _)| *r != sc.exclude) {
+            let flags = s
+                .table
+                .entries
+                .iter()
+                .map(|e| optim::lars_excluded(&e.name, sc.exclude))
+                .collect();
+            self.excluded = Some((sc.exclude, flags));
+        }
+        let excluded = &self.excluded.as_ref().unwrap().1;
         optim::lars_step(
             &s.table,
-            &excluded,
+            excluded,
             &mut s.params,
             &s.grads,
             &mut self.momentum,
