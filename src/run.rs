@@ -652,14 +652,7 @@ pub fn embed(checkpoint_path: &Path, images: &Path, out: &Path) -> Result<(usize
     let img_len = 3 * h * w;
     for start in (0..n).step_by(64) {
         let b = (n - start).min(64);
-        let mut x = vec![0.0f32; b * img_len];
-        for i in 0..b {
-            for ch in 0..3 {
-                for p in 0..h * w {
-                    x[(i * h * w + p) * 3 + ch] = v[(start + i) * img_len + ch * h * w + p];
-                }
-            }
-        }
+        let x = crate::train::nchw_to_nhwc(&v[start * img_len..][..b * img_len], b, 3, h, w);
         g.reset();
         let x = g.input(Shape::new(&[b, h, w, 3]), &x);
         let f = net.forward(&mut g, x, crate::autograd::BnMode::Eval);

@@ -218,8 +218,8 @@ impl Lewel {
 // ----------------------------------------------------------------------------
 // `lewel step`: one iteration from files
 
-/// NCHW (B, 3, H, W) -> NHWC.
-fn nchw_to_nhwc(v: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+/// NCHW (B, C, H, W) -> NHWC.
+pub fn nchw_to_nhwc(v: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
     let mut out = vec![0.0; v.len()];
     for n in 0..b {
         for ch in 0..c {
