@@ -106,17 +106,7 @@ fn step(a: StepArgs) -> Result<()> {
             a.ema_m
         )));
     }
-    let exclude = match a.lars_exclude.as_str() {
-        "current" => ExcludeRule::Current {
-            eman: method == Method::LewelBEman,
-        },
-        "released-log" => ExcludeRule::ReleasedLog,
-        s => {
-            return Err(Error::user(format!(
-                "--lars-exclude: expected current or released-log, got '{s}'"
-            )))
-        }
-    };
+    let exclude = ExcludeRule::from_flag(&a.lars_exclude, method == Method::LewelBEman)?;
     if a.bn_group == Some(0) {
         return Err(Error::user("--bn-group: must be at least 1"));
     }

@@ -21,6 +21,20 @@ pub enum ExcludeRule {
     ReleasedLog,
 }
 
+impl ExcludeRule {
+    /// The `--lars-exclude` flag: `current` (the official code, whose 'mlp.1' rule applies to EMAN
+    /// only) or `released-log`.
+    pub fn from_flag(flag: &str, eman: bool) -> crate::Result<ExcludeRule> {
+        match flag {
+            "current" => Ok(ExcludeRule::Current { eman }),
+            "released-log" => Ok(ExcludeRule::ReleasedLog),
+            s => Err(crate::Error::user(format!(
+                "--lars-exclude: expected current or released-log, got '{s}'"
+            ))),
+        }
+    }
+}
+
 /// True when `name` goes to the excluded group (wd 0, no trust ratio).
 pub fn lars_excluded(name: &str, rule: ExcludeRule) -> bool {
     let base = name.contains("bn") || name.contains("downsample.1") || name.contains("bias");
@@ -180,6 +194,15 @@ mod tests {
         assert!(lars_excluded(g, cur));
         assert!(!lars_excluded(g, plain));
         assert!(!lars_excluded(g, ExcludeRule::ReleasedLog));
+        assert_eq!(ExcludeRule::from_flag("current", true).unwrap(), cur);
+        assert_eq!(
+            ExcludeRule::from_flag("released-log", true).unwrap(),
+            ExcludeRule::ReleasedLog
+        );
+        assert_eq!(
+            ExcludeRule::from_flag("old", true).unwrap_err().exit_code(),
+            2
+        );
         for n in [
             "online_net.backbone.conv1.weight",
             "online_net.backbone.layer1.0.downsample.0.weight",

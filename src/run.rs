@@ -170,18 +170,7 @@ impl PretrainConfig {
                 "the kNN monitor needs k >= 1 and a validation split".into(),
             );
         }
-        let exclude = match self.lars_exclude.as_str() {
-            "current" => ExcludeRule::Current {
-                eman: method == Method::LewelBEman,
-            },
-            "released-log" => ExcludeRule::ReleasedLog,
-            s => {
-                return bad(
-                    "lars-exclude",
-                    format!("expected current or released-log, got '{s}'"),
-                )
-            }
-        };
+        let exclude = ExcludeRule::from_flag(&self.lars_exclude, method == Method::LewelBEman)?;
         let lc = LewelConfig::new(
             arch,
             self.lewel_num_heads,
@@ -405,18 +394,20 @@ pub fn pretrain(
     stop_after: Option<usize>,
 ) -> Result<Summary> {
     let t0 = Instant::now();
-    let (mut cfg, man) = match resume {
+    let (cfg, man) = match resume {
+        // The run continues in the folder that holds the manifest, wherever its config says it was.
         Some(p) => {
-            let (_, man) = read_manifest(p).ctx("--resume")?;
-            (man.config.clone(), Some(man))
+            let (dir, man) = read_manifest(p).ctx("--resume")?;
+            (
+                PretrainConfig {
+                    out: dir,
+                    ..man.config.clone()
+                },
+                Some(man),
+            )
         }
         None => (cfg.clone(), None),
     };
-    if let Some(p) = resume {
-        if p.is_dir() {
-            cfg.out = p.to_path_buf();
-        }
-    }
     let (lc, mut sc) = cfg.validate()?;
     let (dev, note) = device::resolve(cfg.device.parse::<DeviceChoice>()?)?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
@@ -779,7 +770,7 @@ mod tests {
             e.to_string().contains("c.toml") && e.to_string().contains("learning_rate"),
             "{e}"
         );
-        let cases: [(&str, PretrainConfig); 5] = [
+        let cases: [(&str, PretrainConfig); 6] = [
             (
                 "--lr",
                 PretrainConfig {
@@ -812,6 +803,13 @@ mod tests {
                 "--bn-group",
                 PretrainConfig {
                     bn_group: 5,
+                    ..Default::default()
+                },
+            ),
+            (
+                "--lars-exclude",
+                PretrainConfig {
+                    lars_exclude: "old".into(),
                     ..Default::default()
                 },
             ),
