@@ -87,7 +87,15 @@ pub fn probe() -> GpuProbe {
     };
     p.libraries.push(("NVRTC", nvrtc));
     let cublas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
-        Ok("found".to_string())
+        use cudarc::cublas::sys::{cublasGetProperty, libraryPropertyType_t as P};
+        let mut v = [0i32; 3];
+        for (i, t) in [P::MAJOR_VERSION, P::MINOR_VERSION, P::PATCH_LEVEL]
+            .into_iter()
+            .enumerate()
+        {
+            unsafe { cublasGetProperty(t, &mut v[i]) };
+        }
+        Ok(format!("{}.{}.{}", v[0], v[1], v[2]))
     } else {
         Err(format!("libcublas.so not found: {HINT}"))
     };

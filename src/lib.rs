@@ -27,5 +27,6 @@ pub use error::{Context, Error, Result};
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod gpu;
 pub mod model;
 pub mod train;

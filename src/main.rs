@@ -34,6 +34,18 @@ enum Cmd {
     Step(StepArgs),
     /// Print the GPU, the driver and the CUDA libraries found, or why not.
     Info,
+    /// Every GPU op, forward and backward, against the CPU reference (f32 and bf16); a table.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -199,6 +211,12 @@ struct PretrainArgs {
     /// Images in the synthetic validation split (kNN queries).
     #[arg(long)]
     val_len: Option<usize>,
+    /// Neighbours of the kNN monitor.
+    #[arg(long)]
+    knn_k: Option<usize>,
+    /// Memory images of the kNN monitor (the first of the training split); 0: all of it.
+    #[arg(long)]
+    knn_memory: Option<usize>,
     #[arg(long)]
     log_every: Option<usize>,
     /// The run folder: config.toml, metrics.jsonl, checkpoints.
@@ -235,6 +253,8 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         image_size,
         train_len,
         val_len,
+        knn_k,
+        knn_memory,
         log_every,
         out
     );
@@ -298,7 +318,37 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", device::probe().report());
             Ok(())
         }
+        Some(Cmd::Check(a)) => check(a),
     }
+}
+
+fn check(a: CheckArgs) -> Result<()> {
+    let ordinal = match a.device.parse::<device::DeviceChoice>()? {
+        device::DeviceChoice::Cuda(n) => n,
+        _ => return Err(Error::user("--device: lewel check needs cuda or cuda:N")),
+    };
+    let g = lewel::gpu::Gpu::new(ordinal, true).map_err(|e| match e {
+        Error::Cuda(m) => Error::user(m),
+        e => e,
+    })?;
+    println!(
+        "lewel check | {} (sm_{}{}) | cuda:{}",
+        g.name, g.cc.0, g.cc.1, g.ordinal
+    );
+    let t = std::time::Instant::now();
+    let rows = lewel::gpu::check::run_ops(&g, a.seed)?;
+    print!("{}", lewel::gpu::check::table(&rows));
+    let failed = rows.iter().filter(|r| !r.pass()).count();
+    println!(
+        "{} checks, {failed} failed, {:.1} s. Not built yet: the whole LEWEL step GPU against CPU and \
+         the bitwise --deterministic rerun (they need the GPU graph).",
+        rows.len(),
+        t.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        return Err(Error::Other(format!("lewel check: {failed} checks failed")));
+    }
+    Ok(())
 }
 
 fn main() {

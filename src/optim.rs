@@ -132,6 +132,127 @@ pub fn ema_update(target: &mut [f32], online: &[f32], m: f64) {
     }
 }
 
+// ---- CUDA launchers (kernels/optim.cu)
+
+/// Elements per chunk of the flat buffers (a chunk never crosses a tensor).
+const GPU_CHUNK: usize = 16_384;
+
+/// LARS over flat device buffers: the chunk table and scratch, built once from the size table.
+pub struct GpuLars {
+    chunks: usize,
+    tensors: i32,
+    chunk_tensor: cudarc::driver::CudaSlice<i32>,
+    chunk_len: cudarc::driver::CudaSlice<i32>,
+    chunk_start: cudarc::driver::CudaSlice<u64>,
+    tensor_first: cudarc::driver::CudaSlice<i32>,
+    tensor_chunks: cudarc::driver::CudaSlice<i32>,
+    excluded: cudarc::driver::CudaSlice<u8>,
+    partial: cudarc::driver::CudaSlice<f32>,
+    scale: cudarc::driver::CudaSlice<f64>,
+    wdv: cudarc::driver::CudaSlice<f64>,
+}
+
+impl GpuLars {
+    pub fn new(
+        g: &crate::gpu::Gpu,
+        table: &SizeTable,
+        excluded: &[bool],
+    ) -> crate::Result<GpuLars> {
+        assert_eq!(
+            excluded.len(),
+            table.entries.len(),
+            "GpuLars: exclusion flags vs table"
+        );
+        let (mut ct, mut cl, mut cs, mut tf, mut tc) = (vec![], vec![], vec![], vec![], vec![]);
+        for (t, e) in table.entries.iter().enumerate() {
+            let r = e.range();
+            tf.push(ct.len() as i32);
+            let mut s = r.start;
+            while s < r.end {
+                let n = GPU_CHUNK.min(r.end - s);
+                ct.push(t as i32);
+                cl.push(n as i32);
+                cs.push(s as u64);
+                s += n;
+            }
+            tc.push(ct.len() as i32 - tf[t]);
+        }
+        let up = |e| g.err("uploading the LARS table", e);
+        let st = &g.stream;
+        let ex: Vec<u8> = excluded.iter().map(|&x| x as u8).collect();
+        Ok(GpuLars {
+            chunks: ct.len(),
+            tensors: tf.len() as i32,
+            chunk_tensor: st.clone_htod(&ct).map_err(up)?,
+            chunk_len: st.clone_htod(&cl).map_err(up)?,
+            chunk_start: st.clone_htod(&cs).map_err(up)?,
+            tensor_first: st.clone_htod(&tf).map_err(up)?,
+            tensor_chunks: st.clone_htod(&tc).map_err(up)?,
+            excluded: st.clone_htod(&ex).map_err(up)?,
+            partial: g.zeros(2 * ct.len())?,
+            scale: st.alloc_zeros(tf.len().max(1)).map_err(up)?,
+            wdv: st.alloc_zeros(tf.len().max(1)).map_err(up)?,
+        })
+    }
+
+    /// One LARS step, as [`lars_step`]: three launches over the flat buffers.
+    pub fn step(
+        &mut self,
+        g: &crate::gpu::Gpu,
+        params: &mut cudarc::driver::CudaSlice<f32>,
+        grads: &cudarc::driver::CudaSlice<f32>,
+        buf: &mut cudarc::driver::CudaSlice<f32>,
+        c: &LarsConfig,
+    ) -> crate::Result<()> {
+        use crate::gpu::{blocks, grid_1d, run};
+        use cudarc::driver::PushKernelArg;
+        let mut b = g.stream.launch_builder(&g.k.lars_norms);
+        b.arg(&*params)
+            .arg(grads)
+            .arg(&self.chunk_len)
+            .arg(&self.chunk_start);
+        b.arg(&mut self.partial);
+        run(g, b, blocks(self.chunks, 256), "lars_norms")?;
+        let mut b = g.stream.launch_builder(&g.k.lars_trust);
+        b.arg(&self.partial)
+            .arg(&self.tensor_first)
+            .arg(&self.tensor_chunks);
+        b.arg(&self.excluded)
+            .arg(&self.tensors)
+            .arg(&c.lr)
+            .arg(&c.weight_decay)
+            .arg(&c.eta);
+        b.arg(&mut self.scale).arg(&mut self.wdv);
+        run(g, b, grid_1d(self.tensors as usize), "lars_trust")?;
+        let mut b = g.stream.launch_builder(&g.k.lars_update);
+        b.arg(params)
+            .arg(grads)
+            .arg(buf)
+            .arg(&self.chunk_tensor)
+            .arg(&self.chunk_len);
+        b.arg(&self.chunk_start)
+            .arg(&self.scale)
+            .arg(&self.wdv)
+            .arg(&c.momentum);
+        run(g, b, blocks(self.chunks, 256), "lars_update")
+    }
+}
+
+/// target = m * target + (1 - m) * online over a flat buffer, as [`ema_update`], in one launch.
+pub fn ema_update_cuda(
+    g: &crate::gpu::Gpu,
+    target: &mut cudarc::driver::CudaSlice<f32>,
+    online: &cudarc::driver::CudaSlice<f32>,
+    m: f64,
+) -> crate::Result<()> {
+    use cudarc::driver::PushKernelArg;
+    assert_eq!(target.len(), online.len(), "ema_update_cuda: lengths");
+    let n = target.len() as u64;
+    let mut b = g.stream.launch_builder(&g.k.ema_update);
+    b.arg(target).arg(online).arg(&n).arg(&m);
+    crate::gpu::run(g, b, crate::gpu::grid_1d(n as usize), "ema_update")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,6 +56,9 @@ pub struct PretrainConfig {
     pub train_len: usize,
     pub val_len: usize,
     pub knn_k: usize,
+    /// Memory images of the kNN monitor: the first this many of the training split (labels are
+    /// read only by the monitor); 0: the whole training split.
+    pub knn_memory: usize,
     pub log_every: usize,
     /// Checkpoints kept (the newest ones).
     pub keep: usize,
@@ -88,6 +91,7 @@ impl Default for PretrainConfig {
             train_len: 4000,
             val_len: 1000,
             knn_k: 20,
+            knn_memory: 500,
             log_every: 25,
             keep: 2,
             out: PathBuf::from("runs/lewel"),
@@ -97,9 +101,6 @@ impl Default for PretrainConfig {
 
 /// Side of the rendered synthetic images the views are cropped from.
 const SOURCE_SIZE: usize = 80;
-/// Memory images of the kNN monitor: the first this many of the training split (labels are read only
-/// by the monitor).
-const KNN_MEMORY: usize = 500;
 
 impl PretrainConfig {
     /// Reads a TOML config; unknown keys are errors naming the file.
@@ -295,7 +296,10 @@ fn knn_monitor(m: &mut Lewel, data: &Synthetic, cfg: &PretrainConfig) -> f64 {
         m,
         data,
         Split::Train,
-        KNN_MEMORY.min(data.train_len),
+        match cfg.knn_memory {
+            0 => data.train_len,
+            n => n.min(data.train_len),
+        },
         cfg.image_size,
     );
     let (q, ql) = features(m, data, Split::Val, data.val_len, cfg.image_size);

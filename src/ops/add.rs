@@ -77,6 +77,57 @@ pub fn scale_backward_cpu<T: Real>(dy: &[T], alpha: T, dx: &mut [T]) {
 // ----------------------------------------------------------------------------
 // Tests
 
+// ---- CUDA launchers (kernels/add.cu)
+
+use crate::gpu::{grid_1d, run, Gpu, GpuFloat};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+pub fn forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    a: &CudaSlice<T>,
+    bb: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let n = a.len() as u64;
+    let mut b = g.stream.launch_builder(g.k.add_fwd.get::<T>());
+    b.arg(a).arg(bb).arg(y).arg(&n);
+    run(g, b, grid_1d(n as usize), "add_fwd")
+}
+
+/// dx += dy (the add's backward, once per input).
+pub fn backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    dy: &CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    scale_backward_cuda(g, dy, 1.0, dx)
+}
+
+pub fn scale_forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    x: &CudaSlice<T>,
+    alpha: f32,
+    y: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let n = x.len() as u64;
+    let mut b = g.stream.launch_builder(g.k.scale_fwd.get::<T>());
+    b.arg(x).arg(&alpha).arg(y).arg(&n);
+    run(g, b, grid_1d(n as usize), "scale_fwd")
+}
+
+/// dx += alpha * dy.
+pub fn scale_backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    dy: &CudaSlice<T>,
+    alpha: f32,
+    dx: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let n = dy.len() as u64;
+    let mut b = g.stream.launch_builder(g.k.axpy.get::<T>());
+    b.arg(dy).arg(&alpha).arg(dx).arg(&n);
+    run(g, b, grid_1d(n as usize), "axpy")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -155,6 +155,91 @@ pub fn backward_cpu<T: Real>(
 // ----------------------------------------------------------------------------
 // Tests
 
+// ---- CUDA launchers: one cuBLAS strided-batched GEMM per head, batched over samples.
+
+use crate::gpu::{Gpu, GpuFloat};
+use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::driver::CudaSlice;
+
+fn dims(p: &AggregateParams) -> (usize, usize, usize, usize, usize, usize) {
+    let (b, l, c, d, h) = (
+        p.b as usize,
+        p.l as usize,
+        p.c as usize,
+        p.d as usize,
+        p.heads as usize,
+    );
+    (b, l, c, d, h, d / h)
+}
+
+/// v (B, K, C) = per head w_bh^T x_bh.
+pub fn forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &AggregateParams,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    v: &mut CudaSlice<T>,
+) -> crate::Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    let (b, l, c, d, heads, k) = dims(p);
+    let cn = c / heads;
+    for h in 0..heads {
+        let (wv, xv) = (w.slice(h * k..), x.slice(h * cn..));
+        let mut vv = v.slice_mut(h * cn..);
+        g.gemm(
+            (true, false),
+            (k, cn, l),
+            (&wv, d),
+            (&xv, c),
+            0.0,
+            (&mut vv, c),
+            (b, l * d, l * c, k * c),
+        )?;
+    }
+    Ok(())
+}
+
+/// dx += w_bh dv_bh and dw += x_bh dv_bh^T, per head.
+pub fn backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &AggregateParams,
+    (x, w, dv): (&CudaSlice<T>, &CudaSlice<T>, &CudaSlice<T>),
+    dx: &mut CudaSlice<T>,
+    dw: &mut CudaSlice<T>,
+) -> crate::Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    let (b, l, c, d, heads, k) = dims(p);
+    let cn = c / heads;
+    for h in 0..heads {
+        let (wv, xv, dvv) = (w.slice(h * k..), x.slice(h * cn..), dv.slice(h * cn..));
+        let mut dxv = dx.slice_mut(h * cn..);
+        g.gemm(
+            (false, false),
+            (l, cn, k),
+            (&wv, d),
+            (&dvv, c),
+            1.0,
+            (&mut dxv, c),
+            (b, l * d, k * c, l * c),
+        )?;
+        let mut dwv = dw.slice_mut(h * k..);
+        g.gemm(
+            (false, true),
+            (l, k, cn),
+            (&xv, c),
+            (&dvv, c),
+            1.0,
+            (&mut dwv, d),
+            (b, l * c, k * c, l * d),
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -301,6 +301,173 @@ pub fn backward_eval_cpu<T: Real>(
 // ----------------------------------------------------------------------------
 // Tests
 
+// ---- CUDA launchers (kernels/batchnorm.cu)
+
+use crate::gpu::{grid_1d, opt, opt_mut, run, Gpu, GpuFloat};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+/// Chunks per statistics group: enough blocks to fill a GPU, at least 64 rows per chunk.
+fn chunks(p: &BnParams) -> i32 {
+    let gx = (p.c as usize).div_ceil(32);
+    let want = (2048 / (gx * p.groups())).max(1);
+    want.min((p.group_rows as usize).div_ceil(64)).max(1) as i32
+}
+
+fn stats_cfg(p: &BnParams, chunks: i32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            (p.c as u32).div_ceil(32),
+            p.groups() as u32 * chunks as u32,
+            1,
+        ),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Train-mode forward: statistics of every group into `mean`/`rstd` (G, C), running stats of
+/// group 0 updated, y = relu?(gamma * xhat + beta + res?).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_train_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &BnParams,
+    x: &CudaSlice<T>,
+    (gamma, beta): (&CudaSlice<f32>, &CudaSlice<f32>),
+    (running_mean, running_var): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+    res: Option<&CudaSlice<T>>,
+    relu: bool,
+    y: &mut CudaSlice<T>,
+    (mean, rstd): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+) -> crate::Result<()> {
+    let ch = chunks(p);
+    let mut partial = g.zeros::<f32>(p.groups() * ch as usize * p.c as usize)?;
+    let gc = p.groups() * p.c as usize;
+    let mut b = g.stream.launch_builder(g.k.bn_stats_partial.get::<T>());
+    b.arg(x)
+        .arg(p)
+        .arg(&ch)
+        .arg(&crate::gpu::NULL)
+        .arg(&mut partial);
+    run(g, b, stats_cfg(p, ch), "bn_stats_partial")?;
+    let mut b = g.stream.launch_builder(&g.k.bn_finalize_mean);
+    b.arg(&partial).arg(p).arg(&ch).arg(&mut *mean);
+    run(g, b, grid_1d(gc), "bn_finalize_mean")?;
+    let mut b = g.stream.launch_builder(g.k.bn_stats_partial.get::<T>());
+    b.arg(x).arg(p).arg(&ch).arg(&*mean).arg(&mut partial);
+    run(g, b, stats_cfg(p, ch), "bn_stats_partial")?;
+    let mut b = g.stream.launch_builder(&g.k.bn_finalize_var);
+    b.arg(&partial).arg(p).arg(&ch).arg(&*mean).arg(&mut *rstd);
+    b.arg(running_mean).arg(running_var);
+    run(g, b, grid_1d(gc), "bn_finalize_var")?;
+    apply(g, p, x, (&*mean, &*rstd), (gamma, beta), res, relu, y)
+}
+
+/// Eval-mode forward with the running statistics; `mean`/`rstd` (C) receive them for backward.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_eval_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &BnParams,
+    x: &CudaSlice<T>,
+    (gamma, beta): (&CudaSlice<f32>, &CudaSlice<f32>),
+    (running_mean, running_var): (&CudaSlice<f32>, &CudaSlice<f32>),
+    res: Option<&CudaSlice<T>>,
+    relu: bool,
+    y: &mut CudaSlice<T>,
+    (mean, rstd): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+) -> crate::Result<()> {
+    let pe = BnParams {
+        group_rows: p.rows,
+        ..*p
+    };
+    let mut b = g.stream.launch_builder(&g.k.bn_eval_stats);
+    b.arg(running_mean)
+        .arg(running_var)
+        .arg(&pe)
+        .arg(&mut *mean)
+        .arg(&mut *rstd);
+    run(g, b, grid_1d(p.c as usize), "bn_eval_stats")?;
+    apply(g, &pe, x, (&*mean, &*rstd), (gamma, beta), res, relu, y)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply<T: GpuFloat>(
+    g: &Gpu,
+    p: &BnParams,
+    x: &CudaSlice<T>,
+    (mean, rstd): (&CudaSlice<f32>, &CudaSlice<f32>),
+    (gamma, beta): (&CudaSlice<f32>, &CudaSlice<f32>),
+    res: Option<&CudaSlice<T>>,
+    relu: bool,
+    y: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let relu = relu as i32;
+    let mut b = g.stream.launch_builder(g.k.bn_apply.get::<T>());
+    b.arg(x).arg(p).arg(mean).arg(rstd).arg(gamma).arg(beta);
+    opt(&mut b, res);
+    b.arg(&relu).arg(y);
+    run(g, b, grid_1d(p.rows as usize * p.c as usize), "bn_apply")
+}
+
+/// Backward of either mode (`train` picks the formula; eval uses group_rows = rows). `y` is the
+/// saved output when the ReLU was fused; `dres` receives the fused residual's gradient.
+/// dx, dgamma, dbeta, dres are added to.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &BnParams,
+    train: bool,
+    x: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    y: Option<&CudaSlice<T>>,
+    (mean, rstd): (&CudaSlice<f32>, &CudaSlice<f32>),
+    gamma: &CudaSlice<f32>,
+    (dgamma, dbeta): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+    dx: &mut CudaSlice<T>,
+    dres: Option<&mut CudaSlice<T>>,
+) -> crate::Result<()> {
+    let p = if train {
+        *p
+    } else {
+        BnParams {
+            group_rows: p.rows,
+            ..*p
+        }
+    };
+    let ch = chunks(&p);
+    let c = p.c as usize;
+    let mut partial = g.zeros::<f32>(p.groups() * ch as usize * 2 * c)?;
+    let mut gsum = g.zeros::<f32>(p.groups() * 2 * c)?;
+    let mut b = g.stream.launch_builder(g.k.bn_bwd_partial.get::<T>());
+    b.arg(x).arg(dy);
+    opt(&mut b, y);
+    b.arg(&p).arg(&ch).arg(mean).arg(rstd).arg(&mut partial);
+    run(g, b, stats_cfg(&p, ch), "bn_bwd_partial")?;
+    let mut b = g.stream.launch_builder(&g.k.bn_bwd_finalize);
+    b.arg(&partial)
+        .arg(&p)
+        .arg(&ch)
+        .arg(&mut gsum)
+        .arg(dgamma)
+        .arg(dbeta);
+    run(g, b, grid_1d(c), "bn_bwd_finalize")?;
+    let train = train as i32;
+    let mut b = g.stream.launch_builder(g.k.bn_bwd_apply.get::<T>());
+    b.arg(x).arg(dy);
+    opt(&mut b, y);
+    b.arg(&p)
+        .arg(mean)
+        .arg(rstd)
+        .arg(gamma)
+        .arg(&gsum)
+        .arg(&train)
+        .arg(dx);
+    opt_mut(&mut b, dres);
+    run(g, b, grid_1d(p.rows as usize * c), "bn_bwd_apply")
+}
+
+// SAFETY: #[repr(C)] of plain i32/f32 fields, the layout of the kernels' BnParams.
+unsafe impl cudarc::driver::DeviceRepr for BnParams {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -110,6 +110,66 @@ pub fn split_backward_cpu<T: Real>(dzg: &[T], da: &[T], dz: &mut [T], p: &Concat
 // ----------------------------------------------------------------------------
 // Tests
 
+// ---- CUDA launchers (kernels/concat.cu)
+
+use crate::gpu::{grid_1d, run, Gpu, GpuFloat};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+fn joined(p: &ConcatParams) -> usize {
+    p.b as usize * (p.l as usize + 1) * p.c as usize
+}
+
+pub fn concat_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &ConcatParams,
+    gv: &CudaSlice<T>,
+    x: &CudaSlice<T>,
+    u: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.concat_fwd.get::<T>());
+    b.arg(gv).arg(x).arg(u).arg(p);
+    run(g, b, grid_1d(joined(p)), "concat_fwd")
+}
+
+pub fn concat_backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &ConcatParams,
+    du: &CudaSlice<T>,
+    dg: &mut CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.concat_bwd.get::<T>());
+    b.arg(du).arg(dg).arg(dx).arg(p);
+    run(g, b, grid_1d(joined(p)), "concat_bwd")
+}
+
+pub fn split_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &ConcatParams,
+    z: &CudaSlice<T>,
+    zg: &mut CudaSlice<T>,
+    a: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.split_fwd.get::<T>());
+    b.arg(z).arg(zg).arg(a).arg(p);
+    run(g, b, grid_1d(joined(p)), "split_fwd")
+}
+
+pub fn split_backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &ConcatParams,
+    dzg: &CudaSlice<T>,
+    da: &CudaSlice<T>,
+    dz: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.split_bwd.get::<T>());
+    b.arg(dzg).arg(da).arg(dz).arg(p);
+    run(g, b, grid_1d(joined(p)), "split_bwd")
+}
+
+// SAFETY: #[repr(C)] of i32 fields, the layout of the kernels' ConcatParams.
+unsafe impl cudarc::driver::DeviceRepr for ConcatParams {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -296,6 +296,217 @@ pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvPar
 // ----------------------------------------------------------------------------
 // Tests
 
+// ---- CUDA launchers: cuDNN, NHWC activations, KRSC weights, f32 compute. Algorithms come from
+// cuDNN's heuristics once per (shape, dtype) and are cached on the Gpu; under --deterministic the
+// backward passes use ALGO_1 (the deterministic ones; ALGO_0 and ALGO_3 sum with atomics).
+// Backward adds (beta = 1) into dx and dw.
+
+use crate::gpu::{Gpu, GpuFloat};
+use crate::tensor::DType;
+use cudarc::cudnn::sys::{
+    cudnnConvolutionBwdDataAlgo_t as BwdData, cudnnConvolutionBwdFilterAlgo_t as BwdFilter,
+    cudnnConvolutionFwdAlgo_t as Fwd, cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
+};
+use cudarc::cudnn::{
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, FilterDescriptor,
+    TensorDescriptor,
+};
+use cudarc::driver::CudaSlice;
+
+/// The algorithms chosen for one convolution shape.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvAlgos {
+    pub fwd: Fwd,
+    pub bwd_data: BwdData,
+    pub bwd_filter: BwdFilter,
+}
+
+struct Descs<T: GpuFloat> {
+    x: TensorDescriptor<T>,
+    w: FilterDescriptor<T>,
+    y: TensorDescriptor<T>,
+    conv: ConvDescriptor<f32>,
+}
+
+fn descs<T: GpuFloat>(g: &Gpu, p: &ConvParams) -> crate::Result<Descs<T>> {
+    let nhwc = cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+    let e = |e| g.err("cuDNN descriptor", e);
+    let x = g
+        .cudnn
+        .create_4d_tensor::<T>(nhwc, [p.n, p.c_in, p.h_in, p.w_in])
+        .map_err(e)?;
+    let w = g
+        .cudnn
+        .create_4d_filter::<T>(nhwc, [p.c_out, p.c_in, p.kh, p.kw])
+        .map_err(e)?;
+    let y = g
+        .cudnn
+        .create_4d_tensor::<T>(nhwc, [p.n, p.c_out, p.h_out, p.w_out])
+        .map_err(e)?;
+    let mut conv = g
+        .cudnn
+        .create_conv2d::<f32>(
+            [p.pad, p.pad],
+            [p.stride, p.stride],
+            [1, 1],
+            cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+        )
+        .map_err(e)?;
+    let math = match (T::DTYPE, g.tf32()) {
+        (DType::BF16, _) => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+        (DType::F32, true) => cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        (DType::F32, false) => cudnnMathType_t::CUDNN_FMA_MATH,
+    };
+    conv.set_math_type(math).map_err(e)?;
+    Ok(Descs { x, w, y, conv })
+}
+
+fn algos<T: GpuFloat>(g: &Gpu, p: &ConvParams, d: &Descs<T>) -> crate::Result<ConvAlgos> {
+    if let Some(a) = g.conv_cache.borrow().get(&(*p, T::DTYPE)) {
+        return Ok(*a);
+    }
+    let e = |e| g.err("cuDNN algorithm choice", e);
+    let fwd = ConvForward {
+        conv: &d.conv,
+        x: &d.x,
+        w: &d.w,
+        y: &d.y,
+    }
+    .pick_algorithm()
+    .map_err(e)?;
+    let a = if g.deterministic {
+        ConvAlgos {
+            fwd,
+            bwd_data: BwdData::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+            bwd_filter: BwdFilter::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        }
+    } else {
+        ConvAlgos {
+            fwd,
+            bwd_data: ConvBackwardData {
+                conv: &d.conv,
+                dx: &d.x,
+                w: &d.w,
+                dy: &d.y,
+            }
+            .pick_algorithm()
+            .map_err(e)?,
+            bwd_filter: ConvBackwardFilter {
+                conv: &d.conv,
+                x: &d.x,
+                dw: &d.w,
+                dy: &d.y,
+            }
+            .pick_algorithm()
+            .map_err(e)?,
+        }
+    };
+    g.conv_cache.borrow_mut().insert((*p, T::DTYPE), a);
+    Ok(a)
+}
+
+/// y = conv(x, w).
+pub fn forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &ConvParams,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let d = descs::<T>(g, p)?;
+    let a = algos(g, p, &d)?;
+    let op = ConvForward {
+        conv: &d.conv,
+        x: &d.x,
+        w: &d.w,
+        y: &d.y,
+    };
+    let bytes = op
+        .get_workspace_size(a.fwd)
+        .map_err(|e| g.err("cuDNN workspace", e))?;
+    let mut ws = g.workspace(bytes)?;
+    // SAFETY: buffers match the descriptors built from p.
+    unsafe {
+        op.launch(
+            a.fwd,
+            ws.as_mut(),
+            (T::from_f32(1.0), T::from_f32(0.0)),
+            x,
+            w,
+            y,
+        )
+    }
+    .map_err(|e| g.err("cuDNN conv forward", e))
+}
+
+/// dx += conv_backward_data(dy, w).
+pub fn backward_data_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &ConvParams,
+    dy: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let d = descs::<T>(g, p)?;
+    let a = algos(g, p, &d)?;
+    let op = ConvBackwardData {
+        conv: &d.conv,
+        dx: &d.x,
+        w: &d.w,
+        dy: &d.y,
+    };
+    let bytes = op
+        .get_workspace_size(a.bwd_data)
+        .map_err(|e| g.err("cuDNN workspace", e))?;
+    let mut ws = g.workspace(bytes)?;
+    // SAFETY: buffers match the descriptors built from p.
+    unsafe {
+        op.launch(
+            a.bwd_data,
+            ws.as_mut(),
+            (T::from_f32(1.0), T::from_f32(1.0)),
+            dx,
+            w,
+            dy,
+        )
+    }
+    .map_err(|e| g.err("cuDNN conv backward data", e))
+}
+
+/// dw += conv_backward_filter(x, dy).
+pub fn backward_weight_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &ConvParams,
+    x: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    dw: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let d = descs::<T>(g, p)?;
+    let a = algos(g, p, &d)?;
+    let op = ConvBackwardFilter {
+        conv: &d.conv,
+        x: &d.x,
+        dw: &d.w,
+        dy: &d.y,
+    };
+    let bytes = op
+        .get_workspace_size(a.bwd_filter)
+        .map_err(|e| g.err("cuDNN workspace", e))?;
+    let mut ws = g.workspace(bytes)?;
+    // SAFETY: buffers match the descriptors built from p.
+    unsafe {
+        op.launch(
+            a.bwd_filter,
+            ws.as_mut(),
+            (T::from_f32(1.0), T::from_f32(1.0)),
+            x,
+            dw,
+            dy,
+        )
+    }
+    .map_err(|e| g.err("cuDNN conv backward filter", e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

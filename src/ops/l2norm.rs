@@ -100,6 +100,47 @@ pub fn backward_cpu<T: Real>(x: &[T], dy: &[T], dx: &mut [T], p: &L2NormParams) 
 // ----------------------------------------------------------------------------
 // Tests
 
+// ---- CUDA launchers (kernels/l2norm.cu): a warp per row, 8 rows per block.
+
+use crate::gpu::{blocks, run, Gpu, GpuFloat};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+pub fn forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &L2NormParams,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.l2norm_fwd.get::<T>());
+    b.arg(x).arg(y).arg(p);
+    run(
+        g,
+        b,
+        blocks((p.rows as usize).div_ceil(8), 256),
+        "l2norm_fwd",
+    )
+}
+
+pub fn backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &L2NormParams,
+    x: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.l2norm_bwd.get::<T>());
+    b.arg(x).arg(dy).arg(dx).arg(p);
+    run(
+        g,
+        b,
+        blocks((p.rows as usize).div_ceil(8), 256),
+        "l2norm_bwd",
+    )
+}
+
+// SAFETY: #[repr(C)] of i32/f32 fields, the layout of the kernels' L2NormParams.
+unsafe impl cudarc::driver::DeviceRepr for L2NormParams {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,6 +132,80 @@ pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &LinearP
 // ----------------------------------------------------------------------------
 // Tests
 
+// ---- CUDA launchers: cuBLAS, f32 accumulation (TF32 when the GPU's f32 math mode allows it).
+
+use crate::gpu::{Gpu, GpuFloat};
+use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::driver::CudaSlice;
+
+pub fn forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &LinearParams,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> crate::Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    let (r, i, o) = (p.rows as usize, p.c_in as usize, p.c_out as usize);
+    g.gemm(
+        (false, true),
+        (r, o, i),
+        (x, i),
+        (w, i),
+        0.0,
+        (y, o),
+        (1, 0, 0, 0),
+    )
+}
+
+/// dx += dy * w.
+pub fn backward_data_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &LinearParams,
+    dy: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
+) -> crate::Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    let (r, i, o) = (p.rows as usize, p.c_in as usize, p.c_out as usize);
+    g.gemm(
+        (false, false),
+        (r, i, o),
+        (dy, o),
+        (w, i),
+        1.0,
+        (dx, i),
+        (1, 0, 0, 0),
+    )
+}
+
+/// dw += dy^T * x.
+pub fn backward_weight_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &LinearParams,
+    x: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    dw: &mut CudaSlice<T>,
+) -> crate::Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    let (r, i, o) = (p.rows as usize, p.c_in as usize, p.c_out as usize);
+    g.gemm(
+        (true, false),
+        (o, i, r),
+        (dy, o),
+        (x, i),
+        1.0,
+        (dw, i),
+        (1, 0, 0, 0),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,6 +98,43 @@ pub fn backward_cpu<T: Real>(pred: &[T], target: &[T], dloss: T, dpred: &mut [T]
 // ----------------------------------------------------------------------------
 // Tests
 
+// ---- CUDA launchers (kernels/loss.cu)
+
+use crate::gpu::{blocks, run, Gpu, GpuFloat};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+/// out[0] = the loss; `cosv` (N f32) is scratch.
+pub fn forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &LossParams,
+    (pred, target): (&CudaSlice<T>, &CudaSlice<T>),
+    cosv: &mut CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.loss_rows.get::<T>());
+    b.arg(pred).arg(target).arg(p).arg(&mut *cosv);
+    run(g, b, blocks((p.n as usize).min(65_535), 128), "loss_rows")?;
+    let mut b = g.stream.launch_builder(&g.k.loss_reduce);
+    b.arg(&*cosv).arg(p).arg(out);
+    run(g, b, blocks(1, 1024), "loss_reduce")
+}
+
+/// dpred += d loss / d pred * dloss[0].
+pub fn backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &LossParams,
+    (pred, target): (&CudaSlice<T>, &CudaSlice<T>),
+    dloss: &CudaSlice<f32>,
+    dpred: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.loss_bwd.get::<T>());
+    b.arg(pred).arg(target).arg(dloss).arg(p).arg(dpred);
+    run(g, b, blocks((p.n as usize).min(65_535), 128), "loss_bwd")
+}
+
+// SAFETY: #[repr(C)] of i32/f32 fields, the layout of the kernels' LossParams.
+unsafe impl cudarc::driver::DeviceRepr for LossParams {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

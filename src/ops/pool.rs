@@ -219,6 +219,64 @@ pub fn avgpool_backward_cpu<T: Real>(dy: &[T], dx: &mut [T], p: &PoolParams) {
 // ----------------------------------------------------------------------------
 // Tests
 
+// ---- CUDA launchers (kernels/pool.cu). The GPU saves the window-local argmax as one byte.
+
+use crate::gpu::{grid_1d, run, Gpu, GpuFloat};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+pub fn maxpool_forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &PoolParams,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+    argmax: &mut CudaSlice<u8>,
+) -> crate::Result<()> {
+    assert!(
+        p.k * p.k <= 256,
+        "maxpool: window too large for a byte index"
+    );
+    let mut b = g.stream.launch_builder(g.k.maxpool_fwd.get::<T>());
+    b.arg(x).arg(y).arg(argmax).arg(p);
+    run(g, b, grid_1d(p.y_len()), "maxpool_fwd")
+}
+
+pub fn maxpool_backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &PoolParams,
+    dy: &CudaSlice<T>,
+    argmax: &CudaSlice<u8>,
+    dx: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.maxpool_bwd.get::<T>());
+    b.arg(dy).arg(argmax).arg(dx).arg(p);
+    run(g, b, grid_1d(p.x_len()), "maxpool_bwd")
+}
+
+pub fn avgpool_forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &PoolParams,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.avgpool_fwd.get::<T>());
+    b.arg(x).arg(y).arg(p);
+    run(g, b, grid_1d(p.n as usize * p.c as usize), "avgpool_fwd")
+}
+
+pub fn avgpool_backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &PoolParams,
+    dy: &CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.avgpool_bwd.get::<T>());
+    b.arg(dy).arg(dx).arg(p);
+    run(g, b, grid_1d(p.x_len()), "avgpool_bwd")
+}
+
+// SAFETY: #[repr(C)] of i32 fields, the layout of the kernels' PoolParams.
+unsafe impl cudarc::driver::DeviceRepr for PoolParams {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

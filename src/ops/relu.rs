@@ -50,6 +50,34 @@ pub fn backward_cpu<T: Real>(y: &[T], dy: &[T], dx: &mut [T]) {
 // ----------------------------------------------------------------------------
 // Tests
 
+// ---- CUDA launchers (kernels/relu.cu)
+
+use crate::gpu::{grid_1d, run, Gpu, GpuFloat};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+pub fn forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let n = x.len() as u64;
+    let mut b = g.stream.launch_builder(g.k.relu_fwd.get::<T>());
+    b.arg(x).arg(y).arg(&n);
+    run(g, b, grid_1d(n as usize), "relu_fwd")
+}
+
+pub fn backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    y: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let n = y.len() as u64;
+    let mut b = g.stream.launch_builder(g.k.relu_bwd.get::<T>());
+    b.arg(y).arg(dy).arg(dx).arg(&n);
+    run(g, b, grid_1d(n as usize), "relu_bwd")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,6 +98,75 @@ pub fn backward_cpu<T: Real>(y: &[T], dy: &[T], dx: &mut [T], p: &SoftmaxParams)
 // ----------------------------------------------------------------------------
 // Tests
 
+// ---- CUDA launchers (kernels/softmax.cu): the softmax alone, and the fused alignment map
+// (per-pixel L2 norm and temperature, then the softmax over positions), one kernel each way.
+
+use crate::gpu::{blocks, grid_1d, run, Gpu, GpuFloat};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+pub fn forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &SoftmaxParams,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.softmax_fwd.get::<T>());
+    b.arg(x).arg(y).arg(p);
+    run(g, b, grid_1d(p.b as usize * p.d as usize), "softmax_fwd")
+}
+
+pub fn backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &SoftmaxParams,
+    y: &CudaSlice<T>,
+    dy: &CudaSlice<T>,
+    dx: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.softmax_bwd.get::<T>());
+    b.arg(y).arg(dy).arg(dx).arg(p);
+    run(g, b, grid_1d(p.b as usize * p.d as usize), "softmax_bwd")
+}
+
+/// Parameters of the fused alignment map: softmax over positions of x / max(|x_row|, eps) / scale.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AlignParams {
+    pub b: i32,
+    pub l: i32,
+    pub d: i32,
+    pub scale: f32,
+    pub eps: f32,
+}
+
+/// y = softmax_positions(l2norm(x) / scale), x and y (B, L, D).
+pub fn align_forward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &AlignParams,
+    x: &CudaSlice<T>,
+    y: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.align_fwd.get::<T>());
+    b.arg(x).arg(y).arg(p);
+    run(g, b, blocks(p.b as usize, 256), "align_fwd")
+}
+
+/// dx += the alignment map's backward; `scratch` holds B*L*D f32.
+pub fn align_backward_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &AlignParams,
+    (x, y, dy): (&CudaSlice<T>, &CudaSlice<T>, &CudaSlice<T>),
+    scratch: &mut CudaSlice<f32>,
+    dx: &mut CudaSlice<T>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.align_bwd.get::<T>());
+    b.arg(x).arg(y).arg(dy).arg(scratch).arg(dx).arg(p);
+    run(g, b, blocks(p.b as usize, 256), "align_bwd")
+}
+
+// SAFETY: #[repr(C)] of i32/f32 fields, the layouts of the kernels' structs.
+unsafe impl cudarc::driver::DeviceRepr for SoftmaxParams {}
+unsafe impl cudarc::driver::DeviceRepr for AlignParams {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

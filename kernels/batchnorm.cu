@@ -1,0 +1,216 @@
+// Batch norm over rows, per channel (src/ops/batchnorm.rs has the math). x is (rows, C), NHWC maps
+// seen as rows; rows split into consecutive statistics groups of group_rows (ghost BN).
+//
+// Statistics are two-pass (mean, then the mean of squared deviations) for accuracy at millions of
+// rows, and deterministic: each block sums a fixed chunk of rows for 32 channels, threads over rows
+// in a fixed stride, the block's 8 row-lanes combined in order; a second kernel sums the chunks of
+// a group in order. No atomics.
+//
+// Forward (train):  bn_stats_partial (sum x) -> bn_finalize_mean -> bn_stats_partial (sum (x-mean)^2)
+//                   -> bn_finalize_var (rstd, running stats of group 0) -> bn_apply
+// Forward (eval):   bn_eval_stats (mean, rstd from the running stats) -> bn_apply
+// bn_apply fuses the residual add and the ReLU: y = relu(gamma * (x - mean) * rstd + beta + res).
+// Backward:         bn_bwd_partial (sum dy', sum dy' * xhat) -> bn_bwd_finalize (dgamma, dbeta)
+//                   -> bn_bwd_apply (dx, and dres for the fused residual)
+// where dy' = dy * [y > 0] when the ReLU was fused (y the saved output), dy otherwise.
+#include "common.cuh"
+
+struct BnParams {
+    int rows;
+    int c;
+    int group_rows;
+    float eps;
+    float momentum;
+};
+
+#define BN_TX 32
+#define BN_TY 8
+
+// Rows [r0, r1) of chunk k of group g.
+__device__ __forceinline__ void bn_chunk(const BnParams& p, int chunks, int g, int k, int* r0, int* r1) {
+    int per = (p.group_rows + chunks - 1) / chunks;
+    int start = g * p.group_rows + k * per;
+    int end = (g + 1) * p.group_rows;
+    *r0 = start;
+    *r1 = min(start + per, end);
+}
+
+// grid (ceil(C/32), G*chunks), block (32, 8). partial[(g*chunks + k) * C + c] = sum over the chunk
+// of x (mean == null) or (x - mean[g, c])^2.
+template <typename T>
+__device__ void bn_stats_partial(const T* x, BnParams p, int chunks, const float* mean, float* partial) {
+    __shared__ float sh[BN_TY][BN_TX + 1];
+    int c = blockIdx.x * BN_TX + threadIdx.x;
+    int g = blockIdx.y / chunks, k = blockIdx.y % chunks;
+    int r0, r1;
+    bn_chunk(p, chunks, g, k, &r0, &r1);
+    float acc = 0.0f;
+    if (c < p.c) {
+        float m = mean ? mean[g * p.c + c] : 0.0f;
+        for (int r = r0 + threadIdx.y; r < r1; r += BN_TY) {
+            float v = ld(x, (u64)r * p.c + c) - m;
+            acc += mean ? v * v : v;
+        }
+    }
+    sh[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < p.c) {
+        float s = 0.0f;
+        for (int j = 0; j < BN_TY; j++) s += sh[j][threadIdx.x];
+        partial[(u64)blockIdx.y * p.c + c] = s;
+    }
+}
+EXPORT_F32_BF16(bn_stats_partial, (const T* x, BnParams p, int chunks, const float* mean, float* partial),
+                (x, p, chunks, mean, partial))
+
+// One thread per (group, channel): mean = sum of the chunks in order / group_rows.
+extern "C" __global__ void bn_finalize_mean(const float* partial, BnParams p, int chunks, float* mean) {
+    int groups = p.rows / p.group_rows;
+    FOR_EACH(i, groups * p.c) {
+        int g = i / p.c, c = i % p.c;
+        float s = 0.0f;
+        for (int k = 0; k < chunks; k++) s += partial[(u64)(g * chunks + k) * p.c + c];
+        mean[i] = s / (float)p.group_rows;
+    }
+}
+
+// rstd = 1 / sqrt(var_b + eps); group 0 updates the running stats (unbiased variance), when given.
+extern "C" __global__ void bn_finalize_var(const float* partial, BnParams p, int chunks, const float* mean,
+                                           float* rstd, float* running_mean, float* running_var) {
+    int groups = p.rows / p.group_rows;
+    FOR_EACH(i, groups * p.c) {
+        int g = i / p.c, c = i % p.c;
+        float s = 0.0f;
+        for (int k = 0; k < chunks; k++) s += partial[(u64)(g * chunks + k) * p.c + c];
+        float var = s / (float)p.group_rows;
+        rstd[i] = 1.0f / sqrtf(var + p.eps);
+        if (running_mean && g == 0) {
+            float m = (float)p.group_rows;
+            running_mean[c] = (1.0f - p.momentum) * running_mean[c] + p.momentum * mean[i];
+            running_var[c] = (1.0f - p.momentum) * running_var[c] + p.momentum * var * m / (m - 1.0f);
+        }
+    }
+}
+
+// Eval mode: the saved (1, C) statistics come from the running ones.
+extern "C" __global__ void bn_eval_stats(const float* running_mean, const float* running_var, BnParams p,
+                                         float* mean, float* rstd) {
+    FOR_EACH(c, p.c) {
+        mean[c] = running_mean[c];
+        rstd[c] = 1.0f / sqrtf(running_var[c] + p.eps);
+    }
+}
+
+template <typename T>
+__device__ void bn_apply(const T* x, BnParams p, const float* mean, const float* rstd, const float* gamma,
+                         const float* beta, const T* res, int relu, T* y) {
+    FOR_EACH(i, (u64)p.rows * p.c) {
+        int c = (int)(i % p.c);
+        int g = (int)(i / p.c) / p.group_rows;
+        int gc = g * p.c + c;
+        float v = gamma[c] * (ld(x, i) - mean[gc]) * rstd[gc] + beta[c];
+        if (res) v += ld(res, i);
+        if (relu) v = fmaxf(v, 0.0f);
+        st(y, i, v);
+    }
+}
+EXPORT_F32_BF16(bn_apply,
+                (const T* x, BnParams p, const float* mean, const float* rstd, const float* gamma,
+                 const float* beta, const T* res, int relu, T* y),
+                (x, p, mean, rstd, gamma, beta, res, relu, y))
+
+// grid (ceil(C/32), G*chunks), block (32, 8). partial[((g*chunks + k) * 2 + 0) * C + c] = sum dy',
+// [.. + 1] = sum dy' * xhat over the chunk.
+template <typename T>
+__device__ void bn_bwd_partial(const T* x, const T* dy, const T* y, BnParams p, int chunks, const float* mean,
+                               const float* rstd, float* partial) {
+    __shared__ float sa[BN_TY][BN_TX + 1];
+    __shared__ float sb[BN_TY][BN_TX + 1];
+    int c = blockIdx.x * BN_TX + threadIdx.x;
+    int g = blockIdx.y / chunks, k = blockIdx.y % chunks;
+    int r0, r1;
+    bn_chunk(p, chunks, g, k, &r0, &r1);
+    float a = 0.0f, b = 0.0f;
+    if (c < p.c) {
+        float m = mean[g * p.c + c], rs = rstd[g * p.c + c];
+        for (int r = r0 + threadIdx.y; r < r1; r += BN_TY) {
+            u64 i = (u64)r * p.c + c;
+            float d = ld(dy, i);
+            if (y && !(ld(y, i) > 0.0f)) d = 0.0f;
+            a += d;
+            b += d * (ld(x, i) - m) * rs;
+        }
+    }
+    sa[threadIdx.y][threadIdx.x] = a;
+    sb[threadIdx.y][threadIdx.x] = b;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < p.c) {
+        float s = 0.0f, t = 0.0f;
+        for (int j = 0; j < BN_TY; j++) {
+            s += sa[j][threadIdx.x];
+            t += sb[j][threadIdx.x];
+        }
+        partial[((u64)blockIdx.y * 2) * p.c + c] = s;
+        partial[((u64)blockIdx.y * 2 + 1) * p.c + c] = t;
+    }
+}
+EXPORT_F32_BF16(bn_bwd_partial,
+                (const T* x, const T* dy, const T* y, BnParams p, int chunks, const float* mean,
+                 const float* rstd, float* partial),
+                (x, dy, y, p, chunks, mean, rstd, partial))
+
+// One thread per channel: the group sums gsum[(g*2 + {0,1}) * C + c] and dgamma += sum_g sum dy'*xhat,
+// dbeta += sum_g sum dy', groups in order.
+extern "C" __global__ void bn_bwd_finalize(const float* partial, BnParams p, int chunks, float* gsum,
+                                           float* dgamma, float* dbeta) {
+    int groups = p.rows / p.group_rows;
+    FOR_EACH(c, p.c) {
+        float tg = 0.0f, tb = 0.0f;
+        for (int g = 0; g < groups; g++) {
+            float s = 0.0f, t = 0.0f;
+            for (int k = 0; k < chunks; k++) {
+                u64 j = (u64)(g * chunks + k) * 2;
+                s += partial[j * p.c + c];
+                t += partial[(j + 1) * p.c + c];
+            }
+            gsum[(u64)(g * 2) * p.c + c] = s;
+            gsum[(u64)(g * 2 + 1) * p.c + c] = t;
+            tb += s;
+            tg += t;
+        }
+        dgamma[c] += tg;
+        dbeta[c] += tb;
+    }
+}
+
+// dx += gamma * rstd * (dy' - mean(dy') - xhat * mean(dy' * xhat))   (train)
+// dx += gamma * rstd * dy'                                          (eval)
+// dres += dy' when the residual add was fused (dres != null).
+template <typename T>
+__device__ void bn_bwd_apply(const T* x, const T* dy, const T* y, BnParams p, const float* mean,
+                             const float* rstd, const float* gamma, const float* gsum, int train, T* dx,
+                             T* dres) {
+    float inv_m = 1.0f / (float)p.group_rows;
+    FOR_EACH(i, (u64)p.rows * p.c) {
+        int c = (int)(i % p.c);
+        int g = (int)(i / p.c) / p.group_rows;
+        int gc = g * p.c + c;
+        float d = ld(dy, i);
+        if (y && !(ld(y, i) > 0.0f)) d = 0.0f;
+        if (dres) st(dres, i, ld(dres, i) + d);
+        float rs = rstd[gc];
+        float v;
+        if (train) {
+            float xhat = (ld(x, i) - mean[gc]) * rs;
+            float sdy = gsum[(u64)(g * 2) * p.c + c], sdx = gsum[(u64)(g * 2 + 1) * p.c + c];
+            v = gamma[c] * rs * (d - sdy * inv_m - xhat * sdx * inv_m);
+        } else {
+            v = gamma[c] * rs * d;
+        }
+        st(dx, i, ld(dx, i) + v);
+    }
+}
+EXPORT_F32_BF16(bn_bwd_apply,
+                (const T* x, const T* dy, const T* y, BnParams p, const float* mean, const float* rstd,
+                 const float* gamma, const float* gsum, int train, T* dx, T* dres),
+                (x, dy, y, p, mean, rstd, gamma, gsum, train, dx, dres))

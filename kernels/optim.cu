@@ -1,0 +1,72 @@
+// LARS and EMA/EMAN over the flat f32 buffers (src/optim.rs has the rules). The flat buffer is cut
+// into chunks that never cross a tensor; a chunk table (tensor, start, length) built once on the host
+// drives every launch. Updates run in f64 and round once, as the CPU reference does, so one step
+// matches it to the last bit where the norms do.
+//   lars_norms:  a block per chunk: sum w^2 and sum g^2 of the chunk (fixed-order block reduction)
+//   lars_trust:  a thread per tensor: sums its chunks in order; scale = lr (excluded) or lr * tau,
+//                tau = eta |w| / (|g| + wd |w|) (0 when |w| = 0 or the denominator is 0)
+//   lars_update: u = scale * (g + wd' w); buf = m buf + u; w -= buf   (wd' = 0 when excluded)
+//   ema_update:  t = m t + (1 - m) o, over parameters (and BN running stats under EMAN)
+#include "common.cuh"
+
+extern "C" __global__ void lars_norms(const float* w, const float* g, const int* chunk_len, const u64* chunk_start,
+                                      float* partial) {
+    __shared__ float scratch[32];
+    u64 s = chunk_start[blockIdx.x];
+    int n = chunk_len[blockIdx.x];
+    float a = 0.0f, b = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float wv = w[s + i], gv = g[s + i];
+        a += wv * wv;
+        b += gv * gv;
+    }
+    a = block_sum(a, scratch);
+    b = block_sum(b, scratch);
+    if (threadIdx.x == 0) {
+        partial[2 * blockIdx.x] = a;
+        partial[2 * blockIdx.x + 1] = b;
+    }
+}
+
+extern "C" __global__ void lars_trust(const float* partial, const int* tensor_first_chunk, const int* tensor_chunks,
+                                      const unsigned char* excluded, int tensors, double lr, double wd, double eta,
+                                      double* scale, double* wdv) {
+    FOR_EACH(t, tensors) {
+        if (excluded[t]) {
+            scale[t] = lr;
+            wdv[t] = 0.0;
+            continue;
+        }
+        double pn = 0.0, gn = 0.0;
+        for (int j = tensor_first_chunk[t]; j < tensor_first_chunk[t] + tensor_chunks[t]; j++) {
+            pn += (double)partial[2 * j];
+            gn += (double)partial[2 * j + 1];
+        }
+        pn = sqrt(pn);
+        gn = sqrt(gn);
+        double denom = gn + wd * pn;
+        double tau = (pn > 0.0 && denom > 0.0) ? eta * pn / denom : 0.0;
+        scale[t] = lr * tau;
+        wdv[t] = wd;
+    }
+}
+
+extern "C" __global__ void lars_update(float* w, const float* g, float* buf, const int* chunk_tensor,
+                                       const int* chunk_len, const u64* chunk_start, const double* scale,
+                                       const double* wdv, double momentum) {
+    int t = chunk_tensor[blockIdx.x];
+    u64 s = chunk_start[blockIdx.x];
+    int n = chunk_len[blockIdx.x];
+    double sc = scale[t], wd = wdv[t];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        u64 j = s + i;
+        double u = sc * ((double)g[j] + wd * (double)w[j]);
+        double nb = momentum * (double)buf[j] + u;
+        buf[j] = (float)nb;
+        w[j] = (float)((double)w[j] - nb);
+    }
+}
+
+extern "C" __global__ void ema_update(float* target, const float* online, u64 n, double m) {
+    FOR_EACH(i, n) target[i] = (float)(m * (double)target[i] + (1.0 - m) * (double)online[i]);
+}

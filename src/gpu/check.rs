@@ -1,0 +1,663 @@
+//! `lewel check`: link 3 of the chain of trust (DESIGN "Tests"): every GPU op, forward and backward,
+//! against the CPU reference on random inputs at ResNet-50 shapes, in f32 (TF32 off) and bf16.
+//!
+//! For each output: NaN/Inf first, then a sentinel tail written after every output buffer (an
+//! out-of-bounds write changes it), then the normalized mean squared error
+//! NMSE = |gpu - cpu|^2 / |cpu|^2 against a tolerance by dtype. Inputs are rounded to the dtype
+//! before the CPU sees them, so the error measured is the GPU's arithmetic and storage alone.
+//! Gradient buffers start from random values on both sides: the check also holds `+=`.
+
+use super::{Gpu, GpuFloat};
+use crate::error::Result;
+use crate::ops::{
+    add, aggregate, batchnorm, concat, conv, l2norm, linear, loss, pool, relu, softmax,
+};
+use crate::rng::Rng;
+use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::driver::CudaSlice;
+
+/// Sentinel written after every output (exact in f32 and bf16).
+const SENT: f32 = 1024.0;
+const TAIL: usize = 64;
+
+/// One line of the table.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub op: String,
+    pub dtype: &'static str,
+    pub output: &'static str,
+    pub nmse: f64,
+    pub tol: f64,
+    /// Empty when the row passes; else why not.
+    pub failure: String,
+}
+
+impl Row {
+    pub fn pass(&self) -> bool {
+        self.failure.is_empty()
+    }
+}
+
+/// NMSE tolerance per dtype: f32 without TF32 differs from the CPU only by summation order;
+/// bf16 rounds every stored activation to 8 mantissa bits (NMSE about 1e-6 per rounding).
+fn tol<T: GpuFloat>() -> f64 {
+    match T::DTYPE {
+        crate::tensor::DType::F32 => 1e-9,
+        crate::tensor::DType::BF16 => 1e-4,
+    }
+}
+
+fn dtype_name<T: GpuFloat>() -> &'static str {
+    match T::DTYPE {
+        crate::tensor::DType::F32 => "f32",
+        crate::tensor::DType::BF16 => "bf16",
+    }
+}
+
+struct Ctx<'a> {
+    g: &'a Gpu,
+    rng: Rng,
+    rows: Vec<Row>,
+}
+
+impl Ctx<'_> {
+    /// Random values rounded to T.
+    fn rand<T: GpuFloat>(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| T::from_f32(self.rng.normal() as f32 * scale).to_f32())
+            .collect()
+    }
+
+    /// A device copy of v followed by the sentinel tail.
+    fn put<T: GpuFloat>(&self, v: &[f32]) -> Result<CudaSlice<T>> {
+        let mut h = v.to_vec();
+        h.extend(std::iter::repeat_n(SENT, TAIL));
+        self.g.upload(&h)
+    }
+
+    /// Compares a device output (with its tail) against the CPU's values.
+    fn cmp<T: GpuFloat>(
+        &mut self,
+        op: &str,
+        output: &'static str,
+        d: &CudaSlice<T>,
+        cpu: &[f32],
+        tol: f64,
+    ) -> Result<()> {
+        let all = self.g.download(d)?;
+        let (gpu, tail) = all.split_at(cpu.len());
+        let mut failure = String::new();
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (a, b) in gpu.iter().zip(cpu) {
+            num += ((a - b) as f64).powi(2);
+            den += (*b as f64).powi(2);
+        }
+        let nmse = num / den.max(1e-30);
+        if let Some(i) = gpu.iter().position(|v| !v.is_finite()) {
+            failure = format!("non-finite at {i}: {}", gpu[i]);
+        } else if tail.iter().any(|&v| v != SENT) {
+            failure = "wrote past its end (sentinel changed)".into();
+        } else if nmse.is_nan() || nmse > tol {
+            failure = format!("NMSE {nmse:.2e} > {tol:.0e}");
+        }
+        self.rows.push(Row {
+            op: op.into(),
+            dtype: dtype_name::<T>(),
+            output,
+            nmse,
+            tol,
+            failure,
+        });
+        Ok(())
+    }
+}
+
+/// Runs every op check in f32 (TF32 off) and bf16; returns the table.
+pub fn run_ops(g: &Gpu, seed: u64) -> Result<Vec<Row>> {
+    let mut c = Ctx {
+        g,
+        rng: Rng::keyed(&[seed, 0xc4ec]),
+        rows: Vec::new(),
+    };
+    let tf32 = g.tf32();
+    g.set_tf32(false)?;
+    let r = ops::<f32>(&mut c).and_then(|_| ops::<half::bf16>(&mut c));
+    g.set_tf32(tf32)?;
+    r?;
+    optim(&mut c)?;
+    Ok(c.rows)
+}
+
+fn ops<T: GpuFloat>(c: &mut Ctx) -> Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    let t = tol::<T>();
+    let g = c.g;
+
+    // relu, add, scale at a ResNet-50 layer1 map (2 x 56 x 56 x 256).
+    let n = 2 * 56 * 56 * 256;
+    let (x, b, dy, dx0) = (
+        c.rand::<T>(n, 1.0),
+        c.rand::<T>(n, 1.0),
+        c.rand::<T>(n, 1.0),
+        c.rand::<T>(n, 1.0),
+    );
+    let (dx_, x_, b_) = (c.put::<T>(&dx0)?, c.put::<T>(&x)?, c.put::<T>(&b)?);
+    let dy_ = c.put::<T>(&dy)?;
+    let mut y_ = c.put::<T>(&vec![0.0; n])?;
+    relu::forward_cuda(g, &x_, &mut y_)?;
+    let mut y = vec![0.0; n];
+    relu::forward_cpu(&x, &mut y);
+    c.cmp("relu fwd 2x56x56x256", "y", &y_, &y, t)?;
+    let mut d_ = dx_.clone();
+    relu::backward_cuda(g, &x_, &dy_, &mut d_)?; // mask from x: same sign pattern as y
+    let mut d = dx0.clone();
+    relu::backward_cpu(&x, &dy, &mut d);
+    c.cmp("relu bwd", "dx", &d_, &d, t)?;
+    add::forward_cuda(g, &x_, &b_, &mut y_)?;
+    add::forward_cpu(&x, &b, &mut y);
+    c.cmp("add fwd", "y", &y_, &y, t)?;
+    let mut d_ = dx_.clone();
+    add::scale_backward_cuda(g, &dy_, 0.5, &mut d_)?;
+    let mut d = dx0.clone();
+    add::scale_backward_cpu(&dy, 0.5, &mut d);
+    c.cmp("scale bwd (axpy)", "dx", &d_, &d, t)?;
+    drop((dx_, x_, b_, dy_, y_));
+
+    // convolutions: the stem, a 1x1, a 3x3, a strided 3x3 and the strided 1x1 downsample.
+    let shapes = [
+        (
+            "conv 7x7/2 3->64 @224",
+            conv::ConvParams::new(2, 224, 224, 3, 64, 7, 2, 3),
+        ),
+        (
+            "conv 1x1 256->64 @56",
+            conv::ConvParams::new(2, 56, 56, 256, 64, 1, 1, 0),
+        ),
+        (
+            "conv 3x3 64->64 @56",
+            conv::ConvParams::new(2, 56, 56, 64, 64, 3, 1, 1),
+        ),
+        (
+            "conv 3x3/2 128->128 @56",
+            conv::ConvParams::new(2, 56, 56, 128, 128, 3, 2, 1),
+        ),
+        (
+            "conv 1x1/2 1024->2048 @14",
+            conv::ConvParams::new(2, 14, 14, 1024, 2048, 1, 2, 0),
+        ),
+    ];
+    for (name, p) in shapes {
+        let ws = (2.0 / p.k_dim() as f32).sqrt();
+        let (x, w) = (c.rand::<T>(p.x_len(), 1.0), c.rand::<T>(p.w_len(), ws));
+        let (dy, dx0, dw0) = (
+            c.rand::<T>(p.y_len(), 1.0),
+            c.rand::<T>(p.x_len(), 1.0),
+            c.rand::<T>(p.w_len(), 1.0),
+        );
+        let (x_, w_, dy_) = (c.put::<T>(&x)?, c.put::<T>(&w)?, c.put::<T>(&dy)?);
+        let mut y_ = c.put::<T>(&vec![0.0; p.y_len()])?;
+        conv::forward_cuda(g, &p, &x_, &w_, &mut y_)?;
+        let mut y = vec![0.0; p.y_len()];
+        conv::forward_cpu(&x, &w, &mut y, &p);
+        c.cmp(name, "y", &y_, &y, t)?;
+        let mut dx_ = c.put::<T>(&dx0)?;
+        conv::backward_data_cuda(g, &p, &dy_, &w_, &mut dx_)?;
+        let mut dx = dx0.clone();
+        conv::backward_data_cpu(&dy, &w, &mut dx, &p);
+        c.cmp(name, "dx", &dx_, &dx, t)?;
+        let mut dw_ = c.put::<T>(&dw0)?;
+        conv::backward_weight_cuda(g, &p, &x_, &dy_, &mut dw_)?;
+        let mut dw = dw0.clone();
+        conv::backward_weight_cpu(&x, &dy, &mut dw, &p);
+        c.cmp(name, "dw", &dw_, &dw, t)?;
+    }
+
+    // batch norm: 2-D train with 2 ghost groups, the residual add and ReLU fused; eval; 1-D train.
+    bn::<T>(
+        c,
+        "bn2d train ghost2 +res+relu 2x28x28x512",
+        2 * 28 * 28,
+        512,
+        28 * 28,
+        true,
+        true,
+    )?;
+    bn::<T>(
+        c,
+        "bn2d eval 2x28x28x512",
+        2 * 28 * 28,
+        512,
+        2 * 28 * 28,
+        false,
+        false,
+    )?;
+    bn::<T>(
+        c,
+        "bn1d train 4x50 rows x 4096",
+        4 * 50,
+        4096,
+        4 * 50,
+        true,
+        false,
+    )?;
+
+    // pooling
+    let p = pool::PoolParams::max(2, 112, 112, 64, 3, 2, 1);
+    let (x, dy, dx0) = (
+        c.rand::<T>(p.x_len(), 1.0),
+        c.rand::<T>(p.y_len(), 1.0),
+        c.rand::<T>(p.x_len(), 1.0),
+    );
+    let x_ = c.put::<T>(&x)?;
+    let mut y_ = c.put::<T>(&vec![0.0; p.y_len()])?;
+    let mut arg_ = g.zeros::<u8>(p.y_len())?;
+    pool::maxpool_forward_cuda(g, &p, &x_, &mut y_, &mut arg_)?;
+    let (mut y, mut arg) = (vec![0.0; p.y_len()], vec![0.0; p.y_len()]);
+    pool::maxpool_forward_cpu(&x, &mut y, &mut arg, &p);
+    c.cmp("maxpool 3x3/2 2x112x112x64", "y", &y_, &y, t)?;
+    let mut dx_ = c.put::<T>(&dx0)?;
+    pool::maxpool_backward_cuda(g, &p, &c.put::<T>(&dy)?, &arg_, &mut dx_)?;
+    let mut dx = dx0.clone();
+    pool::maxpool_backward_cpu(&dy, &arg, &mut dx, &p);
+    c.cmp("maxpool 3x3/2 2x112x112x64", "dx", &dx_, &dx, t)?;
+    let p = pool::PoolParams::global_avg(4, 7, 7, 2048);
+    let (x, dy, dx0) = (
+        c.rand::<T>(p.x_len(), 1.0),
+        c.rand::<T>(p.y_len(), 1.0),
+        c.rand::<T>(p.x_len(), 1.0),
+    );
+    let mut y_ = c.put::<T>(&vec![0.0; p.y_len()])?;
+    pool::avgpool_forward_cuda(g, &p, &c.put::<T>(&x)?, &mut y_)?;
+    let mut y = vec![0.0; p.y_len()];
+    pool::avgpool_forward_cpu(&x, &mut y, &p);
+    c.cmp("avgpool 4x7x7x2048", "y", &y_, &y, t)?;
+    let mut dx_ = c.put::<T>(&dx0)?;
+    pool::avgpool_backward_cuda(g, &p, &c.put::<T>(&dy)?, &mut dx_)?;
+    let mut dx = dx0.clone();
+    pool::avgpool_backward_cpu(&dy, &mut dx, &p);
+    c.cmp("avgpool 4x7x7x2048", "dx", &dx_, &dx, t)?;
+
+    // linear: the neck's first layer (2048 -> 4096) and last (4096 -> 256) over 4 x 50 rows.
+    for (name, p) in [
+        (
+            "linear 200x2048->4096",
+            linear::LinearParams::new(200, 2048, 4096),
+        ),
+        (
+            "linear 200x4096->256",
+            linear::LinearParams::new(200, 4096, 256),
+        ),
+    ] {
+        let (r, i, o) = (p.rows as usize, p.c_in as usize, p.c_out as usize);
+        let (x, w) = (
+            c.rand::<T>(r * i, 1.0),
+            c.rand::<T>(o * i, (1.0 / i as f32).sqrt()),
+        );
+        let (dy, dx0, dw0) = (
+            c.rand::<T>(r * o, 1.0),
+            c.rand::<T>(r * i, 1.0),
+            c.rand::<T>(o * i, 1.0),
+        );
+        let (x_, w_, dy_) = (c.put::<T>(&x)?, c.put::<T>(&w)?, c.put::<T>(&dy)?);
+        let mut y_ = c.put::<T>(&vec![0.0; r * o])?;
+        linear::forward_cuda(g, &p, &x_, &w_, &mut y_)?;
+        let mut y = vec![0.0; r * o];
+        linear::forward_cpu(&x, &w, &mut y, &p);
+        c.cmp(name, "y", &y_, &y, t)?;
+        let mut dx_ = c.put::<T>(&dx0)?;
+        linear::backward_data_cuda(g, &p, &dy_, &w_, &mut dx_)?;
+        let mut dx = dx0.clone();
+        linear::backward_data_cpu(&dy, &w, &mut dx, &p);
+        c.cmp(name, "dx", &dx_, &dx, t)?;
+        let mut dw_ = c.put::<T>(&dw0)?;
+        linear::backward_weight_cuda(g, &p, &x_, &dy_, &mut dw_)?;
+        let mut dw = dw0.clone();
+        linear::backward_weight_cpu(&x, &dy, &mut dw, &p);
+        c.cmp(name, "dw", &dw_, &dw, t)?;
+    }
+
+    // the neck: concat / split, the alignment maps, aggregation, the loss (ResNet-50 at 224 px).
+    let (bsz, l, ch, d, heads) = (4usize, 49usize, 2048usize, 256usize, 4usize);
+    let p = concat::ConcatParams::new(bsz, l, ch);
+    let (gv, x, du) = (
+        c.rand::<T>(bsz * ch, 1.0),
+        c.rand::<T>(bsz * l * ch, 1.0),
+        c.rand::<T>(bsz * (l + 1) * ch, 1.0),
+    );
+    let (dg0, dx0) = (c.rand::<T>(bsz * ch, 1.0), c.rand::<T>(bsz * l * ch, 1.0));
+    let mut u_ = c.put::<T>(&vec![0.0; du.len()])?;
+    concat::concat_cuda(g, &p, &c.put::<T>(&gv)?, &c.put::<T>(&x)?, &mut u_)?;
+    let mut u = vec![0.0; du.len()];
+    concat::concat_cpu(&gv, &x, &mut u, &p);
+    c.cmp("concat 4x(1+49)x2048", "u", &u_, &u, t)?;
+    let (mut dg_, mut dx_) = (c.put::<T>(&dg0)?, c.put::<T>(&dx0)?);
+    concat::concat_backward_cuda(g, &p, &c.put::<T>(&du)?, &mut dg_, &mut dx_)?;
+    let (mut dg, mut dx) = (dg0.clone(), dx0.clone());
+    concat::concat_backward_cpu(&du, &mut dg, &mut dx, &p);
+    c.cmp("concat 4x(1+49)x2048", "dg", &dg_, &dg, t)?;
+    c.cmp("concat 4x(1+49)x2048", "dx", &dx_, &dx, t)?;
+    let (mut zg_, mut a_) = (c.put::<T>(&dg0)?, c.put::<T>(&dx0)?);
+    concat::split_cuda(g, &p, &c.put::<T>(&du)?, &mut zg_, &mut a_)?;
+    let (mut zg, mut a) = (dg0.clone(), dx0.clone());
+    concat::split_cpu(&du, &mut zg, &mut a, &p);
+    c.cmp("split 4x(1+49)x2048", "zg", &zg_, &zg, t)?;
+    c.cmp("split 4x(1+49)x2048", "a", &a_, &a, t)?;
+    let mut dz_ = c.put::<T>(&du)?;
+    concat::split_backward_cuda(g, &p, &c.put::<T>(&gv)?, &c.put::<T>(&x)?, &mut dz_)?;
+    let mut dz = du.clone();
+    concat::split_backward_cpu(&gv, &x, &mut dz, &p);
+    c.cmp("split 4x(1+49)x2048", "dz", &dz_, &dz, t)?;
+
+    let rows = bsz * l;
+    let (x, dy, dx0) = (
+        c.rand::<T>(rows * d, 1.0),
+        c.rand::<T>(rows * d, 1.0),
+        c.rand::<T>(rows * d, 0.01),
+    );
+    let (x_, dy_) = (c.put::<T>(&x)?, c.put::<T>(&dy)?);
+    let lp = l2norm::L2NormParams::new(rows, d, 0.5);
+    let mut y_ = c.put::<T>(&vec![0.0; rows * d])?;
+    l2norm::forward_cuda(g, &lp, &x_, &mut y_)?;
+    let mut a = vec![0.0; rows * d];
+    l2norm::forward_cpu(&x, &mut a, &lp);
+    c.cmp("l2norm 196x256 /0.5", "y", &y_, &a, t)?;
+    let mut dx_ = c.put::<T>(&dx0)?;
+    l2norm::backward_cuda(g, &lp, &x_, &dy_, &mut dx_)?;
+    let mut dx = dx0.clone();
+    l2norm::backward_cpu(&x, &dy, &mut dx, &lp);
+    c.cmp("l2norm 196x256 /0.5", "dx", &dx_, &dx, t)?;
+    let sp = softmax::SoftmaxParams::new(bsz, l, d);
+    softmax::forward_cuda(g, &sp, &x_, &mut y_)?;
+    let mut y = vec![0.0; rows * d];
+    softmax::forward_cpu(&x, &mut y, &sp);
+    c.cmp("softmax positions 4x49x256", "y", &y_, &y, t)?;
+    let mut dx_ = c.put::<T>(&dx0)?;
+    softmax::backward_cuda(g, &sp, &c.put::<T>(&y)?, &dy_, &mut dx_)?;
+    let mut dx = dx0.clone();
+    softmax::backward_cpu(&y, &dy, &mut dx, &sp);
+    c.cmp("softmax positions 4x49x256", "dx", &dx_, &dx, t)?;
+    // fused alignment map against l2norm then softmax on the CPU
+    let ap = softmax::AlignParams {
+        b: bsz as i32,
+        l: l as i32,
+        d: d as i32,
+        scale: 0.5,
+        eps: lp.eps,
+    };
+    softmax::align_forward_cuda(g, &ap, &x_, &mut y_)?;
+    let mut ys = vec![0.0; rows * d];
+    softmax::forward_cpu(&a, &mut ys, &sp);
+    c.cmp("align (l2norm+softmax) 4x49x256", "y", &y_, &ys, t)?;
+    let mut scratch = g.zeros::<f32>(rows * d)?;
+    let mut dx_ = c.put::<T>(&dx0)?;
+    let ys_ = c.put::<T>(&ys)?;
+    softmax::align_backward_cuda(g, &ap, (&x_, &ys_, &dy_), &mut scratch, &mut dx_)?;
+    let mut da = vec![0.0; rows * d];
+    softmax::backward_cpu(&ys, &dy, &mut da, &sp);
+    let mut dx = dx0.clone();
+    l2norm::backward_cpu(&x, &da, &mut dx, &lp);
+    c.cmp("align (l2norm+softmax) 4x49x256", "dx", &dx_, &dx, t)?;
+
+    let ap = aggregate::AggregateParams::new(bsz, l, ch, d, heads);
+    let (x, w) = (
+        c.rand::<T>(bsz * l * ch, 1.0),
+        c.rand::<T>(bsz * l * d, 0.1),
+    );
+    let (dv, dx0, dw0) = (
+        c.rand::<T>(ap.v_len(), 1.0),
+        c.rand::<T>(bsz * l * ch, 1.0),
+        c.rand::<T>(bsz * l * d, 1.0),
+    );
+    let (x_, w_) = (c.put::<T>(&x)?, c.put::<T>(&w)?);
+    let mut v_ = c.put::<T>(&vec![0.0; ap.v_len()])?;
+    aggregate::forward_cuda(g, &ap, &x_, &w_, &mut v_)?;
+    let mut v = vec![0.0; ap.v_len()];
+    aggregate::forward_cpu(&x, &w, &mut v, &ap);
+    c.cmp("aggregate 4x49 2048/256 h4", "v", &v_, &v, t)?;
+    let (mut dx_, mut dw_) = (c.put::<T>(&dx0)?, c.put::<T>(&dw0)?);
+    aggregate::backward_cuda(g, &ap, (&x_, &w_, &c.put::<T>(&dv)?), &mut dx_, &mut dw_)?;
+    let (mut dx, mut dw) = (dx0.clone(), dw0.clone());
+    aggregate::backward_cpu(&x, &w, &dv, &mut dx, &mut dw, &ap);
+    c.cmp("aggregate 4x49 2048/256 h4", "dx", &dx_, &dx, t)?;
+    c.cmp("aggregate 4x49 2048/256 h4", "dw", &dw_, &dw, t)?;
+
+    let lp = loss::LossParams::new(64, 256);
+    let (pr, tg, dp0) = (
+        c.rand::<T>(64 * 256, 1.0),
+        c.rand::<T>(64 * 256, 1.0),
+        c.rand::<T>(64 * 256, 0.01),
+    );
+    let (pr_, tg_) = (c.put::<T>(&pr)?, c.put::<T>(&tg)?);
+    let mut cosv = g.zeros::<f32>(64)?;
+    let mut out_ = c.put::<f32>(&[0.0])?;
+    loss::forward_cuda(g, &lp, (&pr_, &tg_), &mut cosv, &mut out_)?;
+    let l_cpu = loss::forward_cpu(&pr, &tg, &lp);
+    c.cmp("loss 64x256", "loss", &out_, &[l_cpu], 1e-10)?;
+    let mut dp_ = c.put::<T>(&dp0)?;
+    loss::backward_cuda(g, &lp, (&pr_, &tg_), &c.put::<f32>(&[0.7])?, &mut dp_)?;
+    let mut dp = dp0.clone();
+    loss::backward_cpu(&pr, &tg, 0.7, &mut dp, &lp);
+    c.cmp("loss 64x256", "dpred", &dp_, &dp, t)?;
+    Ok(())
+}
+
+/// One batch-norm configuration, forward and backward.
+fn bn<T: GpuFloat>(
+    c: &mut Ctx,
+    name: &str,
+    rows: usize,
+    ch: usize,
+    group_rows: usize,
+    train: bool,
+    fused: bool,
+) -> Result<()> {
+    let g = c.g;
+    let t = tol::<T>();
+    let p = batchnorm::BnParams::new(rows, ch).ghost(group_rows);
+    let groups = p.groups();
+    let n = rows * ch;
+    let x: Vec<f32> = c.rand::<T>(n, 2.0).iter().map(|v| v + 0.5).collect();
+    let x: Vec<f32> = x.iter().map(|&v| T::from_f32(v).to_f32()).collect();
+    let (res, dy, dx0, dres0) = (
+        c.rand::<T>(n, 1.0),
+        c.rand::<T>(n, 1.0),
+        c.rand::<T>(n, 1.0),
+        c.rand::<T>(n, 1.0),
+    );
+    let gamma: Vec<f32> = (0..ch).map(|_| 1.0 + 0.2 * c.rng.normal() as f32).collect();
+    let beta: Vec<f32> = (0..ch).map(|_| 0.2 * c.rng.normal() as f32).collect();
+    let rm: Vec<f32> = (0..ch).map(|_| 0.3 * c.rng.normal() as f32).collect();
+    let rv: Vec<f32> = (0..ch)
+        .map(|_| 1.0 + 0.5 * c.rng.uniform() as f32)
+        .collect();
+    let (dg0, db0): (Vec<f32>, Vec<f32>) = (c.rand::<f32>(ch, 1.0), c.rand::<f32>(ch, 1.0));
+
+    // CPU
+    let (mut y, mut mean, mut rstd) =
+        (vec![0.0; n], vec![0.0; groups * ch], vec![0.0; groups * ch]);
+    let (mut rm_c, mut rv_c) = (rm.clone(), rv.clone());
+    if train {
+        batchnorm::forward_train_cpu(
+            &x, &gamma, &beta, &mut y, &mut mean, &mut rstd, &mut rm_c, &mut rv_c, &p,
+        );
+    } else {
+        batchnorm::forward_eval_cpu(&x, &gamma, &beta, &rm, &rv, &mut y, &p);
+    }
+    if fused {
+        for (v, r) in y.iter_mut().zip(&res) {
+            *v = (*v + r).max(0.0);
+        }
+    }
+    let dy_eff: Vec<f32> = if fused {
+        dy.iter()
+            .zip(&y)
+            .map(|(d, o)| if *o > 0.0 { *d } else { 0.0 })
+            .collect()
+    } else {
+        dy.clone()
+    };
+    let (mut dx, mut dgam, mut dbet, mut dres) =
+        (dx0.clone(), dg0.clone(), db0.clone(), dres0.clone());
+    if fused {
+        for (a, b) in dres.iter_mut().zip(&dy_eff) {
+            *a += b;
+        }
+    }
+    if train {
+        batchnorm::backward_train_cpu(
+            &x, &dy_eff, &gamma, &mean, &rstd, &mut dx, &mut dgam, &mut dbet, &p,
+        );
+    } else {
+        batchnorm::backward_eval_cpu(
+            &x, &dy_eff, &gamma, &rm, &rv, &mut dx, &mut dgam, &mut dbet, &p,
+        );
+    }
+
+    // GPU
+    let x_ = c.put::<T>(&x)?;
+    let (gamma_, beta_) = (c.put::<f32>(&gamma)?, c.put::<f32>(&beta)?);
+    let (mut rm_, mut rv_) = (c.put::<f32>(&rm)?, c.put::<f32>(&rv)?);
+    let res_ = c.put::<T>(&res)?;
+    let mut y_ = c.put::<T>(&vec![0.0; n])?;
+    let (mut mean_, mut rstd_) = (
+        c.put::<f32>(&vec![0.0; groups * ch])?,
+        c.put::<f32>(&vec![0.0; groups * ch])?,
+    );
+    let res_opt = if fused { Some(&res_) } else { None };
+    if train {
+        batchnorm::forward_train_cuda(
+            g,
+            &p,
+            &x_,
+            (&gamma_, &beta_),
+            (&mut rm_, &mut rv_),
+            res_opt,
+            fused,
+            &mut y_,
+            (&mut mean_, &mut rstd_),
+        )?;
+    } else {
+        batchnorm::forward_eval_cuda(
+            g,
+            &p,
+            &x_,
+            (&gamma_, &beta_),
+            (&rm_, &rv_),
+            res_opt,
+            fused,
+            &mut y_,
+            (&mut mean_, &mut rstd_),
+        )?;
+    }
+    c.cmp(name, "y", &y_, &y, t)?;
+    if train {
+        c.cmp(name, "mean", &mean_, &mean, 1e-9)?;
+        c.cmp(name, "rstd", &rstd_, &rstd, 1e-9)?;
+        c.cmp(name, "running_mean", &rm_, &rm_c, 1e-9)?;
+        c.cmp(name, "running_var", &rv_, &rv_c, 1e-9)?;
+    }
+    let dy_ = c.put::<T>(&dy)?;
+    let (mut dx_, mut dres_) = (c.put::<T>(&dx0)?, c.put::<T>(&dres0)?);
+    let (mut dg_, mut db_) = (c.put::<f32>(&dg0)?, c.put::<f32>(&db0)?);
+    batchnorm::backward_cuda(
+        g,
+        &p,
+        train,
+        &x_,
+        &dy_,
+        if fused { Some(&y_) } else { None },
+        (&mean_, &rstd_),
+        &gamma_,
+        (&mut dg_, &mut db_),
+        &mut dx_,
+        if fused { Some(&mut dres_) } else { None },
+    )?;
+    c.cmp(name, "dx", &dx_, &dx, t)?;
+    c.cmp(name, "dgamma", &dg_, &dgam, t)?;
+    c.cmp(name, "dbeta", &db_, &dbet, t)?;
+    if fused {
+        c.cmp(name, "dres", &dres_, &dres, t)?;
+    }
+    Ok(())
+}
+
+/// LARS and EMA over flat f32 buffers (three tensors, the middle one excluded).
+fn optim(c: &mut Ctx) -> Result<()> {
+    use crate::memory::SizeTable;
+    use crate::optim::{ema_update, ema_update_cuda, lars_step, GpuLars, LarsConfig};
+    use crate::tensor::Shape;
+    let g = c.g;
+    let mut table = SizeTable::default();
+    table.push("a.weight", Shape::new(&[64, 64, 3, 3]));
+    table.push("a.bias", Shape::new(&[300]));
+    table.push("b.weight", Shape::new(&[20_000, 3]));
+    let excluded = [false, true, false];
+    let n = table.total;
+    let (w, gr, buf) = (
+        c.rand::<f32>(n, 0.1),
+        c.rand::<f32>(n, 0.01),
+        c.rand::<f32>(n, 0.01),
+    );
+    let cfg = LarsConfig {
+        lr: 0.9,
+        weight_decay: 1.5e-6,
+        momentum: 0.9,
+        eta: 0.001,
+    };
+    let (mut w_, gr_, mut buf_) = (c.put::<f32>(&w)?, c.put::<f32>(&gr)?, c.put::<f32>(&buf)?);
+    // The flat buffers carry the sentinel tail; LARS reads only the table's range.
+    let mut lars = GpuLars::new(g, &table, &excluded)?;
+    lars.step(g, &mut w_, &gr_, &mut buf_, &cfg)?;
+    let (mut w_c, mut buf_c) = (w.clone(), buf.clone());
+    lars_step(&table, &excluded, &mut w_c, &gr, &mut buf_c, &cfg);
+    c.cmp("LARS step 3 tensors", "params", &w_, &w_c, 1e-12)?;
+    c.cmp("LARS step 3 tensors", "momentum", &buf_, &buf_c, 1e-12)?;
+    let online = c.rand::<f32>(n, 0.1);
+    let mut t_ = g.upload::<f32>(&w)?;
+    let on_ = g.upload::<f32>(&online)?;
+    ema_update_cuda(g, &mut t_, &on_, 0.996)?;
+    let mut t_c = w.clone();
+    ema_update(&mut t_c, &online, 0.996);
+    let all = g.download(&t_)?;
+    let nmse = all[..n]
+        .iter()
+        .zip(&t_c)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        / t_c.iter().map(|b| (*b as f64).powi(2)).sum::<f64>();
+    c.rows.push(Row {
+        op: "EMA update".into(),
+        dtype: "f32",
+        output: "target",
+        nmse,
+        tol: 0.0,
+        failure: if nmse == 0.0 {
+            String::new()
+        } else {
+            format!("not bitwise equal (NMSE {nmse:.2e})")
+        },
+    });
+    Ok(())
+}
+
+/// The table as text.
+pub fn table(rows: &[Row]) -> String {
+    let mut s = format!(
+        "{:<40} {:<5} {:<13} {:>10} {:>8}  result\n",
+        "op", "dtype", "output", "NMSE", "tol"
+    );
+    for r in rows {
+        s += &format!(
+            "{:<40} {:<5} {:<13} {:>10.2e} {:>8.0e}  {}\n",
+            r.op,
+            r.dtype,
+            r.output,
+            r.nmse,
+            r.tol,
+            if r.pass() { "ok" } else { &r.failure }
+        );
+    }
+    s
+}

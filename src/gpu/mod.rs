@@ -1,0 +1,383 @@
+//! The CUDA backend: one GPU, its stream, the compiled kernels as typed handles, cuBLAS and cuDNN.
+//!
+//! Everything CUDA is dlopen'ed by cudarc, so this module builds everywhere; [`Gpu::new`] checks each
+//! library before first use and turns absence into one sentence naming it and the fix
+//! (scripts/cuda-env.sh). Op launchers live with their CPU references in `src/ops/<op>.rs`; this
+//! module holds what they share: the kernel registry, dtype plumbing, the row-major GEMM and the
+//! cuDNN convolution plans.
+
+pub mod check;
+pub mod nvrtc;
+
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A storage dtype of activations on the GPU: f32 or bf16 (arithmetic is f32 in every kernel).
+pub trait GpuFloat:
+    DeviceRepr + ValidAsZeroBits + cudarc::cudnn::CudnnDataType + Copy + Default + Unpin + 'static
+{
+    const DTYPE: DType;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl GpuFloat for f32 {
+    const DTYPE: DType = DType::F32;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl GpuFloat for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+/// A kernel compiled for both storage dtypes (`<name>_f32`, `<name>_bf16`).
+pub struct Pair {
+    pub f32: CudaFunction,
+    pub bf16: CudaFunction,
+}
+
+impl Pair {
+    pub fn get<T: GpuFloat>(&self) -> &CudaFunction {
+        match T::DTYPE {
+            DType::F32 => &self.f32,
+            DType::BF16 => &self.bf16,
+        }
+    }
+}
+
+fn load_fn(m: &Arc<CudaModule>, file: &str, name: &str) -> Result<CudaFunction> {
+    m.load_function(name)
+        .map_err(|e| Error::Cuda(format!("kernel {name} missing from kernels/{file}: {e:?}")))
+}
+
+/// Declares the kernel registry: for every file, its kernels, `pair` (both dtypes) or `one`.
+macro_rules! registry {
+    ($( $file:literal { $( $kind:ident $name:ident ),* $(,)? } )*) => {
+        /// Every kernel the host launches, as a typed handle.
+        pub struct Kernels { $( $( pub $name: registry!(@ty $kind), )* )* }
+
+        impl Kernels {
+            fn load(modules: &HashMap<&'static str, Arc<CudaModule>>) -> Result<Kernels> {
+                Ok(Kernels { $( $(
+                    $name: registry!(@load $kind, &modules[$file], $file, stringify!($name)),
+                )* )* })
+            }
+
+            /// (file, C symbol) of every registered kernel: the compile test checks each exists.
+            pub fn symbols() -> Vec<(&'static str, String)> {
+                let mut v = Vec::new();
+                $( $( registry!(@names $kind, v, $file, stringify!($name)); )* )*
+                v
+            }
+        }
+    };
+    (@ty pair) => { Pair };
+    (@ty one) => { CudaFunction };
+    (@load pair, $m:expr, $f:expr, $n:expr) => {
+        Pair { f32: load_fn($m, $f, &format!("{}_f32", $n))?, bf16: load_fn($m, $f, &format!("{}_bf16", $n))? }
+    };
+    (@load one, $m:expr, $f:expr, $n:expr) => { load_fn($m, $f, $n)? };
+    (@names pair, $v:ident, $f:expr, $n:expr) => {
+        $v.push(($f, format!("{}_f32", $n)));
+        $v.push(($f, format!("{}_bf16", $n)));
+    };
+    (@names one, $v:ident, $f:expr, $n:expr) => { $v.push(($f, $n.to_string())); };
+}
+
+registry! {
+    "add.cu" { pair add_fwd, pair scale_fwd, pair axpy }
+    "batchnorm.cu" {
+        pair bn_stats_partial, one bn_finalize_mean, one bn_finalize_var, one bn_eval_stats,
+        pair bn_apply, pair bn_bwd_partial, one bn_bwd_finalize, pair bn_bwd_apply,
+    }
+    "cast.cu" { one cast_f32_to_bf16, one cast_bf16_to_f32, one fill_f32 }
+    "concat.cu" { pair concat_fwd, pair concat_bwd, pair split_fwd, pair split_bwd }
+    "l2norm.cu" { pair l2norm_fwd, pair l2norm_bwd }
+    "loss.cu" { pair loss_rows, one loss_reduce, pair loss_bwd }
+    "optim.cu" { one lars_norms, one lars_trust, one lars_update, one ema_update }
+    "pool.cu" { pair maxpool_fwd, pair maxpool_bwd, pair avgpool_fwd, pair avgpool_bwd }
+    "relu.cu" { pair relu_fwd, pair relu_bwd }
+    "softmax.cu" { pair softmax_fwd, pair softmax_bwd, pair align_fwd, pair align_bwd }
+}
+
+/// A null device pointer for optional kernel arguments.
+pub static NULL: u64 = 0;
+
+/// One GPU with everything the ops need.
+pub struct Gpu {
+    pub ordinal: usize,
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub k: Kernels,
+    pub blas: CudaBlas,
+    pub cudnn: Arc<cudarc::cudnn::Cudnn>,
+    pub name: String,
+    pub cc: (i32, i32),
+    /// Only deterministic cuDNN algorithms (and no float atomics anywhere: none of our kernels use
+    /// them).
+    pub deterministic: bool,
+    pub(crate) conv_cache: std::cell::RefCell<HashMap<ConvKey, crate::ops::conv::ConvAlgos>>,
+    pub(crate) workspace: std::cell::RefCell<Option<CudaSlice<u8>>>,
+}
+
+/// Key of a convolution plan: the shape and the storage dtype.
+pub(crate) type ConvKey = (crate::ops::conv::ConvParams, DType);
+
+const HINT: &str =
+    "run through scripts/cuda-env.sh, or put the library's folder on LD_LIBRARY_PATH";
+
+impl Gpu {
+    /// Opens GPU `ordinal`: checks the driver, the GPU (compute capability 7.5 or newer) and the
+    /// libraries, then compiles (or loads from the cache) every kernel for this GPU's arch.
+    pub fn new(ordinal: usize, deterministic: bool) -> Result<Gpu> {
+        let probe = crate::device::probe();
+        if let Err(e) = &probe.driver {
+            return Err(Error::Cuda(format!(
+                "--device cuda: {e}; install the NVIDIA driver or use --device cpu"
+            )));
+        }
+        let Some(g) = probe.gpus.get(ordinal) else {
+            return Err(Error::Cuda(format!(
+                "--device cuda:{ordinal}: {} GPU(s) found",
+                probe.gpus.len()
+            )));
+        };
+        if g.1 < (7, 5) {
+            return Err(Error::Cuda(format!(
+                "--device cuda:{ordinal}: {} has compute capability {}.{}; lewel needs 7.5 or newer",
+                g.0, g.1 .0, g.1 .1
+            )));
+        }
+        for (lib, found) in &probe.libraries {
+            if let (Err(e), true) = (found, *lib != "NCCL") {
+                return Err(Error::Cuda(format!("--device cuda: {e}")));
+            }
+        }
+        let cuda = |what: &str, e: String| Error::Cuda(format!("{what}: {e}"));
+        let ctx = CudaContext::new(ordinal).map_err(|e| cuda("CUDA context", format!("{e:?}")))?;
+        // SAFETY: called before any allocation; we order work on one stream ourselves.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let cc = g.1;
+        let mut modules = HashMap::new();
+        for (file, src) in nvrtc::SOURCES {
+            let c = nvrtc::cubin_cached(file, src, cc)?;
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin))
+                .map_err(|e| cuda(&format!("loading kernels/{file}"), format!("{e:?}")))?;
+            modules.insert(*file, m);
+        }
+        let k = Kernels::load(&modules)?;
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| cuda(&format!("cuBLAS ({HINT})"), format!("{e:?}")))?;
+        let cudnn = cudarc::cudnn::Cudnn::new(stream.clone())
+            .map_err(|e| cuda(&format!("cuDNN ({HINT})"), format!("{e:?}")))?;
+        let gpu = Gpu {
+            ordinal,
+            ctx,
+            stream,
+            k,
+            blas,
+            cudnn,
+            name: g.0.clone(),
+            cc,
+            deterministic,
+            conv_cache: Default::default(),
+            workspace: Default::default(),
+        };
+        gpu.set_tf32(true)?;
+        Ok(gpu)
+    }
+
+    /// Switches TF32 tensor cores for f32 GEMMs and convolutions on or off (off: exact f32, for
+    /// checks against the CPU).
+    pub fn set_tf32(&self, on: bool) -> Result<()> {
+        let mode = if on {
+            blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the handle is valid for the lifetime of self.
+        let r = unsafe { blas_sys::cublasSetMathMode(*self.blas.handle(), mode) };
+        if r != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(Error::Cuda(format!("cublasSetMathMode: {r:?}")));
+        }
+        // Algorithm choices depend on the math type: choose again.
+        self.conv_cache.borrow_mut().clear();
+        Ok(())
+    }
+
+    /// Whether TF32 is on (read back from cuBLAS, the one place it is set).
+    pub fn tf32(&self) -> bool {
+        let mut mode = blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH;
+        // SAFETY: the handle is valid; the call writes one enum.
+        unsafe { blas_sys::cublasGetMathMode(*self.blas.handle(), &mut mode) };
+        mode == blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+    }
+
+    pub fn err(&self, what: &str, e: impl std::fmt::Debug) -> Error {
+        Error::Cuda(format!(
+            "{what} on {} (cuda:{}): {e:?}",
+            self.name, self.ordinal
+        ))
+    }
+
+    /// Uploads f32 host values as dtype T.
+    pub fn upload<T: GpuFloat>(&self, v: &[f32]) -> Result<CudaSlice<T>> {
+        let h: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+        self.stream
+            .clone_htod(&h)
+            .map_err(|e| self.err("upload", e))
+    }
+
+    /// Downloads as f32 host values (waits for the stream).
+    pub fn download<T: GpuFloat>(&self, d: &CudaSlice<T>) -> Result<Vec<f32>> {
+        let h: Vec<T> = self
+            .stream
+            .clone_dtoh(d)
+            .map_err(|e| self.err("download", e))?;
+        Ok(h.into_iter().map(T::to_f32).collect())
+    }
+
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(n.max(1))
+            .map_err(|e| self.err(&format!("allocating {n} elements"), e))
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| self.err("kernel", e))
+    }
+
+    /// A workspace of at least `bytes`, grown (never shrunk) as plans need.
+    pub(crate) fn workspace(
+        &self,
+        bytes: usize,
+    ) -> Result<std::cell::RefMut<'_, Option<CudaSlice<u8>>>> {
+        let mut w = self.workspace.borrow_mut();
+        if w.as_ref().is_none_or(|b| b.len() < bytes) {
+            *w = Some(
+                self.stream
+                    .alloc_zeros::<u8>(bytes.max(1))
+                    .map_err(|e| self.err(&format!("workspace of {bytes} bytes"), e))?,
+            );
+        }
+        Ok(w)
+    }
+
+    /// Row-major GEMM: C (m, n) = alpha * op(A) * op(B) + beta * C, with op(A) (m, k) and op(B)
+    /// (k, n); `ta`/`tb` mean A is stored (k, m) / B is stored (n, k); lda, ldb, ldc are row
+    /// strides. Batched over `batch` with element strides (sa, sb, sc) when batch > 1. f32
+    /// accumulation for both dtypes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm<T: GpuFloat, A: DevicePtr<T>, B: DevicePtr<T>, C: DevicePtrMut<T>>(
+        &self,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        (a, lda): (&A, usize),
+        (b, ldb): (&B, usize),
+        beta: f32,
+        (c, ldc): (&mut C, usize),
+        (batch, sa, sb, sc): (usize, usize, usize, usize),
+    ) -> Result<()>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        // Column-major view: C^T (n, m) = op(B)^T (n, k) * op(A)^T (k, m).
+        let cfg = GemmConfig {
+            transa: if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
+            transb: if ta { CUBLAS_OP_T } else { CUBLAS_OP_N },
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: T::from_f32(1.0),
+            lda: ldb as i32,
+            ldb: lda as i32,
+            beta: T::from_f32(beta),
+            ldc: ldc as i32,
+        };
+        // SAFETY: the callers size a, b, c for these shapes and strides (asserted in the ops).
+        let r = unsafe {
+            if batch <= 1 {
+                self.blas.gemm(cfg, b, a, c)
+            } else {
+                self.blas.gemm_strided_batched(
+                    StridedBatchedConfig {
+                        gemm: cfg,
+                        batch_size: batch as i32,
+                        stride_a: sb as i64,
+                        stride_b: sa as i64,
+                        stride_c: sc as i64,
+                    },
+                    b,
+                    a,
+                    c,
+                )
+            }
+        };
+        r.map_err(|e| self.err("cuBLAS gemm", e))
+    }
+}
+
+/// Launches a built kernel call, naming the kernel in the error.
+pub fn run(g: &Gpu, mut b: LaunchArgs<'_>, cfg: LaunchConfig, name: &str) -> Result<()> {
+    // SAFETY: every launcher passes arguments matching its kernel's C signature, with buffers sized
+    // for the params it passes (the op's asserts check lengths first).
+    unsafe { b.launch(cfg) }
+        .map(|_| ())
+        .map_err(|e| g.err(name, e))
+}
+
+/// Pushes an optional buffer, or a null pointer.
+pub fn opt<'a, T>(b: &mut LaunchArgs<'a>, v: Option<&'a CudaSlice<T>>) {
+    match v {
+        Some(s) => b.arg(s),
+        None => b.arg(&NULL),
+    };
+}
+
+/// Pushes an optional mutable buffer, or a null pointer.
+pub fn opt_mut<'a, T>(b: &mut LaunchArgs<'a>, v: Option<&'a mut CudaSlice<T>>) {
+    match v {
+        Some(s) => b.arg(s),
+        None => b.arg(&NULL),
+    };
+}
+
+/// A 1-D launch covering n elements with 256-thread blocks (grid-stride loops cover the rest).
+pub fn grid_1d(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A launch of `blocks` blocks of `threads` threads.
+pub fn blocks(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
