@@ -10,21 +10,29 @@ struct LossParams {
     float eps;
 };
 
+// Sums over row r of |P_r|^2, |T_r|^2 and P_r . T_r, returned to every thread of the block.
+template <typename T>
+__device__ void row_moments(const T* pred, const T* target, LossParams p, int r, float* scratch, float* pp,
+                            float* tt, float* pt) {
+    u64 o = (u64)r * p.d;
+    float a2 = 0.0f, b2 = 0.0f, ab = 0.0f;
+    for (int j = threadIdx.x; j < p.d; j += blockDim.x) {
+        float a = ld(pred, o + j), b = ld(target, o + j);
+        a2 += a * a;
+        b2 += b * b;
+        ab += a * b;
+    }
+    *pp = block_sum(a2, scratch);
+    *tt = block_sum(b2, scratch);
+    *pt = block_sum(ab, scratch);
+}
+
 template <typename T>
 __device__ void loss_rows(const T* pred, const T* target, LossParams p, float* cosv) {
     __shared__ float scratch[32];
     for (int r = blockIdx.x; r < p.n; r += gridDim.x) {
-        u64 o = (u64)r * p.d;
-        float pp = 0.0f, tt = 0.0f, pt = 0.0f;
-        for (int j = threadIdx.x; j < p.d; j += blockDim.x) {
-            float a = ld(pred, o + j), b = ld(target, o + j);
-            pp += a * a;
-            tt += b * b;
-            pt += a * b;
-        }
-        pp = block_sum(pp, scratch);
-        tt = block_sum(tt, scratch);
-        pt = block_sum(pt, scratch);
+        float pp, tt, pt;
+        row_moments(pred, target, p, r, scratch, &pp, &tt, &pt);
         if (threadIdx.x == 0) cosv[r] = pt / (fmaxf(sqrtf(pp), p.eps) * fmaxf(sqrtf(tt), p.eps));
     }
 }
@@ -46,16 +54,8 @@ __device__ void loss_bwd(const T* pred, const T* target, const float* dloss, Los
     float g = dloss[0] * -2.0f / (float)p.n;
     for (int r = blockIdx.x; r < p.n; r += gridDim.x) {
         u64 o = (u64)r * p.d;
-        float pp = 0.0f, tt = 0.0f, pt = 0.0f;
-        for (int j = threadIdx.x; j < p.d; j += blockDim.x) {
-            float a = ld(pred, o + j), b = ld(target, o + j);
-            pp += a * a;
-            tt += b * b;
-            pt += a * b;
-        }
-        pp = block_sum(pp, scratch);
-        tt = block_sum(tt, scratch);
-        pt = block_sum(pt, scratch);
+        float pp, tt, pt;
+        row_moments(pred, target, p, r, scratch, &pp, &tt, &pt);
         float np = sqrtf(pp), inv_t = 1.0f / fmaxf(sqrtf(tt), p.eps);
         if (np > p.eps) {
             float inv_p = 1.0f / np;

@@ -161,17 +161,6 @@ use crate::gpu::{Gpu, GpuFloat};
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::CudaSlice;
 
-fn dims(p: &AggregateParams) -> (usize, usize, usize, usize, usize, usize) {
-    let (b, l, c, d, h) = (
-        p.b as usize,
-        p.l as usize,
-        p.c as usize,
-        p.d as usize,
-        p.heads as usize,
-    );
-    (b, l, c, d, h, d / h)
-}
-
 /// v (B, K, C) = per head w_bh^T x_bh.
 pub fn forward_cuda<T: GpuFloat>(
     g: &Gpu,
@@ -183,9 +172,8 @@ pub fn forward_cuda<T: GpuFloat>(
 where
     CudaBlas: Gemm<T>,
 {
-    let (b, l, c, d, heads, k) = dims(p);
-    let cn = c / heads;
-    for h in 0..heads {
+    let (b, l, c, d, k, cn) = p.dims();
+    for h in 0..p.heads as usize {
         let (wv, xv) = (w.slice(h * k..), x.slice(h * cn..));
         let mut vv = v.slice_mut(h * cn..);
         g.gemm(
@@ -212,9 +200,8 @@ pub fn backward_cuda<T: GpuFloat>(
 where
     CudaBlas: Gemm<T>,
 {
-    let (b, l, c, d, heads, k) = dims(p);
-    let cn = c / heads;
-    for h in 0..heads {
+    let (b, l, c, d, k, cn) = p.dims();
+    for h in 0..p.heads as usize {
         let (wv, xv, dvv) = (w.slice(h * k..), x.slice(h * cn..), dv.slice(h * cn..));
         let mut dxv = dx.slice_mut(h * cn..);
         g.gemm(

@@ -3,6 +3,9 @@
 //!   y[b, p, d] = exp(x[b, p, d] - max_p) / sum_p' exp(x[b, p', d] - max_p)
 //! Backward: dx[b, p, d] += y[b, p, d] * (dy[b, p, d] - sum_p' y[b, p', d] dy[b, p', d]).
 //! Saved for backward: the output y.
+//! The GPU also has the fused alignment map ([`AlignParams`]): this softmax applied to the per-row
+//! L2 norm with temperature of src/ops/l2norm.rs, one kernel each way; its CPU reference is that
+//! composition (l2norm, then softmax).
 
 use super::Real;
 use rayon::prelude::*;
@@ -17,6 +20,17 @@ pub struct SoftmaxParams {
     pub b: i32,
     pub l: i32,
     pub d: i32,
+}
+
+/// Parameters of the fused alignment map: softmax over positions of x / max(|x_row|, eps) / scale.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AlignParams {
+    pub b: i32,
+    pub l: i32,
+    pub d: i32,
+    pub scale: f32,
+    pub eps: f32,
 }
 
 impl SoftmaxParams {
@@ -125,17 +139,6 @@ pub fn backward_cuda<T: GpuFloat>(
     let mut b = g.stream.launch_builder(g.k.softmax_bwd.get::<T>());
     b.arg(y).arg(dy).arg(dx).arg(p);
     run(g, b, grid_1d(p.b as usize * p.d as usize), "softmax_bwd")
-}
-
-/// Parameters of the fused alignment map: softmax over positions of x / max(|x_row|, eps) / scale.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AlignParams {
-    pub b: i32,
-    pub l: i32,
-    pub d: i32,
-    pub scale: f32,
-    pub eps: f32,
 }
 
 /// y = softmax_positions(l2norm(x) / scale), x and y (B, L, D).
