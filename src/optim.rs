@@ -134,30 +134,31 @@ pub fn ema_update(target: &mut [f32], online: &[f32], m: f64) {
 
 // ---- CUDA launchers (kernels/optim.cu)
 
+use crate::gpu::{blocks, grid_1d, need, run, Dev, DevMut, Gpu};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
 /// Elements per chunk of the flat buffers (a chunk never crosses a tensor).
 const GPU_CHUNK: usize = 16_384;
 
 /// LARS over flat device buffers: the chunk table and scratch, built once from the size table.
 pub struct GpuLars {
+    /// Elements the table covers: the least each flat buffer must hold.
+    total: usize,
     chunks: usize,
     tensors: i32,
-    chunk_tensor: cudarc::driver::CudaSlice<i32>,
-    chunk_len: cudarc::driver::CudaSlice<i32>,
-    chunk_start: cudarc::driver::CudaSlice<u64>,
-    tensor_first: cudarc::driver::CudaSlice<i32>,
-    tensor_chunks: cudarc::driver::CudaSlice<i32>,
-    excluded: cudarc::driver::CudaSlice<u8>,
-    partial: cudarc::driver::CudaSlice<f32>,
-    scale: cudarc::driver::CudaSlice<f64>,
-    wdv: cudarc::driver::CudaSlice<f64>,
+    chunk_tensor: CudaSlice<i32>,
+    chunk_len: CudaSlice<i32>,
+    chunk_start: CudaSlice<u64>,
+    tensor_first: CudaSlice<i32>,
+    tensor_chunks: CudaSlice<i32>,
+    excluded: CudaSlice<u8>,
+    partial: CudaSlice<f32>,
+    scale: CudaSlice<f64>,
+    wdv: CudaSlice<f64>,
 }
 
 impl GpuLars {
-    pub fn new(
-        g: &crate::gpu::Gpu,
-        table: &SizeTable,
-        excluded: &[bool],
-    ) -> crate::Result<GpuLars> {
+    pub fn new(g: &Gpu, table: &SizeTable, excluded: &[bool]) -> crate::Result<GpuLars> {
         assert_eq!(
             excluded.len(),
             table.entries.len(),
@@ -181,6 +182,7 @@ impl GpuLars {
         let st = &g.stream;
         let ex: Vec<u8> = excluded.iter().map(|&x| x as u8).collect();
         Ok(GpuLars {
+            total: table.total,
             chunks: ct.len(),
             tensors: tf.len() as i32,
             chunk_tensor: st.clone_htod(&ct).map_err(up)?,
@@ -195,20 +197,30 @@ impl GpuLars {
         })
     }
 
-    /// One LARS step, as [`lars_step`]: three launches over the flat buffers.
+    /// One LARS step, as [`lars_step`]: three launches over the flat buffers, each holding at
+    /// least the table's total.
     pub fn step(
         &mut self,
-        g: &crate::gpu::Gpu,
-        params: &mut cudarc::driver::CudaSlice<f32>,
-        grads: &cudarc::driver::CudaSlice<f32>,
-        buf: &mut cudarc::driver::CudaSlice<f32>,
+        g: &Gpu,
+        params: &mut impl DevMut<f32>,
+        grads: &impl Dev<f32>,
+        buf: &mut impl DevMut<f32>,
         c: &LarsConfig,
     ) -> crate::Result<()> {
-        use crate::gpu::{blocks, grid_1d, run};
-        use cudarc::driver::PushKernelArg;
+        let n = self.total;
+        need(
+            "GpuLars::step",
+            &[
+                ("params", params.len(), n),
+                ("grads", grads.len(), n),
+                ("buf", buf.len(), n),
+            ],
+        )?;
+        let (mut params, grads, mut buf) = (params.view_mut(), grads.view(), buf.view_mut());
+        let pv = params.as_view();
         let mut b = g.stream.launch_builder(&g.k.lars_norms);
-        b.arg(&*params)
-            .arg(grads)
+        b.arg(&pv)
+            .arg(&grads)
             .arg(&self.chunk_len)
             .arg(&self.chunk_start);
         b.arg(&mut self.partial);
@@ -225,9 +237,9 @@ impl GpuLars {
         b.arg(&mut self.scale).arg(&mut self.wdv);
         run(g, b, grid_1d(self.tensors as usize), "lars_trust")?;
         let mut b = g.stream.launch_builder(&g.k.lars_update);
-        b.arg(params)
-            .arg(grads)
-            .arg(buf)
+        b.arg(&mut params)
+            .arg(&grads)
+            .arg(&mut buf)
             .arg(&self.chunk_tensor)
             .arg(&self.chunk_len);
         b.arg(&self.chunk_start)
@@ -238,19 +250,20 @@ impl GpuLars {
     }
 }
 
-/// target = m * target + (1 - m) * online over a flat buffer, as [`ema_update`], in one launch.
+/// target = m * target + (1 - m) * online over a flat buffer, as [`ema_update`], in one launch,
+/// over target's length.
 pub fn ema_update_cuda(
-    g: &crate::gpu::Gpu,
-    target: &mut cudarc::driver::CudaSlice<f32>,
-    online: &cudarc::driver::CudaSlice<f32>,
+    g: &Gpu,
+    target: &mut impl DevMut<f32>,
+    online: &impl Dev<f32>,
     m: f64,
 ) -> crate::Result<()> {
-    use cudarc::driver::PushKernelArg;
-    assert_eq!(target.len(), online.len(), "ema_update_cuda: lengths");
-    let n = target.len() as u64;
+    let n = target.len();
+    need("ema_update_cuda", &[("online", online.len(), n)])?;
+    let (mut target, online, n) = (target.view_mut(), online.view(), n as u64);
     let mut b = g.stream.launch_builder(&g.k.ema_update);
-    b.arg(target).arg(online).arg(&n).arg(&m);
-    crate::gpu::run(g, b, crate::gpu::grid_1d(n as usize), "ema_update")
+    b.arg(&mut target).arg(&online).arg(&n).arg(&m);
+    run(g, b, grid_1d(n as usize), "ema_update")
 }
 
 #[cfg(test)]

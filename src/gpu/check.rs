@@ -7,7 +7,7 @@
 //! before the CPU sees them, so the error measured is the GPU's arithmetic and storage alone.
 //! Gradient buffers start from random values on both sides: the check also holds `+=`.
 
-use super::{Gpu, GpuFloat};
+use super::{accum_f32_cuda, cast_from_f32_cuda, Gpu, GpuFloat};
 use crate::error::Result;
 use crate::ops::{
     add, aggregate, batchnorm, concat, conv, l2norm, linear, loss, pool, relu, softmax,
@@ -19,6 +19,7 @@ use cudarc::driver::CudaSlice;
 /// Sentinel written after every output (exact in f32 and bf16).
 const SENT: f32 = 1024.0;
 const TAIL: usize = 64;
+const SENT_CHANGED: &str = "wrote past its end (sentinel changed)";
 
 /// One line of the table.
 #[derive(Clone, Debug)]
@@ -96,7 +97,7 @@ impl Ctx<'_> {
         if let Some(i) = gpu.iter().position(|v| !v.is_finite()) {
             failure = format!("non-finite at {i}: {}", gpu[i]);
         } else if tail.iter().any(|&v| v != SENT) {
-            failure = "wrote past its end (sentinel changed)".into();
+            failure = SENT_CHANGED.into();
         } else if nmse.is_nan() || nmse > tol {
             failure = format!("NMSE {nmse:.2e} > {tol:.0e}");
         }
@@ -106,6 +107,47 @@ impl Ctx<'_> {
             output,
             nmse,
             tol,
+            failure,
+        });
+        Ok(())
+    }
+
+    /// Records a row that passes only when the device output equals the CPU's bit for bit (its
+    /// NMSE over finite values is shown) and its sentinel tail is intact.
+    fn bitwise<S: GpuFloat>(
+        &mut self,
+        (op, dtype, output): (&str, &'static str, &'static str),
+        d: &CudaSlice<S>,
+        cpu: &[f32],
+    ) -> Result<()> {
+        let all = self.g.download(d)?;
+        let (gpu, tail) = all.split_at(cpu.len());
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (a, b) in gpu.iter().zip(cpu) {
+            if a.is_finite() && b.is_finite() {
+                num += ((a - b) as f64).powi(2);
+                den += (*b as f64).powi(2);
+            }
+        }
+        let first = gpu
+            .iter()
+            .zip(cpu)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        let failure = match first {
+            Some(i) => format!(
+                "differs at {i}: gpu {:#010x}, cpu {:#010x}",
+                gpu[i].to_bits(),
+                cpu[i].to_bits()
+            ),
+            None if tail.iter().any(|&v| v != SENT) => SENT_CHANGED.into(),
+            None => String::new(),
+        };
+        self.rows.push(Row {
+            op: op.into(),
+            dtype,
+            output,
+            nmse: num / den.max(1e-30),
+            tol: 0.0,
             failure,
         });
         Ok(())
@@ -125,6 +167,8 @@ pub fn run_ops(g: &Gpu, seed: u64) -> Result<Vec<Row>> {
     g.set_tf32(tf32)?;
     r?;
     optim(&mut c)?;
+    cast::<f32>(&mut c)?;
+    cast::<half::bf16>(&mut c)?;
     Ok(c.rows)
 }
 
@@ -525,7 +569,6 @@ fn bn<T: GpuFloat>(
         c.put::<f32>(&vec![0.0; groups * ch])?,
         c.put::<f32>(&vec![0.0; groups * ch])?,
     );
-    let res_opt = if fused { Some(&res_) } else { None };
     if train {
         batchnorm::forward_train_cuda(
             g,
@@ -533,7 +576,7 @@ fn bn<T: GpuFloat>(
             &x_,
             (&gamma_, &beta_),
             (&mut rm_, &mut rv_),
-            res_opt,
+            fused.then(|| res_.as_view()),
             fused,
             &mut y_,
             (&mut mean_, &mut rstd_),
@@ -545,7 +588,7 @@ fn bn<T: GpuFloat>(
             &x_,
             (&gamma_, &beta_),
             (&rm_, &rv_),
-            res_opt,
+            fused.then(|| res_.as_view()),
             fused,
             &mut y_,
             (&mut mean_, &mut rstd_),
@@ -567,12 +610,12 @@ fn bn<T: GpuFloat>(
         train,
         &x_,
         &dy_,
-        if fused { Some(&y_) } else { None },
+        fused.then(|| y_.as_view()),
         (&mean_, &rstd_),
         &gamma_,
         (&mut dg_, &mut db_),
         &mut dx_,
-        if fused { Some(&mut dres_) } else { None },
+        fused.then(|| dres_.as_view_mut()),
     )?;
     c.cmp(name, "dx", &dx_, &dx, t)?;
     c.cmp(name, "dgamma", &dg_, &dgam, t)?;
@@ -640,6 +683,46 @@ fn optim(c: &mut Ctx) -> Result<()> {
         },
     });
     Ok(())
+}
+
+/// The mixed-precision conversions against the host's: the cast to T (round to nearest even for
+/// bf16, half::bf16::from_f32) and the f32 accumulation, both bitwise.
+fn cast<T: GpuFloat>(c: &mut Ctx) -> Result<()> {
+    let g = c.g;
+    let dtype = dtype_name::<T>();
+    // Values over many binades, then what rounding gets wrong: ties to even both ways (1 + 2^-8
+    // stays 1, 1 + 3 * 2^-8 goes up), overflow of the largest f32 to infinity, infinities, quiet
+    // and signalling NaN, subnormals, negative zero.
+    let mut src: Vec<f32> = (0..100_000)
+        .map(|i| c.rng.normal() as f32 * 10f32.powi(i % 17 - 8))
+        .collect();
+    src.extend(
+        [
+            0x3f80_8000u32,
+            0x3f81_8000,
+            0xbf80_8000,
+            0x7f7f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0001,
+            0x7f80_0001,
+            0x0000_0001,
+            0x0040_8000,
+            0x8000_0000,
+        ]
+        .map(f32::from_bits),
+    );
+    let n = src.len();
+    // Sources carry no tail, so the launch covers exactly n and the destination's tail must survive.
+    let mut dst_ = c.put::<T>(&vec![0.0; n])?;
+    cast_from_f32_cuda(g, &g.upload::<f32>(&src)?, &mut dst_)?;
+    let cpu: Vec<f32> = src.iter().map(|&v| T::from_f32(v).to_f32()).collect();
+    c.bitwise(("cast from f32 100k + specials", dtype, "dst"), &dst_, &cpu)?;
+    let (acc0, inc) = (c.rand::<f32>(n, 1.0), c.rand::<T>(n, 1.0));
+    let mut acc_ = c.put::<f32>(&acc0)?;
+    accum_f32_cuda(g, &g.upload::<T>(&inc)?, &mut acc_)?;
+    let cpu: Vec<f32> = acc0.iter().zip(&inc).map(|(a, b)| a + b).collect();
+    c.bitwise(("accumulate into f32 100k", dtype, "acc"), &acc_, &cpu)
 }
 
 /// The table as text.

@@ -77,54 +77,64 @@ pub fn scale_backward_cpu<T: Real>(dy: &[T], alpha: T, dx: &mut [T]) {
 // ----------------------------------------------------------------------------
 // Tests
 
-// ---- CUDA launchers (kernels/add.cu)
+// ---- CUDA launchers (kernels/add.cu). Elementwise over the first input's length; the other
+// buffers may be longer (windows of larger ones).
 
-use crate::gpu::{grid_1d, run, Gpu, GpuFloat};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use crate::gpu::{grid_1d, need, run, Dev, DevMut, Gpu, GpuFloat};
+use cudarc::driver::PushKernelArg;
 
 pub fn forward_cuda<T: GpuFloat>(
     g: &Gpu,
-    a: &CudaSlice<T>,
-    bb: &CudaSlice<T>,
-    y: &mut CudaSlice<T>,
+    a: &impl Dev<T>,
+    bb: &impl Dev<T>,
+    y: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
-    let n = a.len() as u64;
+    let n = a.len();
+    need(
+        "add::forward_cuda",
+        &[("b", bb.len(), n), ("y", y.len(), n)],
+    )?;
+    let (a, bb, mut y, n) = (a.view(), bb.view(), y.view_mut(), n as u64);
     let mut b = g.stream.launch_builder(g.k.add_fwd.get::<T>());
-    b.arg(a).arg(bb).arg(y).arg(&n);
+    b.arg(&a).arg(&bb).arg(&mut y).arg(&n);
     run(g, b, grid_1d(n as usize), "add_fwd")
 }
 
 /// dx += dy (the add's backward, once per input).
 pub fn backward_cuda<T: GpuFloat>(
     g: &Gpu,
-    dy: &CudaSlice<T>,
-    dx: &mut CudaSlice<T>,
+    dy: &impl Dev<T>,
+    dx: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
     scale_backward_cuda(g, dy, 1.0, dx)
 }
 
 pub fn scale_forward_cuda<T: GpuFloat>(
     g: &Gpu,
-    x: &CudaSlice<T>,
+    x: &impl Dev<T>,
     alpha: f32,
-    y: &mut CudaSlice<T>,
+    y: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
-    let n = x.len() as u64;
+    let n = x.len();
+    need("add::scale_forward_cuda", &[("y", y.len(), n)])?;
+    let (x, mut y, n) = (x.view(), y.view_mut(), n as u64);
     let mut b = g.stream.launch_builder(g.k.scale_fwd.get::<T>());
-    b.arg(x).arg(&alpha).arg(y).arg(&n);
+    b.arg(&x).arg(&alpha).arg(&mut y).arg(&n);
     run(g, b, grid_1d(n as usize), "scale_fwd")
 }
 
 /// dx += alpha * dy.
 pub fn scale_backward_cuda<T: GpuFloat>(
     g: &Gpu,
-    dy: &CudaSlice<T>,
+    dy: &impl Dev<T>,
     alpha: f32,
-    dx: &mut CudaSlice<T>,
+    dx: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
-    let n = dy.len() as u64;
+    let n = dy.len();
+    need("add::scale_backward_cuda", &[("dx", dx.len(), n)])?;
+    let (dy, mut dx, n) = (dy.view(), dx.view_mut(), n as u64);
     let mut b = g.stream.launch_builder(g.k.axpy.get::<T>());
-    b.arg(dy).arg(&alpha).arg(dx).arg(&n);
+    b.arg(&dy).arg(&alpha).arg(&mut dx).arg(&n);
     run(g, b, grid_1d(n as usize), "axpy")
 }
 

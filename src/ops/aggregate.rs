@@ -157,21 +157,32 @@ pub fn backward_cpu<T: Real>(
 
 // ---- CUDA launchers: one cuBLAS strided-batched GEMM per head, batched over samples.
 
-use crate::gpu::{Gpu, GpuFloat};
+use crate::gpu::{need, Dev, DevMut, Gpu, GpuFloat};
 use cudarc::cublas::{CudaBlas, Gemm};
-use cudarc::driver::CudaSlice;
+
+/// Lengths of x (B, L, C), w (B, L, D) and v (B, K, C).
+fn lens(p: &AggregateParams) -> (usize, usize, usize) {
+    let (b, l, c, d, _, _) = p.dims();
+    (b * l * c, b * l * d, p.v_len())
+}
 
 /// v (B, K, C) = per head w_bh^T x_bh.
 pub fn forward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &AggregateParams,
-    x: &CudaSlice<T>,
-    w: &CudaSlice<T>,
-    v: &mut CudaSlice<T>,
+    x: &impl Dev<T>,
+    w: &impl Dev<T>,
+    v: &mut impl DevMut<T>,
 ) -> crate::Result<()>
 where
     CudaBlas: Gemm<T>,
 {
+    let (nx, nw, nv) = lens(p);
+    need(
+        "aggregate::forward_cuda",
+        &[("x", x.len(), nx), ("w", w.len(), nw), ("v", v.len(), nv)],
+    )?;
+    let (x, w, mut v) = (x.view(), w.view(), v.view_mut());
     let (b, l, c, d, k, cn) = p.dims();
     for h in 0..p.heads as usize {
         let (wv, xv) = (w.slice(h * k..), x.slice(h * cn..));
@@ -193,13 +204,26 @@ where
 pub fn backward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &AggregateParams,
-    (x, w, dv): (&CudaSlice<T>, &CudaSlice<T>, &CudaSlice<T>),
-    dx: &mut CudaSlice<T>,
-    dw: &mut CudaSlice<T>,
+    (x, w, dv): (&impl Dev<T>, &impl Dev<T>, &impl Dev<T>),
+    dx: &mut impl DevMut<T>,
+    dw: &mut impl DevMut<T>,
 ) -> crate::Result<()>
 where
     CudaBlas: Gemm<T>,
 {
+    let (nx, nw, nv) = lens(p);
+    need(
+        "aggregate::backward_cuda",
+        &[
+            ("x", x.len(), nx),
+            ("w", w.len(), nw),
+            ("dv", dv.len(), nv),
+            ("dx", dx.len(), nx),
+            ("dw", dw.len(), nw),
+        ],
+    )?;
+    let (x, w, dv) = (x.view(), w.view(), dv.view());
+    let (mut dx, mut dw) = (dx.view_mut(), dw.view_mut());
     let (b, l, c, d, k, cn) = p.dims();
     for h in 0..p.heads as usize {
         let (wv, xv, dvv) = (w.slice(h * k..), x.slice(h * cn..), dv.slice(h * cn..));

@@ -303,8 +303,8 @@ pub fn backward_eval_cpu<T: Real>(
 
 // ---- CUDA launchers (kernels/batchnorm.cu)
 
-use crate::gpu::{grid_1d, opt, opt_mut, run, Gpu, GpuFloat};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use crate::gpu::{grid_1d, need, opt, opt_mut, run, Dev, DevMut, Gpu, GpuFloat, NULL};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 /// Chunks per statistics group: enough blocks to fill a GPU, at least 64 rows per chunk.
 fn chunks(p: &BnParams) -> i32 {
@@ -325,41 +325,74 @@ fn stats_cfg(p: &BnParams, chunks: i32) -> LaunchConfig {
     }
 }
 
+/// (R*C, C, G*C) of p.
+fn sizes(p: &BnParams) -> (usize, usize, usize) {
+    let c = p.c as usize;
+    (p.rows as usize * c, c, p.groups() * c)
+}
+
 /// Train-mode forward: statistics of every group into `mean`/`rstd` (G, C), running stats of
 /// group 0 updated, y = relu?(gamma * xhat + beta + res?).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_train_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &BnParams,
-    x: &CudaSlice<T>,
-    (gamma, beta): (&CudaSlice<f32>, &CudaSlice<f32>),
-    (running_mean, running_var): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
-    res: Option<&CudaSlice<T>>,
+    x: &impl Dev<T>,
+    (gamma, beta): (&impl Dev<f32>, &impl Dev<f32>),
+    (running_mean, running_var): (&mut impl DevMut<f32>, &mut impl DevMut<f32>),
+    res: Option<CudaView<'_, T>>,
     relu: bool,
-    y: &mut CudaSlice<T>,
-    (mean, rstd): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+    y: &mut impl DevMut<T>,
+    (mean, rstd): (&mut impl DevMut<f32>, &mut impl DevMut<f32>),
 ) -> crate::Result<()> {
+    let (n, c, gc) = sizes(p);
+    need(
+        "batchnorm::forward_train_cuda",
+        &[
+            ("x", x.len(), n),
+            ("gamma", gamma.len(), c),
+            ("beta", beta.len(), c),
+            ("running_mean", running_mean.len(), c),
+            ("running_var", running_var.len(), c),
+            ("res", res.as_ref().map_or(n, |r| r.len()), n),
+            ("y", y.len(), n),
+            ("mean", mean.len(), gc),
+            ("rstd", rstd.len(), gc),
+        ],
+    )?;
     let ch = chunks(p);
-    let mut partial = g.zeros::<f32>(p.groups() * ch as usize * p.c as usize)?;
-    let gc = p.groups() * p.c as usize;
+    let mut scratch = g.scratch(gc * ch as usize)?;
+    // Every element the finalize kernels read is written by bn_stats_partial first: no zeroing.
+    let mut partial = scratch.slice_mut(..gc * ch as usize);
+    let x = x.view();
+    let (mut mean, mut rstd) = (mean.view_mut(), rstd.view_mut());
+    let (mut rm, mut rv) = (running_mean.view_mut(), running_var.view_mut());
     let mut b = g.stream.launch_builder(g.k.bn_stats_partial.get::<T>());
-    b.arg(x)
-        .arg(p)
-        .arg(&ch)
-        .arg(&crate::gpu::NULL)
-        .arg(&mut partial);
+    b.arg(&x).arg(p).arg(&ch).arg(&NULL).arg(&mut partial);
     run(g, b, stats_cfg(p, ch), "bn_stats_partial")?;
+    let pv = partial.as_view();
     let mut b = g.stream.launch_builder(&g.k.bn_finalize_mean);
-    b.arg(&partial).arg(p).arg(&ch).arg(&mut *mean);
+    b.arg(&pv).arg(p).arg(&ch).arg(&mut mean);
     run(g, b, grid_1d(gc), "bn_finalize_mean")?;
+    let mv = mean.as_view();
     let mut b = g.stream.launch_builder(g.k.bn_stats_partial.get::<T>());
-    b.arg(x).arg(p).arg(&ch).arg(&*mean).arg(&mut partial);
+    b.arg(&x).arg(p).arg(&ch).arg(&mv).arg(&mut partial);
     run(g, b, stats_cfg(p, ch), "bn_stats_partial")?;
+    let pv = partial.as_view();
     let mut b = g.stream.launch_builder(&g.k.bn_finalize_var);
-    b.arg(&partial).arg(p).arg(&ch).arg(&*mean).arg(&mut *rstd);
-    b.arg(running_mean).arg(running_var);
+    b.arg(&pv).arg(p).arg(&ch).arg(&mv).arg(&mut rstd);
+    b.arg(&mut rm).arg(&mut rv);
     run(g, b, grid_1d(gc), "bn_finalize_var")?;
-    apply(g, p, x, (&*mean, &*rstd), (gamma, beta), res, relu, y)
+    apply(
+        g,
+        p,
+        &x,
+        (&mv, &rstd.as_view()),
+        (gamma, beta),
+        res,
+        relu,
+        y,
+    )
 }
 
 /// Eval-mode forward with the running statistics; `mean`/`rstd` (C) receive them for backward.
@@ -367,44 +400,60 @@ pub fn forward_train_cuda<T: GpuFloat>(
 pub fn forward_eval_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &BnParams,
-    x: &CudaSlice<T>,
-    (gamma, beta): (&CudaSlice<f32>, &CudaSlice<f32>),
-    (running_mean, running_var): (&CudaSlice<f32>, &CudaSlice<f32>),
-    res: Option<&CudaSlice<T>>,
+    x: &impl Dev<T>,
+    (gamma, beta): (&impl Dev<f32>, &impl Dev<f32>),
+    (running_mean, running_var): (&impl Dev<f32>, &impl Dev<f32>),
+    res: Option<CudaView<'_, T>>,
     relu: bool,
-    y: &mut CudaSlice<T>,
-    (mean, rstd): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+    y: &mut impl DevMut<T>,
+    (mean, rstd): (&mut impl DevMut<f32>, &mut impl DevMut<f32>),
 ) -> crate::Result<()> {
     let pe = BnParams {
         group_rows: p.rows,
         ..*p
     };
+    let (n, c, _) = sizes(&pe);
+    need(
+        "batchnorm::forward_eval_cuda",
+        &[
+            ("x", x.len(), n),
+            ("gamma", gamma.len(), c),
+            ("beta", beta.len(), c),
+            ("running_mean", running_mean.len(), c),
+            ("running_var", running_var.len(), c),
+            ("res", res.as_ref().map_or(n, |r| r.len()), n),
+            ("y", y.len(), n),
+            ("mean", mean.len(), c),
+            ("rstd", rstd.len(), c),
+        ],
+    )?;
+    let (rm, rv) = (running_mean.view(), running_var.view());
+    let (mut mean, mut rstd) = (mean.view_mut(), rstd.view_mut());
     let mut b = g.stream.launch_builder(&g.k.bn_eval_stats);
-    b.arg(running_mean)
-        .arg(running_var)
-        .arg(&pe)
-        .arg(&mut *mean)
-        .arg(&mut *rstd);
-    run(g, b, grid_1d(p.c as usize), "bn_eval_stats")?;
-    apply(g, &pe, x, (&*mean, &*rstd), (gamma, beta), res, relu, y)
+    b.arg(&rm).arg(&rv).arg(&pe).arg(&mut mean).arg(&mut rstd);
+    run(g, b, grid_1d(c), "bn_eval_stats")?;
+    let (mean, rstd) = (mean.as_view(), rstd.as_view());
+    apply(g, &pe, x, (&mean, &rstd), (gamma, beta), res, relu, y)
 }
 
+/// y = relu?(gamma * xhat + beta + res?); the callers checked every length.
 #[allow(clippy::too_many_arguments)]
 fn apply<T: GpuFloat>(
     g: &Gpu,
     p: &BnParams,
-    x: &CudaSlice<T>,
-    (mean, rstd): (&CudaSlice<f32>, &CudaSlice<f32>),
-    (gamma, beta): (&CudaSlice<f32>, &CudaSlice<f32>),
-    res: Option<&CudaSlice<T>>,
+    x: &impl Dev<T>,
+    (mean, rstd): (&CudaView<'_, f32>, &CudaView<'_, f32>),
+    (gamma, beta): (&impl Dev<f32>, &impl Dev<f32>),
+    res: Option<CudaView<'_, T>>,
     relu: bool,
-    y: &mut CudaSlice<T>,
+    y: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
     let relu = relu as i32;
+    let (x, gamma, beta, mut y) = (x.view(), gamma.view(), beta.view(), y.view_mut());
     let mut b = g.stream.launch_builder(g.k.bn_apply.get::<T>());
-    b.arg(x).arg(p).arg(mean).arg(rstd).arg(gamma).arg(beta);
-    opt(&mut b, res);
-    b.arg(&relu).arg(y);
+    b.arg(&x).arg(p).arg(mean).arg(rstd).arg(&gamma).arg(&beta);
+    opt(&mut b, res.as_ref());
+    b.arg(&relu).arg(&mut y);
     run(g, b, grid_1d(p.rows as usize * p.c as usize), "bn_apply")
 }
 
@@ -416,14 +465,14 @@ pub fn backward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &BnParams,
     train: bool,
-    x: &CudaSlice<T>,
-    dy: &CudaSlice<T>,
-    y: Option<&CudaSlice<T>>,
-    (mean, rstd): (&CudaSlice<f32>, &CudaSlice<f32>),
-    gamma: &CudaSlice<f32>,
-    (dgamma, dbeta): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
-    dx: &mut CudaSlice<T>,
-    dres: Option<&mut CudaSlice<T>>,
+    x: &impl Dev<T>,
+    dy: &impl Dev<T>,
+    y: Option<CudaView<'_, T>>,
+    (mean, rstd): (&impl Dev<f32>, &impl Dev<f32>),
+    gamma: &impl Dev<f32>,
+    (dgamma, dbeta): (&mut impl DevMut<f32>, &mut impl DevMut<f32>),
+    dx: &mut impl DevMut<T>,
+    mut dres: Option<CudaViewMut<'_, T>>,
 ) -> crate::Result<()> {
     let p = if train {
         *p
@@ -433,36 +482,56 @@ pub fn backward_cuda<T: GpuFloat>(
             ..*p
         }
     };
+    let (n, c, gc) = sizes(&p);
+    need(
+        "batchnorm::backward_cuda",
+        &[
+            ("x", x.len(), n),
+            ("dy", dy.len(), n),
+            ("y", y.as_ref().map_or(n, |v| v.len()), n),
+            ("mean", mean.len(), gc),
+            ("rstd", rstd.len(), gc),
+            ("gamma", gamma.len(), c),
+            ("dgamma", dgamma.len(), c),
+            ("dbeta", dbeta.len(), c),
+            ("dx", dx.len(), n),
+            ("dres", dres.as_ref().map_or(n, |v| v.len()), n),
+        ],
+    )?;
     let ch = chunks(&p);
-    let c = p.c as usize;
-    let mut partial = g.zeros::<f32>(p.groups() * ch as usize * 2 * c)?;
-    let mut gsum = g.zeros::<f32>(p.groups() * 2 * c)?;
+    let np = gc * ch as usize * 2;
+    let mut scratch = g.scratch(np + 2 * gc)?;
+    // bn_bwd_partial writes all of `partial`, bn_bwd_finalize all of `gsum`, before any read.
+    let (mut partial, mut gsum) = scratch.split_at_mut(np);
+    let (x, dy, mean, rstd, gamma) = (x.view(), dy.view(), mean.view(), rstd.view(), gamma.view());
+    let (mut dgamma, mut dbeta, mut dx) = (dgamma.view_mut(), dbeta.view_mut(), dx.view_mut());
     let mut b = g.stream.launch_builder(g.k.bn_bwd_partial.get::<T>());
-    b.arg(x).arg(dy);
-    opt(&mut b, y);
-    b.arg(&p).arg(&ch).arg(mean).arg(rstd).arg(&mut partial);
+    b.arg(&x).arg(&dy);
+    opt(&mut b, y.as_ref());
+    b.arg(&p).arg(&ch).arg(&mean).arg(&rstd).arg(&mut partial);
     run(g, b, stats_cfg(&p, ch), "bn_bwd_partial")?;
+    let pv = partial.as_view();
     let mut b = g.stream.launch_builder(&g.k.bn_bwd_finalize);
-    b.arg(&partial)
+    b.arg(&pv)
         .arg(&p)
         .arg(&ch)
         .arg(&mut gsum)
-        .arg(dgamma)
-        .arg(dbeta);
+        .arg(&mut dgamma)
+        .arg(&mut dbeta);
     run(g, b, grid_1d(c), "bn_bwd_finalize")?;
-    let train = train as i32;
+    let (gsum, train) = (gsum.as_view(), train as i32);
     let mut b = g.stream.launch_builder(g.k.bn_bwd_apply.get::<T>());
-    b.arg(x).arg(dy);
-    opt(&mut b, y);
+    b.arg(&x).arg(&dy);
+    opt(&mut b, y.as_ref());
     b.arg(&p)
-        .arg(mean)
-        .arg(rstd)
-        .arg(gamma)
+        .arg(&mean)
+        .arg(&rstd)
+        .arg(&gamma)
         .arg(&gsum)
         .arg(&train)
-        .arg(dx);
-    opt_mut(&mut b, dres);
-    run(g, b, grid_1d(p.rows as usize * c), "bn_bwd_apply")
+        .arg(&mut dx);
+    opt_mut(&mut b, dres.as_mut());
+    run(g, b, grid_1d(n), "bn_bwd_apply")
 }
 
 // SAFETY: #[repr(C)] of plain i32/f32 fields, the layout of the kernels' BnParams.

@@ -112,59 +112,97 @@ pub fn split_backward_cpu<T: Real>(dzg: &[T], da: &[T], dz: &mut [T], p: &Concat
 
 // ---- CUDA launchers (kernels/concat.cu)
 
-use crate::gpu::{grid_1d, run, Gpu, GpuFloat};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use crate::gpu::{grid_1d, need, run, Dev, DevMut, Gpu, GpuFloat};
+use cudarc::driver::PushKernelArg;
 
-fn joined(p: &ConcatParams) -> usize {
-    p.b as usize * (p.l as usize + 1) * p.c as usize
+/// Lengths of the pooled (B, C), map (B, L, C) and joined (B, 1+L, C) tensors.
+fn lens(p: &ConcatParams) -> (usize, usize, usize) {
+    let (b, l, c) = p.dims();
+    (b * c, b * l * c, b * (l + 1) * c)
 }
 
+/// u = [g; x] along positions.
 pub fn concat_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &ConcatParams,
-    gv: &CudaSlice<T>,
-    x: &CudaSlice<T>,
-    u: &mut CudaSlice<T>,
+    gv: &impl Dev<T>,
+    x: &impl Dev<T>,
+    u: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let (ng, nx, nu) = lens(p);
+    need(
+        "concat::concat_cuda",
+        &[("g", gv.len(), ng), ("x", x.len(), nx), ("u", u.len(), nu)],
+    )?;
+    let (gv, x, mut u) = (gv.view(), x.view(), u.view_mut());
     let mut b = g.stream.launch_builder(g.k.concat_fwd.get::<T>());
-    b.arg(gv).arg(x).arg(u).arg(p);
-    run(g, b, grid_1d(joined(p)), "concat_fwd")
+    b.arg(&gv).arg(&x).arg(&mut u).arg(p);
+    run(g, b, grid_1d(nu), "concat_fwd")
 }
 
+/// dg += du's row 0, dx += du's rows 1..
 pub fn concat_backward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &ConcatParams,
-    du: &CudaSlice<T>,
-    dg: &mut CudaSlice<T>,
-    dx: &mut CudaSlice<T>,
+    du: &impl Dev<T>,
+    dg: &mut impl DevMut<T>,
+    dx: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let (ng, nx, nu) = lens(p);
+    need(
+        "concat::concat_backward_cuda",
+        &[
+            ("du", du.len(), nu),
+            ("dg", dg.len(), ng),
+            ("dx", dx.len(), nx),
+        ],
+    )?;
+    let (du, mut dg, mut dx) = (du.view(), dg.view_mut(), dx.view_mut());
     let mut b = g.stream.launch_builder(g.k.concat_bwd.get::<T>());
-    b.arg(du).arg(dg).arg(dx).arg(p);
-    run(g, b, grid_1d(joined(p)), "concat_bwd")
+    b.arg(&du).arg(&mut dg).arg(&mut dx).arg(p);
+    run(g, b, grid_1d(nu), "concat_bwd")
 }
 
+/// zg = z's row 0, a = z's rows 1..
 pub fn split_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &ConcatParams,
-    z: &CudaSlice<T>,
-    zg: &mut CudaSlice<T>,
-    a: &mut CudaSlice<T>,
+    z: &impl Dev<T>,
+    zg: &mut impl DevMut<T>,
+    a: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let (ng, nx, nu) = lens(p);
+    need(
+        "concat::split_cuda",
+        &[("z", z.len(), nu), ("zg", zg.len(), ng), ("a", a.len(), nx)],
+    )?;
+    let (z, mut zg, mut a) = (z.view(), zg.view_mut(), a.view_mut());
     let mut b = g.stream.launch_builder(g.k.split_fwd.get::<T>());
-    b.arg(z).arg(zg).arg(a).arg(p);
-    run(g, b, grid_1d(joined(p)), "split_fwd")
+    b.arg(&z).arg(&mut zg).arg(&mut a).arg(p);
+    run(g, b, grid_1d(nu), "split_fwd")
 }
 
+/// dz += [dzg; da].
 pub fn split_backward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &ConcatParams,
-    dzg: &CudaSlice<T>,
-    da: &CudaSlice<T>,
-    dz: &mut CudaSlice<T>,
+    dzg: &impl Dev<T>,
+    da: &impl Dev<T>,
+    dz: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let (ng, nx, nu) = lens(p);
+    need(
+        "concat::split_backward_cuda",
+        &[
+            ("dzg", dzg.len(), ng),
+            ("da", da.len(), nx),
+            ("dz", dz.len(), nu),
+        ],
+    )?;
+    let (dzg, da, mut dz) = (dzg.view(), da.view(), dz.view_mut());
     let mut b = g.stream.launch_builder(g.k.split_bwd.get::<T>());
-    b.arg(dzg).arg(da).arg(dz).arg(p);
-    run(g, b, grid_1d(joined(p)), "split_bwd")
+    b.arg(&dzg).arg(&da).arg(&mut dz).arg(p);
+    run(g, b, grid_1d(nu), "split_bwd")
 }
 
 // SAFETY: #[repr(C)] of i32 fields, the layout of the kernels' ConcatParams.

@@ -301,7 +301,7 @@ pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvPar
 // backward passes use ALGO_1 (the deterministic ones; ALGO_0 and ALGO_3 sum with atomics).
 // Backward adds (beta = 1) into dx and dw.
 
-use crate::gpu::{Gpu, GpuFloat};
+use crate::gpu::{need, Dev, DevMut, Gpu, GpuFloat};
 use crate::tensor::DType;
 use cudarc::cudnn::sys::{
     cudnnConvolutionBwdDataAlgo_t as BwdData, cudnnConvolutionBwdFilterAlgo_t as BwdFilter,
@@ -311,7 +311,6 @@ use cudarc::cudnn::{
     ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, FilterDescriptor,
     TensorDescriptor,
 };
-use cudarc::driver::CudaSlice;
 
 /// The algorithms chosen for one convolution shape.
 #[derive(Clone, Copy, Debug)]
@@ -409,10 +408,18 @@ fn algos<T: GpuFloat>(g: &Gpu, p: &ConvParams, d: &Descs<T>) -> crate::Result<Co
 pub fn forward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &ConvParams,
-    x: &CudaSlice<T>,
-    w: &CudaSlice<T>,
-    y: &mut CudaSlice<T>,
+    x: &impl Dev<T>,
+    w: &impl Dev<T>,
+    y: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    need(
+        "conv::forward_cuda",
+        &[
+            ("x", x.len(), p.x_len()),
+            ("w", w.len(), p.w_len()),
+            ("y", y.len(), p.y_len()),
+        ],
+    )?;
     let d = descs::<T>(g, p)?;
     let a = algos(g, p, &d)?;
     let op = ConvForward {
@@ -431,9 +438,9 @@ pub fn forward_cuda<T: GpuFloat>(
             a.fwd,
             ws.as_mut(),
             (T::from_f32(1.0), T::from_f32(0.0)),
-            x,
-            w,
-            y,
+            &x.view(),
+            &w.view(),
+            &mut y.view_mut(),
         )
     }
     .map_err(|e| g.err("cuDNN conv forward", e))
@@ -443,10 +450,18 @@ pub fn forward_cuda<T: GpuFloat>(
 pub fn backward_data_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &ConvParams,
-    dy: &CudaSlice<T>,
-    w: &CudaSlice<T>,
-    dx: &mut CudaSlice<T>,
+    dy: &impl Dev<T>,
+    w: &impl Dev<T>,
+    dx: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    need(
+        "conv::backward_data_cuda",
+        &[
+            ("dy", dy.len(), p.y_len()),
+            ("w", w.len(), p.w_len()),
+            ("dx", dx.len(), p.x_len()),
+        ],
+    )?;
     let d = descs::<T>(g, p)?;
     let a = algos(g, p, &d)?;
     let op = ConvBackwardData {
@@ -465,9 +480,9 @@ pub fn backward_data_cuda<T: GpuFloat>(
             a.bwd_data,
             ws.as_mut(),
             (T::from_f32(1.0), T::from_f32(1.0)),
-            dx,
-            w,
-            dy,
+            &mut dx.view_mut(),
+            &w.view(),
+            &dy.view(),
         )
     }
     .map_err(|e| g.err("cuDNN conv backward data", e))
@@ -477,10 +492,18 @@ pub fn backward_data_cuda<T: GpuFloat>(
 pub fn backward_weight_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &ConvParams,
-    x: &CudaSlice<T>,
-    dy: &CudaSlice<T>,
-    dw: &mut CudaSlice<T>,
+    x: &impl Dev<T>,
+    dy: &impl Dev<T>,
+    dw: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    need(
+        "conv::backward_weight_cuda",
+        &[
+            ("x", x.len(), p.x_len()),
+            ("dy", dy.len(), p.y_len()),
+            ("dw", dw.len(), p.w_len()),
+        ],
+    )?;
     let d = descs::<T>(g, p)?;
     let a = algos(g, p, &d)?;
     let op = ConvBackwardFilter {
@@ -499,9 +522,9 @@ pub fn backward_weight_cuda<T: GpuFloat>(
             a.bwd_filter,
             ws.as_mut(),
             (T::from_f32(1.0), T::from_f32(1.0)),
-            x,
-            dw,
-            dy,
+            &x.view(),
+            &mut dw.view_mut(),
+            &dy.view(),
         )
     }
     .map_err(|e| g.err("cuDNN conv backward filter", e))

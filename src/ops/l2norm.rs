@@ -102,17 +102,23 @@ pub fn backward_cpu<T: Real>(x: &[T], dy: &[T], dx: &mut [T], p: &L2NormParams) 
 
 // ---- CUDA launchers (kernels/l2norm.cu): a warp per row, 8 rows per block.
 
-use crate::gpu::{blocks, run, Gpu, GpuFloat};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use crate::gpu::{blocks, need, run, Dev, DevMut, Gpu, GpuFloat};
+use cudarc::driver::PushKernelArg;
 
 pub fn forward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &L2NormParams,
-    x: &CudaSlice<T>,
-    y: &mut CudaSlice<T>,
+    x: &impl Dev<T>,
+    y: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let n = p.rows as usize * p.d as usize;
+    need(
+        "l2norm::forward_cuda",
+        &[("x", x.len(), n), ("y", y.len(), n)],
+    )?;
+    let (x, mut y) = (x.view(), y.view_mut());
     let mut b = g.stream.launch_builder(g.k.l2norm_fwd.get::<T>());
-    b.arg(x).arg(y).arg(p);
+    b.arg(&x).arg(&mut y).arg(p);
     run(
         g,
         b,
@@ -124,12 +130,18 @@ pub fn forward_cuda<T: GpuFloat>(
 pub fn backward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &L2NormParams,
-    x: &CudaSlice<T>,
-    dy: &CudaSlice<T>,
-    dx: &mut CudaSlice<T>,
+    x: &impl Dev<T>,
+    dy: &impl Dev<T>,
+    dx: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let n = p.rows as usize * p.d as usize;
+    need(
+        "l2norm::backward_cuda",
+        &[("x", x.len(), n), ("dy", dy.len(), n), ("dx", dx.len(), n)],
+    )?;
+    let (x, dy, mut dx) = (x.view(), dy.view(), dx.view_mut());
     let mut b = g.stream.launch_builder(g.k.l2norm_bwd.get::<T>());
-    b.arg(x).arg(dy).arg(dx).arg(p);
+    b.arg(&x).arg(&dy).arg(&mut dx).arg(p);
     run(
         g,
         b,

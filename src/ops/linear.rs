@@ -134,28 +134,40 @@ pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &LinearP
 
 // ---- CUDA launchers: cuBLAS, f32 accumulation (TF32 when the GPU's f32 math mode allows it).
 
-use crate::gpu::{Gpu, GpuFloat};
+use crate::gpu::{need, Dev, DevMut, Gpu, GpuFloat};
 use cudarc::cublas::{CudaBlas, Gemm};
-use cudarc::driver::CudaSlice;
+
+/// (R, I, O) of p.
+fn dims(p: &LinearParams) -> (usize, usize, usize) {
+    (p.rows as usize, p.c_in as usize, p.c_out as usize)
+}
 
 pub fn forward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &LinearParams,
-    x: &CudaSlice<T>,
-    w: &CudaSlice<T>,
-    y: &mut CudaSlice<T>,
+    x: &impl Dev<T>,
+    w: &impl Dev<T>,
+    y: &mut impl DevMut<T>,
 ) -> crate::Result<()>
 where
     CudaBlas: Gemm<T>,
 {
-    let (r, i, o) = (p.rows as usize, p.c_in as usize, p.c_out as usize);
+    let (r, i, o) = dims(p);
+    need(
+        "linear::forward_cuda",
+        &[
+            ("x", x.len(), r * i),
+            ("w", w.len(), o * i),
+            ("y", y.len(), r * o),
+        ],
+    )?;
     g.gemm(
         (false, true),
         (r, o, i),
-        (x, i),
-        (w, i),
+        (&x.view(), i),
+        (&w.view(), i),
         0.0,
-        (y, o),
+        (&mut y.view_mut(), o),
         (1, 0, 0, 0),
     )
 }
@@ -164,21 +176,29 @@ where
 pub fn backward_data_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &LinearParams,
-    dy: &CudaSlice<T>,
-    w: &CudaSlice<T>,
-    dx: &mut CudaSlice<T>,
+    dy: &impl Dev<T>,
+    w: &impl Dev<T>,
+    dx: &mut impl DevMut<T>,
 ) -> crate::Result<()>
 where
     CudaBlas: Gemm<T>,
 {
-    let (r, i, o) = (p.rows as usize, p.c_in as usize, p.c_out as usize);
+    let (r, i, o) = dims(p);
+    need(
+        "linear::backward_data_cuda",
+        &[
+            ("dy", dy.len(), r * o),
+            ("w", w.len(), o * i),
+            ("dx", dx.len(), r * i),
+        ],
+    )?;
     g.gemm(
         (false, false),
         (r, i, o),
-        (dy, o),
-        (w, i),
+        (&dy.view(), o),
+        (&w.view(), i),
         1.0,
-        (dx, i),
+        (&mut dx.view_mut(), i),
         (1, 0, 0, 0),
     )
 }
@@ -187,21 +207,29 @@ where
 pub fn backward_weight_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &LinearParams,
-    x: &CudaSlice<T>,
-    dy: &CudaSlice<T>,
-    dw: &mut CudaSlice<T>,
+    x: &impl Dev<T>,
+    dy: &impl Dev<T>,
+    dw: &mut impl DevMut<T>,
 ) -> crate::Result<()>
 where
     CudaBlas: Gemm<T>,
 {
-    let (r, i, o) = (p.rows as usize, p.c_in as usize, p.c_out as usize);
+    let (r, i, o) = dims(p);
+    need(
+        "linear::backward_weight_cuda",
+        &[
+            ("x", x.len(), r * i),
+            ("dy", dy.len(), r * o),
+            ("dw", dw.len(), o * i),
+        ],
+    )?;
     g.gemm(
         (true, false),
         (o, i, r),
-        (dy, o),
-        (x, i),
+        (&dy.view(), o),
+        (&x.view(), i),
         1.0,
-        (dw, i),
+        (&mut dw.view_mut(), i),
         (1, 0, 0, 0),
     )
 }

@@ -100,22 +100,35 @@ pub fn backward_cpu<T: Real>(pred: &[T], target: &[T], dloss: T, dpred: &mut [T]
 
 // ---- CUDA launchers (kernels/loss.cu)
 
-use crate::gpu::{blocks, run, Gpu, GpuFloat};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use crate::gpu::{blocks, need, run, Dev, DevMut, Gpu, GpuFloat};
+use cudarc::driver::PushKernelArg;
 
 /// out[0] = the loss; `cosv` (N f32) is scratch.
 pub fn forward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &LossParams,
-    (pred, target): (&CudaSlice<T>, &CudaSlice<T>),
-    cosv: &mut CudaSlice<f32>,
-    out: &mut CudaSlice<f32>,
+    (pred, target): (&impl Dev<T>, &impl Dev<T>),
+    cosv: &mut impl DevMut<f32>,
+    out: &mut impl DevMut<f32>,
 ) -> crate::Result<()> {
+    let (rows, n) = (p.n as usize, p.n as usize * p.d as usize);
+    need(
+        "loss::forward_cuda",
+        &[
+            ("pred", pred.len(), n),
+            ("target", target.len(), n),
+            ("cosv", cosv.len(), rows),
+            ("out", out.len(), 1),
+        ],
+    )?;
+    let (pred, target) = (pred.view(), target.view());
+    let (mut cosv, mut out) = (cosv.view_mut(), out.view_mut());
     let mut b = g.stream.launch_builder(g.k.loss_rows.get::<T>());
-    b.arg(pred).arg(target).arg(p).arg(&mut *cosv);
-    run(g, b, blocks((p.n as usize).min(65_535), 128), "loss_rows")?;
+    b.arg(&pred).arg(&target).arg(p).arg(&mut cosv);
+    run(g, b, blocks(rows.min(65_535), 128), "loss_rows")?;
+    let cosv = cosv.as_view();
     let mut b = g.stream.launch_builder(&g.k.loss_reduce);
-    b.arg(&*cosv).arg(p).arg(out);
+    b.arg(&cosv).arg(p).arg(&mut out);
     run(g, b, blocks(1, 1024), "loss_reduce")
 }
 
@@ -123,13 +136,25 @@ pub fn forward_cuda<T: GpuFloat>(
 pub fn backward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &LossParams,
-    (pred, target): (&CudaSlice<T>, &CudaSlice<T>),
-    dloss: &CudaSlice<f32>,
-    dpred: &mut CudaSlice<T>,
+    (pred, target): (&impl Dev<T>, &impl Dev<T>),
+    dloss: &impl Dev<f32>,
+    dpred: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let (rows, n) = (p.n as usize, p.n as usize * p.d as usize);
+    need(
+        "loss::backward_cuda",
+        &[
+            ("pred", pred.len(), n),
+            ("target", target.len(), n),
+            ("dloss", dloss.len(), 1),
+            ("dpred", dpred.len(), n),
+        ],
+    )?;
+    let (pred, target, dloss) = (pred.view(), target.view(), dloss.view());
+    let mut dpred = dpred.view_mut();
     let mut b = g.stream.launch_builder(g.k.loss_bwd.get::<T>());
-    b.arg(pred).arg(target).arg(dloss).arg(p).arg(dpred);
-    run(g, b, blocks((p.n as usize).min(65_535), 128), "loss_bwd")
+    b.arg(&pred).arg(&target).arg(&dloss).arg(p).arg(&mut dpred);
+    run(g, b, blocks(rows.min(65_535), 128), "loss_bwd")
 }
 
 // SAFETY: #[repr(C)] of i32/f32 fields, the layout of the kernels' LossParams.

@@ -221,57 +221,89 @@ pub fn avgpool_backward_cpu<T: Real>(dy: &[T], dx: &mut [T], p: &PoolParams) {
 
 // ---- CUDA launchers (kernels/pool.cu). The GPU saves the window-local argmax as one byte.
 
-use crate::gpu::{grid_1d, run, Gpu, GpuFloat};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use crate::gpu::{grid_1d, need, run, Dev, DevMut, Gpu, GpuFloat};
+use cudarc::driver::PushKernelArg;
 
 pub fn maxpool_forward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &PoolParams,
-    x: &CudaSlice<T>,
-    y: &mut CudaSlice<T>,
-    argmax: &mut CudaSlice<u8>,
+    x: &impl Dev<T>,
+    y: &mut impl DevMut<T>,
+    argmax: &mut impl DevMut<u8>,
 ) -> crate::Result<()> {
     assert!(
         p.k * p.k <= 256,
         "maxpool: window too large for a byte index"
     );
+    let (nx, ny) = (p.x_len(), p.y_len());
+    need(
+        "pool::maxpool_forward_cuda",
+        &[
+            ("x", x.len(), nx),
+            ("y", y.len(), ny),
+            ("argmax", argmax.len(), ny),
+        ],
+    )?;
+    let (x, mut y, mut argmax) = (x.view(), y.view_mut(), argmax.view_mut());
     let mut b = g.stream.launch_builder(g.k.maxpool_fwd.get::<T>());
-    b.arg(x).arg(y).arg(argmax).arg(p);
-    run(g, b, grid_1d(p.y_len()), "maxpool_fwd")
+    b.arg(&x).arg(&mut y).arg(&mut argmax).arg(p);
+    run(g, b, grid_1d(ny), "maxpool_fwd")
 }
 
 pub fn maxpool_backward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &PoolParams,
-    dy: &CudaSlice<T>,
-    argmax: &CudaSlice<u8>,
-    dx: &mut CudaSlice<T>,
+    dy: &impl Dev<T>,
+    argmax: &impl Dev<u8>,
+    dx: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let (nx, ny) = (p.x_len(), p.y_len());
+    need(
+        "pool::maxpool_backward_cuda",
+        &[
+            ("dy", dy.len(), ny),
+            ("argmax", argmax.len(), ny),
+            ("dx", dx.len(), nx),
+        ],
+    )?;
+    let (dy, argmax, mut dx) = (dy.view(), argmax.view(), dx.view_mut());
     let mut b = g.stream.launch_builder(g.k.maxpool_bwd.get::<T>());
-    b.arg(dy).arg(argmax).arg(dx).arg(p);
-    run(g, b, grid_1d(p.x_len()), "maxpool_bwd")
+    b.arg(&dy).arg(&argmax).arg(&mut dx).arg(p);
+    run(g, b, grid_1d(nx), "maxpool_bwd")
 }
 
 pub fn avgpool_forward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &PoolParams,
-    x: &CudaSlice<T>,
-    y: &mut CudaSlice<T>,
+    x: &impl Dev<T>,
+    y: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let (nx, ny) = (p.x_len(), p.y_len());
+    need(
+        "pool::avgpool_forward_cuda",
+        &[("x", x.len(), nx), ("y", y.len(), ny)],
+    )?;
+    let (x, mut y) = (x.view(), y.view_mut());
     let mut b = g.stream.launch_builder(g.k.avgpool_fwd.get::<T>());
-    b.arg(x).arg(y).arg(p);
+    b.arg(&x).arg(&mut y).arg(p);
     run(g, b, grid_1d(p.n as usize * p.c as usize), "avgpool_fwd")
 }
 
 pub fn avgpool_backward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &PoolParams,
-    dy: &CudaSlice<T>,
-    dx: &mut CudaSlice<T>,
+    dy: &impl Dev<T>,
+    dx: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let (nx, ny) = (p.x_len(), p.y_len());
+    need(
+        "pool::avgpool_backward_cuda",
+        &[("dy", dy.len(), ny), ("dx", dx.len(), nx)],
+    )?;
+    let (dy, mut dx) = (dy.view(), dx.view_mut());
     let mut b = g.stream.launch_builder(g.k.avgpool_bwd.get::<T>());
-    b.arg(dy).arg(dx).arg(p);
-    run(g, b, grid_1d(p.x_len()), "avgpool_bwd")
+    b.arg(&dy).arg(&mut dx).arg(p);
+    run(g, b, grid_1d(nx), "avgpool_bwd")
 }
 
 // SAFETY: #[repr(C)] of i32 fields, the layout of the kernels' PoolParams.

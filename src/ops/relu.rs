@@ -50,31 +50,39 @@ pub fn backward_cpu<T: Real>(y: &[T], dy: &[T], dx: &mut [T]) {
 // ----------------------------------------------------------------------------
 // Tests
 
-// ---- CUDA launchers (kernels/relu.cu)
+// ---- CUDA launchers (kernels/relu.cu). Elementwise over the first input's length; the other
+// buffers may be longer (windows of larger ones).
 
-use crate::gpu::{grid_1d, run, Gpu, GpuFloat};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use crate::gpu::{grid_1d, need, run, Dev, DevMut, Gpu, GpuFloat};
+use cudarc::driver::PushKernelArg;
 
 pub fn forward_cuda<T: GpuFloat>(
     g: &Gpu,
-    x: &CudaSlice<T>,
-    y: &mut CudaSlice<T>,
+    x: &impl Dev<T>,
+    y: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
-    let n = x.len() as u64;
+    let n = x.len();
+    need("relu::forward_cuda", &[("y", y.len(), n)])?;
+    let (x, mut y, n) = (x.view(), y.view_mut(), n as u64);
     let mut b = g.stream.launch_builder(g.k.relu_fwd.get::<T>());
-    b.arg(x).arg(y).arg(&n);
+    b.arg(&x).arg(&mut y).arg(&n);
     run(g, b, grid_1d(n as usize), "relu_fwd")
 }
 
 pub fn backward_cuda<T: GpuFloat>(
     g: &Gpu,
-    y: &CudaSlice<T>,
-    dy: &CudaSlice<T>,
-    dx: &mut CudaSlice<T>,
+    y: &impl Dev<T>,
+    dy: &impl Dev<T>,
+    dx: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
-    let n = y.len() as u64;
+    let n = y.len();
+    need(
+        "relu::backward_cuda",
+        &[("dy", dy.len(), n), ("dx", dx.len(), n)],
+    )?;
+    let (y, dy, mut dx, n) = (y.view(), dy.view(), dx.view_mut(), n as u64);
     let mut b = g.stream.launch_builder(g.k.relu_bwd.get::<T>());
-    b.arg(y).arg(dy).arg(dx).arg(&n);
+    b.arg(&y).arg(&dy).arg(&mut dx).arg(&n);
     run(g, b, grid_1d(n as usize), "relu_bwd")
 }
 

@@ -115,29 +115,41 @@ pub fn backward_cpu<T: Real>(y: &[T], dy: &[T], dx: &mut [T], p: &SoftmaxParams)
 // ---- CUDA launchers (kernels/softmax.cu): the softmax alone, and the fused alignment map
 // (per-pixel L2 norm and temperature, then the softmax over positions), one kernel each way.
 
-use crate::gpu::{blocks, grid_1d, run, Gpu, GpuFloat};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use crate::gpu::{blocks, grid_1d, need, run, Dev, DevMut, Gpu, GpuFloat};
+use cudarc::driver::PushKernelArg;
 
 pub fn forward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &SoftmaxParams,
-    x: &CudaSlice<T>,
-    y: &mut CudaSlice<T>,
+    x: &impl Dev<T>,
+    y: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let n = p.len();
+    need(
+        "softmax::forward_cuda",
+        &[("x", x.len(), n), ("y", y.len(), n)],
+    )?;
+    let (x, mut y) = (x.view(), y.view_mut());
     let mut b = g.stream.launch_builder(g.k.softmax_fwd.get::<T>());
-    b.arg(x).arg(y).arg(p);
+    b.arg(&x).arg(&mut y).arg(p);
     run(g, b, grid_1d(p.b as usize * p.d as usize), "softmax_fwd")
 }
 
 pub fn backward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &SoftmaxParams,
-    y: &CudaSlice<T>,
-    dy: &CudaSlice<T>,
-    dx: &mut CudaSlice<T>,
+    y: &impl Dev<T>,
+    dy: &impl Dev<T>,
+    dx: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let n = p.len();
+    need(
+        "softmax::backward_cuda",
+        &[("y", y.len(), n), ("dy", dy.len(), n), ("dx", dx.len(), n)],
+    )?;
+    let (y, dy, mut dx) = (y.view(), dy.view(), dx.view_mut());
     let mut b = g.stream.launch_builder(g.k.softmax_bwd.get::<T>());
-    b.arg(y).arg(dy).arg(dx).arg(p);
+    b.arg(&y).arg(&dy).arg(&mut dx).arg(p);
     run(g, b, grid_1d(p.b as usize * p.d as usize), "softmax_bwd")
 }
 
@@ -145,11 +157,17 @@ pub fn backward_cuda<T: GpuFloat>(
 pub fn align_forward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &AlignParams,
-    x: &CudaSlice<T>,
-    y: &mut CudaSlice<T>,
+    x: &impl Dev<T>,
+    y: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let n = (p.b * p.l * p.d) as usize;
+    need(
+        "softmax::align_forward_cuda",
+        &[("x", x.len(), n), ("y", y.len(), n)],
+    )?;
+    let (x, mut y) = (x.view(), y.view_mut());
     let mut b = g.stream.launch_builder(g.k.align_fwd.get::<T>());
-    b.arg(x).arg(y).arg(p);
+    b.arg(&x).arg(&mut y).arg(p);
     run(g, b, blocks(p.b as usize, 256), "align_fwd")
 }
 
@@ -157,12 +175,30 @@ pub fn align_forward_cuda<T: GpuFloat>(
 pub fn align_backward_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &AlignParams,
-    (x, y, dy): (&CudaSlice<T>, &CudaSlice<T>, &CudaSlice<T>),
-    scratch: &mut CudaSlice<f32>,
-    dx: &mut CudaSlice<T>,
+    (x, y, dy): (&impl Dev<T>, &impl Dev<T>, &impl Dev<T>),
+    scratch: &mut impl DevMut<f32>,
+    dx: &mut impl DevMut<T>,
 ) -> crate::Result<()> {
+    let n = (p.b * p.l * p.d) as usize;
+    need(
+        "softmax::align_backward_cuda",
+        &[
+            ("x", x.len(), n),
+            ("y", y.len(), n),
+            ("dy", dy.len(), n),
+            ("scratch", scratch.len(), n),
+            ("dx", dx.len(), n),
+        ],
+    )?;
+    let (x, y, dy) = (x.view(), y.view(), dy.view());
+    let (mut scratch, mut dx) = (scratch.view_mut(), dx.view_mut());
     let mut b = g.stream.launch_builder(g.k.align_bwd.get::<T>());
-    b.arg(x).arg(y).arg(dy).arg(scratch).arg(dx).arg(p);
+    b.arg(&x)
+        .arg(&y)
+        .arg(&dy)
+        .arg(&mut scratch)
+        .arg(&mut dx)
+        .arg(p);
     run(g, b, blocks(p.b as usize, 256), "align_bwd")
 }
 
