@@ -654,6 +654,98 @@ impl<T: Real> Graph<T> {
     }
 }
 
+/// The ops the models are written against. The CPU [`Graph`] and the GPU graph
+/// (`gpu::graph::DevGraph`) both implement it, so one model definition serves both; the GPU fuses
+/// what the trait groups (batch norm with its residual add and ReLU, the alignment map), the CPU
+/// records the same math as separate nodes.
+pub trait Tape {
+    fn param_shape(&self, w: ParamId) -> Shape;
+    /// The same tensor seen with another shape of equal size.
+    fn reshape(&self, t: Tensor, shape: Shape) -> Tensor;
+    fn conv2d(&mut self, x: Tensor, w: ParamId, stride: usize, pad: usize) -> Tensor;
+    /// relu?(batchnorm(x) + res?).
+    fn bn_act(
+        &mut self,
+        x: Tensor,
+        bn: BnLayer,
+        mode: BnMode,
+        res: Option<Tensor>,
+        relu: bool,
+    ) -> Tensor;
+    fn maxpool(&mut self, x: Tensor, k: usize, stride: usize, pad: usize) -> Tensor;
+    fn avgpool(&mut self, x: Tensor) -> Tensor;
+    fn linear(&mut self, x: Tensor, w: ParamId) -> Tensor;
+    fn concat_positions(&mut self, g: Tensor, x: Tensor) -> Tensor;
+    fn split_positions(&mut self, z: Tensor) -> (Tensor, Tensor);
+    /// LEWEL's alignment maps of a (B, L, D): softmax over positions of each row divided by its L2
+    /// norm and by `scale`.
+    fn align_maps(&mut self, a: Tensor, scale: f32) -> Tensor;
+    fn aggregate(&mut self, x: Tensor, w: Tensor, heads: usize) -> Tensor;
+    fn loss(&mut self, pred: Tensor, target: Tensor) -> Tensor;
+    fn scale(&mut self, x: Tensor, alpha: f64) -> Tensor;
+    fn add(&mut self, a: Tensor, b: Tensor) -> Tensor;
+}
+
+impl<T: Real> Tape for Graph<T> {
+    fn param_shape(&self, w: ParamId) -> Shape {
+        self.store.shape(w)
+    }
+    fn reshape(&self, t: Tensor, shape: Shape) -> Tensor {
+        Graph::reshape(self, t, shape)
+    }
+    fn conv2d(&mut self, x: Tensor, w: ParamId, stride: usize, pad: usize) -> Tensor {
+        Graph::conv2d(self, x, w, stride, pad)
+    }
+    fn bn_act(
+        &mut self,
+        x: Tensor,
+        bn: BnLayer,
+        mode: BnMode,
+        res: Option<Tensor>,
+        relu: bool,
+    ) -> Tensor {
+        let mut y = self.batchnorm(x, bn, mode);
+        if let Some(r) = res {
+            y = Graph::add(self, y, r);
+        }
+        if relu {
+            y = self.relu(y);
+        }
+        y
+    }
+    fn maxpool(&mut self, x: Tensor, k: usize, stride: usize, pad: usize) -> Tensor {
+        Graph::maxpool(self, x, k, stride, pad)
+    }
+    fn avgpool(&mut self, x: Tensor) -> Tensor {
+        Graph::avgpool(self, x)
+    }
+    fn linear(&mut self, x: Tensor, w: ParamId) -> Tensor {
+        Graph::linear(self, x, w)
+    }
+    fn concat_positions(&mut self, g: Tensor, x: Tensor) -> Tensor {
+        Graph::concat_positions(self, g, x)
+    }
+    fn split_positions(&mut self, z: Tensor) -> (Tensor, Tensor) {
+        Graph::split_positions(self, z)
+    }
+    fn align_maps(&mut self, a: Tensor, scale: f32) -> Tensor {
+        let a = self.l2norm(a, scale);
+        self.softmax_positions(a)
+    }
+    fn aggregate(&mut self, x: Tensor, w: Tensor, heads: usize) -> Tensor {
+        Graph::aggregate(self, x, w, heads)
+    }
+    fn loss(&mut self, pred: Tensor, target: Tensor) -> Tensor {
+        Graph::loss(self, pred, target)
+    }
+    fn scale(&mut self, x: Tensor, alpha: f64) -> Tensor {
+        Graph::scale(self, x, alpha)
+    }
+    fn add(&mut self, a: Tensor, b: Tensor) -> Tensor {
+        Graph::add(self, a, b)
+    }
+}
+
 fn dims4(op: &str, s: Shape) -> [usize; 4] {
     assert_eq!(s.rank(), 4, "{op}: expected (N, H, W, C), got {s}");
     [s.dim(0), s.dim(1), s.dim(2), s.dim(3)]

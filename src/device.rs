@@ -153,35 +153,15 @@ impl GpuProbe {
     }
 }
 
-/// Resolves the user's choice. The CUDA backend is not built yet (it lands with the GPU issue), so a
-/// GPU run is refused with a clear message and `auto` falls back to the CPU.
-pub fn resolve(choice: DeviceChoice) -> Result<(Device, Option<String>)> {
+/// Resolves the user's choice to the device to open: `auto` takes GPU 0 when the driver reports
+/// a usable one (compute capability 7.5 or newer), the CPU otherwise. Opening the GPU can still fail
+/// (a missing library): the caller falls back to the CPU for `auto` and stops for `cuda`.
+pub fn resolve(choice: DeviceChoice) -> Device {
     match choice {
-        DeviceChoice::Cpu => Ok((Device::Cpu, None)),
-        DeviceChoice::Auto => {
-            let p = probe();
-            let note = if p.usable(0) {
-                Some(format!("a GPU was found ({}), but this build trains on the CPU only: the CUDA backend is not built yet", p.gpus[0].0))
-            } else {
-                None
-            };
-            Ok((Device::Cpu, note))
-        }
-        DeviceChoice::Cuda(n) => {
-            let p = probe();
-            if let Err(e) = &p.driver {
-                return Err(Error::user(format!("--device cuda:{n}: {e}")));
-            }
-            if !p.usable(n) {
-                return Err(Error::user(format!(
-                    "--device cuda:{n}: no GPU {n} with compute capability >= 7.5 (found {})",
-                    p.gpus.len()
-                )));
-            }
-            Err(Error::user(format!(
-                "--device cuda:{n}: the CUDA backend is not built yet; use --device cpu"
-            )))
-        }
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Auto if probe().usable(0) => Device::Cuda(0),
+        DeviceChoice::Auto => Device::Cpu,
+        DeviceChoice::Cuda(n) => Device::Cuda(n),
     }
 }
 
@@ -206,8 +186,13 @@ mod tests {
         let p = probe();
         let r = p.report();
         assert!(r.contains("NVRTC") && r.contains("cuDNN"), "{r}");
-        // On a machine without a driver `auto` must still give the CPU.
-        let (d, _) = resolve(DeviceChoice::Auto).unwrap();
-        assert_eq!(d, Device::Cpu);
+        // `auto` takes GPU 0 exactly when the probe finds it usable: the CPU on a machine without
+        // a driver.
+        let want = if p.usable(0) {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        };
+        assert_eq!(resolve(DeviceChoice::Auto), want);
     }
 }

@@ -11,9 +11,11 @@
 use crate::checkpoint::{self, Owned, Tensors};
 use crate::data::augment;
 use crate::data::synthetic::{Split, Synthetic, CLASSES};
-use crate::device::{self, DeviceChoice};
+use crate::device::{self, Device, DeviceChoice};
 use crate::error::{Context, Error, Result};
 use crate::eval::knn;
+use crate::gpu::train::GpuLewel;
+use crate::gpu::Gpu;
 use crate::model::lewel::LewelConfig;
 use crate::model::resnet::Arch;
 use crate::optim::{self, ExcludeRule, LarsConfig};
@@ -24,6 +26,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 /// Everything that defines a run. Flags and the TOML file use the same names (the file with
@@ -51,6 +54,10 @@ pub struct PretrainConfig {
     pub bn_group: usize,
     pub seed: u64,
     pub device: String,
+    /// Storage dtype of activations on the GPU: auto (bf16 on a GPU, f32 on the CPU), f32 or bf16.
+    pub precision: String,
+    /// Only deterministic cuDNN algorithms: a rerun is bitwise identical on the same GPU.
+    pub deterministic: bool,
     /// Side of the training views in pixels.
     pub image_size: usize,
     pub train_len: usize,
@@ -66,9 +73,9 @@ pub struct PretrainConfig {
 }
 
 /// The defaults are the built-in synthetic run, tuned to show learning in a few minutes on 2 CPU
-/// cores (measured: kNN 21.6% at init -> 31.0% after 12 epochs, 240 s). The LEWEL recipe values
-/// differ where a 12-epoch run needs it: m0 0.9 (0.98-0.996 in the scripts: a 750-step run needs
-/// a target that follows faster) and lr 1.0 for batch 32. Set them from the recipe for real runs.
+/// cores (kNN accuracy at init and after 12 epochs: see the README). The LEWEL recipe values differ
+/// where a 12-epoch run needs it: m0 0.9 (0.98-0.996 in the scripts: a 1500-step run needs a target
+/// that follows faster) and lr 1.0 for batch 32. Set them from the recipe for real runs.
 impl Default for PretrainConfig {
     fn default() -> Self {
         PretrainConfig {
@@ -87,6 +94,8 @@ impl Default for PretrainConfig {
             bn_group: 0,
             seed: 0,
             device: "auto".into(),
+            precision: "auto".into(),
+            deterministic: false,
             image_size: 48,
             train_len: 4000,
             val_len: 1000,
@@ -131,6 +140,12 @@ impl PretrainConfig {
         }
         if !(0.0..1.0).contains(&self.enc_m) {
             return bad("enc-m", format!("must lie in [0, 1), got {}", self.enc_m));
+        }
+        if !["auto", "f32", "bf16"].contains(&self.precision.as_str()) {
+            return bad(
+                "precision",
+                format!("expected auto, f32 or bf16, got '{}'", self.precision),
+            );
         }
         if self.epochs == 0 || self.warmup_epochs >= self.epochs {
             return bad(
@@ -226,6 +241,38 @@ pub struct Manifest {
     pub config: PretrainConfig,
 }
 
+/// The data of step k (0-based) of a run: a DistributedSampler-style shuffle per epoch from the
+/// seed (one rank, drop_last), then two augmented views of each sample.
+pub(crate) fn views_for_step(cfg: &PretrainConfig, k: usize) -> (Vec<f32>, Vec<f32>, Shape) {
+    let data = Synthetic::new(cfg.seed, SOURCE_SIZE, cfg.train_len, cfg.val_len);
+    let iters = cfg.train_len / cfg.batch_size;
+    let (epoch, i) = (k / iters, k % iters);
+    let mut order: Vec<usize> = (0..cfg.train_len).collect();
+    let mut r = Rng::keyed(&[cfg.seed, 0x5a3, epoch as u64]);
+    for j in (1..order.len()).rev() {
+        order.swap(j, r.below(j as u64 + 1) as usize);
+    }
+    let idx = &order[i * cfg.batch_size..][..cfg.batch_size];
+    let (v1, v2) = views_batch(&data, cfg.seed, epoch, idx, cfg.image_size);
+    let shape = Shape::new(&[cfg.batch_size, cfg.image_size, cfg.image_size, 3]);
+    (v1, v2, shape)
+}
+
+/// The learning rate and EMA momentum of step k (0-based) into `sc`.
+pub(crate) fn schedule_step(cfg: &PretrainConfig, sc: &mut StepConfig, k: usize) {
+    let iters = cfg.train_len / cfg.batch_size;
+    let total = iters * cfg.epochs;
+    sc.lars.lr = optim::lr_at(
+        cfg.lr,
+        k / iters,
+        k % iters,
+        iters,
+        cfg.warmup_epochs,
+        cfg.epochs,
+    );
+    sc.ema_m = optim::ema_momentum(cfg.enc_m, k, total);
+}
+
 fn views_batch(
     data: &Synthetic,
     seed: u64,
@@ -259,39 +306,29 @@ fn views_batch(
 
 /// Pooled online backbone features (eval mode), L2-normalized.
 fn features(
-    m: &mut Lewel,
+    m: &mut Engine,
     data: &Synthetic,
     split: Split,
     n: usize,
     out: usize,
-) -> (Vec<f32>, Vec<usize>) {
-    let c = m.cfg.arch.out_channels();
+) -> Result<(Vec<f32>, Vec<usize>)> {
+    let c = m.cpu().cfg.arch.out_channels();
     let (mut feats, mut labels) = (Vec::with_capacity(n * c), Vec::with_capacity(n));
     let all: Vec<usize> = (0..n).collect();
-    m.g.set_recording(false);
     for chunk in all.chunks(128) {
         let x: Vec<f32> = chunk
             .par_iter()
             .flat_map(|&i| augment::eval_view(&data.image_rgb(split, i), data.size, out))
             .collect();
-        m.g.reset();
-        let x = m.g.input(Shape::new(&[chunk.len(), out, out, 3]), &x);
-        let f = m
-            .online
-            .encoder
-            .backbone
-            .forward(&mut m.g, x, crate::autograd::BnMode::Eval);
-        let p = m.g.avgpool(f);
-        feats.extend_from_slice(m.g.value(p));
+        feats.extend(m.features(&x, Shape::new(&[chunk.len(), out, out, 3]))?);
         labels.extend(chunk.iter().map(|&i| data.label(i)));
     }
-    m.g.set_recording(true);
     knn::normalize_rows(&mut feats, c);
-    (feats, labels)
+    Ok((feats, labels))
 }
 
-fn knn_monitor(m: &mut Lewel, data: &Synthetic, cfg: &PretrainConfig) -> f64 {
-    let c = m.cfg.arch.out_channels();
+fn knn_monitor(m: &mut Engine, data: &Synthetic, cfg: &PretrainConfig) -> Result<f64> {
+    let c = m.cpu().cfg.arch.out_channels();
     let (mem, ml) = features(
         m,
         data,
@@ -301,9 +338,143 @@ fn knn_monitor(m: &mut Lewel, data: &Synthetic, cfg: &PretrainConfig) -> f64 {
             n => n.min(data.train_len),
         },
         cfg.image_size,
-    );
-    let (q, ql) = features(m, data, Split::Val, data.val_len, cfg.image_size);
-    knn::knn_accuracy(&mem, &ml, &q, &ql, c, cfg.knn_k, CLASSES.len())
+    )?;
+    let (q, ql) = features(m, data, Split::Val, data.val_len, cfg.image_size)?;
+    Ok(knn::knn_accuracy(
+        &mem,
+        &ml,
+        &q,
+        &ql,
+        c,
+        cfg.knn_k,
+        CLASSES.len(),
+    ))
+}
+
+/// The model where it trains: the CPU reference, or the GPU in f32 or bf16.
+enum Engine {
+    Cpu(Box<Lewel>),
+    F32(Box<GpuLewel<f32>>),
+    Bf16(Box<GpuLewel<half::bf16>>),
+}
+
+/// Runs the same expression on either GPU engine.
+macro_rules! on_gpu {
+    ($e:expr, $m:ident => $body:expr, $c:ident => $cpu:expr) => {
+        match $e {
+            Engine::Cpu($c) => $cpu,
+            Engine::F32($m) => $body,
+            Engine::Bf16($m) => $body,
+        }
+    };
+}
+
+impl Engine {
+    /// Moves the model to the chosen device. `auto` falls back to the CPU with a note when the GPU
+    /// cannot be opened; `cuda` stops with the reason (exit code 2).
+    fn open(
+        m: Lewel,
+        choice: DeviceChoice,
+        cfg: &PretrainConfig,
+    ) -> Result<(Engine, Option<String>)> {
+        let precision = cfg.precision.as_str();
+        let ordinal = match device::resolve(choice) {
+            Device::Cpu => {
+                if precision == "bf16" {
+                    return Err(Error::user(
+                        "--precision bf16: the CPU computes in f32 only; use --precision auto or f32, or --device cuda",
+                    ));
+                }
+                return Ok((Engine::Cpu(Box::new(m)), None));
+            }
+            Device::Cuda(n) => n,
+        };
+        let gpu = match Gpu::new(ordinal, cfg.deterministic) {
+            Ok(g) => Rc::new(g),
+            Err(e) if choice == DeviceChoice::Auto => {
+                let note = format!("{e}; training on the CPU");
+                return Ok((Engine::Cpu(Box::new(m)), Some(note)));
+            }
+            Err(Error::Cuda(m)) => return Err(Error::user(m)),
+            Err(e) => return Err(e),
+        };
+        let batch = cfg.batch_size;
+        let e = if precision == "f32" {
+            Engine::F32(Box::new(GpuLewel::new(m, gpu).map_err(|e| oom(e, batch))?))
+        } else {
+            Engine::Bf16(Box::new(GpuLewel::new(m, gpu).map_err(|e| oom(e, batch))?))
+        };
+        Ok((e, None))
+    }
+
+    /// The device, for the run's first line.
+    fn describe(&self) -> String {
+        let threads = rayon::current_num_threads();
+        on_gpu!(self,
+            m => format!("{} cuda:{} {}{} ({threads} CPU threads for data)", m.gpu.name, m.gpu.ordinal,
+                if matches!(self, Engine::F32(_)) { "f32" } else { "bf16" },
+                if m.gpu.deterministic { " deterministic" } else { "" }),
+            _c => format!("cpu f32 ({threads} threads)"))
+    }
+
+    /// The host model (module handles and configs; its values are stale on a GPU until `host`).
+    fn cpu(&self) -> &Lewel {
+        on_gpu!(self, m => &m.host, c => c)
+    }
+
+    fn forward_backward(
+        &mut self,
+        v1: &[f32],
+        v2: &[f32],
+        shape: Shape,
+        sc: &StepConfig,
+        batch: usize,
+    ) -> Result<f32> {
+        on_gpu!(self,
+            m => m.forward_backward(v1, v2, shape, sc).map_err(|e| oom(e, batch)),
+            c => Ok(c.forward_backward(v1, v2, shape, sc)))
+    }
+
+    fn update(&mut self, sc: &StepConfig) -> Result<()> {
+        on_gpu!(self, m => m.update(sc), c => {
+            c.update(sc);
+            Ok(())
+        })
+    }
+
+    /// The model with current values, for checkpoints.
+    fn host(&mut self) -> Result<&Lewel> {
+        on_gpu!(self, m => m.sync_host(), c => Ok(&**c))
+    }
+
+    /// Pooled online backbone features (eval mode) of images (B, H, W, 3).
+    fn features(&mut self, x: &[f32], shape: Shape) -> Result<Vec<f32>> {
+        on_gpu!(self, m => m.features(x, shape), c => {
+            c.g.set_recording(false);
+            c.g.reset();
+            let xt = c.g.input(shape, x);
+            let f = c.online.encoder.backbone.forward(&mut c.g, xt, crate::autograd::BnMode::Eval);
+            let p = c.g.avgpool(f);
+            let out = c.g.value(p).to_vec();
+            c.g.set_recording(true);
+            Ok(out)
+        })
+    }
+
+    /// Device bytes held (None on the CPU).
+    fn device_bytes(&self) -> Option<usize> {
+        on_gpu!(self, m => Some(m.device_bytes()), _c => None)
+    }
+}
+
+/// Out of GPU memory, restated with the batch size tried.
+fn oom(e: Error, batch: usize) -> Error {
+    match e {
+        Error::Cuda(m) if m.contains("out of GPU memory") => Error::user(format!(
+            "{m}; batch size {batch}: try a smaller --batch-size"
+        )),
+        e => e,
+    }
 }
 
 struct Log {
@@ -413,7 +584,7 @@ pub fn pretrain(
         None => (cfg.clone(), None),
     };
     let (lc, mut sc) = cfg.validate()?;
-    let (dev, note) = device::resolve(cfg.device.parse::<DeviceChoice>()?)?;
+    let choice = cfg.device.parse::<DeviceChoice>()?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let toml_text = toml::to_string(&cfg).map_err(|e| Error::Other(format!("config: {e}")))?;
     checkpoint::write_bytes_atomic(&cfg.out.join("config.toml"), toml_text.as_bytes())?;
@@ -439,6 +610,8 @@ pub fn pretrain(
         start_epoch = man.epoch;
     }
 
+    let params = m.g.store.num_params();
+    let (mut m, note) = Engine::open(m, choice, &cfg)?;
     let data = Synthetic::new(cfg.seed, SOURCE_SIZE, cfg.train_len, cfg.val_len);
     let iters = cfg.train_len / cfg.batch_size;
     let total = iters * cfg.epochs;
@@ -453,11 +626,10 @@ pub fn pretrain(
         log.line(&format!("warning: {n}"));
     }
     log.line(&format!(
-        "lewel pretrain | {} {} | {} params | device {dev:?} ({} CPU threads) | synthetic {} train / {} val, {}px | batch {} | {} epochs x {iters} iters | lr {} wd {} m0 {} | out {}",
+        "lewel pretrain | {} {} | {params} params | device {} | synthetic {} train / {} val, {}px | batch {} | {} epochs x {iters} iters | lr {} wd {} m0 {} | out {}",
         cfg.method,
         lc.arch.name(),
-        m.g.store.num_params(),
-        rayon::current_num_threads(),
+        m.describe(),
         cfg.train_len,
         cfg.val_len,
         cfg.image_size,
@@ -478,7 +650,7 @@ pub fn pretrain(
             (man.knn_init, man.first_loss)
         }
         None => {
-            let acc = knn_monitor(&mut m, &data, &cfg);
+            let acc = knn_monitor(&mut m, &data, &cfg)?;
             log.line(&format!("knn | epoch 0 | acc {acc:.2}%"));
             log.json(serde_json::json!({"epoch": 0, "knn_acc": acc}))?;
             (acc, f64::NAN)
@@ -497,30 +669,21 @@ pub fn pretrain(
         );
         log.bar = Some(bar);
     }
-    let shape = Shape::new(&[cfg.batch_size, cfg.image_size, cfg.image_size, 3]);
     let mut epochs_done = start_epoch;
     for epoch in start_epoch..cfg.epochs {
-        // DistributedSampler-style per-epoch shuffle from the seed (one rank), drop_last.
-        let mut order: Vec<usize> = (0..cfg.train_len).collect();
-        let mut r = Rng::keyed(&[cfg.seed, 0x5a3, epoch as u64]);
-        for i in (1..order.len()).rev() {
-            order.swap(i, r.below(i as u64 + 1) as usize);
-        }
         let mut loss_sum = 0.0;
         for i in 0..iters {
             let ts = Instant::now();
             let k = epoch * iters + i;
-            sc.lars.lr = optim::lr_at(cfg.lr, epoch, i, iters, cfg.warmup_epochs, cfg.epochs);
-            sc.ema_m = optim::ema_momentum(cfg.enc_m, k, total);
-            let idx = &order[i * cfg.batch_size..][..cfg.batch_size];
-            let (v1, v2) = views_batch(&data, cfg.seed, epoch, idx, cfg.image_size);
-            let loss = m.forward_backward(&v1, &v2, shape, &sc) as f64;
+            schedule_step(&cfg, &mut sc, k);
+            let (v1, v2, shape) = views_for_step(&cfg, k);
+            let loss = m.forward_backward(&v1, &v2, shape, &sc, cfg.batch_size)? as f64;
             if !loss.is_finite() {
                 return Err(Error::Other(format!(
                     "the loss became {loss} at step {k}: lower --lr"
                 )));
             }
-            m.update(&sc);
+            m.update(&sc)?;
             if first_loss.is_nan() {
                 first_loss = loss;
             }
@@ -528,16 +691,18 @@ pub fn pretrain(
             loss_sum += loss;
             let ms = ts.elapsed().as_secs_f64() * 1e3;
             let ips = cfg.batch_size as f64 / (ms / 1e3);
-            log.json(serde_json::json!({"step": k + 1, "epoch": epoch + 1, "loss": loss, "lr": sc.lars.lr, "ema_m": sc.ema_m, "ms": ms, "img_per_s": ips}))?;
+            let mib = m.device_bytes().map(|b| b >> 20);
+            log.json(serde_json::json!({"step": k + 1, "epoch": epoch + 1, "loss": loss, "lr": sc.lars.lr, "ema_m": sc.ema_m, "ms": ms, "img_per_s": ips, "device_mib": mib}))?;
             if (k + 1) % cfg.log_every == 0 || i + 1 == iters {
-                log.line(&format!("step {}/{total} | loss {loss:.4} | lr {:.4} | m {:.5} | {ms:.0} ms | {ips:.0} img/s", k + 1, sc.lars.lr, sc.ema_m));
+                let mem = mib.map_or(String::new(), |v| format!(" | {v} MiB on device"));
+                log.line(&format!("step {}/{total} | loss {loss:.4} | lr {:.4} | m {:.5} | {ms:.0} ms | {ips:.0} img/s{mem}", k + 1, sc.lars.lr, sc.ema_m));
             }
             if let Some(b) = &log.bar {
                 b.set_message(format!("loss {loss:.4}"));
                 b.inc(1);
             }
         }
-        knn_last = knn_monitor(&mut m, &data, &cfg);
+        knn_last = knn_monitor(&mut m, &data, &cfg)?;
         log.line(&format!(
             "knn | epoch {} | acc {knn_last:.2}% | mean loss {:.4}",
             epoch + 1,
@@ -558,7 +723,7 @@ pub fn pretrain(
             rng: "none saved: every draw is a pure function of (seed, epoch, sample, view)".into(),
             config: cfg.clone(),
         };
-        save(&m, &cfg.out, &mut mf)?;
+        save(m.host()?, &cfg.out, &mut mf)?;
         if stop_after == Some(epochs_done) {
             break;
         }

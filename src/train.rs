@@ -58,6 +58,27 @@ pub struct StepConfig {
     pub bn_group: Option<usize>,
 }
 
+impl StepConfig {
+    /// The recipe's fixed values (LARS momentum 0.9, eta 0.001, wd 1.5e-6, the current exclusion
+    /// rule, BN over the whole batch) with the given method, lr and EMA momentum.
+    pub fn recipe(method: Method, lr: f64, ema_m: f64) -> StepConfig {
+        StepConfig {
+            method,
+            lars: LarsConfig {
+                lr,
+                weight_decay: 1.5e-6,
+                momentum: 0.9,
+                eta: 0.001,
+            },
+            ema_m,
+            exclude: ExcludeRule::Current {
+                eman: method == Method::LewelBEman,
+            },
+            bn_group: None,
+        }
+    }
+}
+
 /// Online and target models with their graphs and the LARS momentum buffer.
 pub struct Lewel {
     pub cfg: LewelConfig,
@@ -68,9 +89,9 @@ pub struct Lewel {
     /// LARS momentum, laid out by the online store's table.
     pub momentum: Vec<f32>,
     /// Lengths of the online_net part of the parameter and buffer tables, and its counter count.
-    online_params: usize,
-    online_buffers: usize,
-    online_counters: usize,
+    pub(crate) online_params: usize,
+    pub(crate) online_buffers: usize,
+    pub(crate) online_counters: usize,
     /// LARS exclusion flags per online parameter, for the rule they were computed for.
     excluded: Option<(ExcludeRule, Vec<bool>)>,
 }
@@ -165,11 +186,14 @@ impl Lewel {
         let a = self.g.input(shape, v1);
         let b = self.g.input(shape, v2);
         let (tg, target) = (&mut self.tg, &self.target);
-        let mut run_target = |v: Tensor, og: &Graph<f32>| {
+        let mut run_target = |v: Tensor, og: &mut Graph<f32>| {
             tg.reset();
             let x = tg.input(v.shape, og.value(v));
             let (z, o) = target.forward(tg, x, target_mode);
-            (tg.value(z).to_vec(), tg.value(o).to_vec())
+            (
+                og.input(z.shape, tg.value(z)),
+                og.input(o.shape, tg.value(o)),
+            )
         };
         let loss = self
             .online
@@ -377,20 +401,7 @@ mod tests {
     }
 
     fn sc(method: Method) -> StepConfig {
-        StepConfig {
-            method,
-            lars: LarsConfig {
-                lr: 0.3,
-                weight_decay: 1.5e-6,
-                momentum: 0.9,
-                eta: 0.001,
-            },
-            ema_m: 0.99,
-            exclude: ExcludeRule::Current {
-                eman: method == Method::LewelBEman,
-            },
-            bn_group: None,
-        }
+        StepConfig::recipe(method, 0.3, 0.99)
     }
 
     #[test]

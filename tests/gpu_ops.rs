@@ -1,12 +1,17 @@
-//! Link 3 (DESIGN "Tests"): every GPU op against the CPU reference, as `lewel check` runs it.
-//! Skips with a printed reason where there is no usable GPU, and runs in full where there is.
+//! Links 3 and 4 (DESIGN "Tests"), as `lewel check` runs them: every GPU op against the CPU
+//! reference; then whole LEWEL steps GPU against CPU, a bitwise --deterministic rerun and the first
+//! 20 steps of the built-in run's loss curve. Each skips with a printed reason where there is no
+//! usable GPU, and runs in full where there is.
 
-#[test]
-fn gpu_ops_match_the_cpu_reference() {
+use lewel::gpu::check::{table, Row};
+use std::rc::Rc;
+
+/// GPU 0 opened deterministic, or None after printing why the test skips.
+fn gpu(test: &str) -> Option<Rc<lewel::gpu::Gpu>> {
     let probe = lewel::device::probe();
     if !probe.usable(0) {
         eprintln!(
-            "SKIPPED gpu_ops_match_the_cpu_reference: no usable GPU ({})",
+            "SKIPPED {test}: no usable GPU ({})",
             probe
                 .driver
                 .as_ref()
@@ -14,16 +19,29 @@ fn gpu_ops_match_the_cpu_reference() {
                 .map_or("no CUDA device of compute capability >= 7.5", |e| e
                     .as_str())
         );
-        return;
+        return None;
     }
-    let g = lewel::gpu::Gpu::new(0, true).expect("opening GPU 0");
-    let rows = lewel::gpu::check::run_ops(&g, 1).expect("running the checks");
-    println!("{}", lewel::gpu::check::table(&rows));
-    let failed: Vec<_> = rows.iter().filter(|r| !r.pass()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} checks failed",
-        failed.len(),
-        rows.len()
-    );
+    Some(Rc::new(
+        lewel::gpu::Gpu::new(0, true).expect("opening GPU 0"),
+    ))
+}
+
+fn assert_all_pass(rows: &[Row]) {
+    println!("{}", table(rows));
+    let failed = rows.iter().filter(|r| !r.pass()).count();
+    assert!(failed == 0, "{failed} of {} checks failed", rows.len());
+}
+
+#[test]
+fn gpu_ops_match_the_cpu_reference() {
+    if let Some(g) = gpu("gpu_ops_match_the_cpu_reference") {
+        assert_all_pass(&lewel::gpu::check::run_ops(&g, 1).expect("running the checks"));
+    }
+}
+
+#[test]
+fn gpu_steps_match_the_cpu_and_rerun_bitwise() {
+    if let Some(g) = gpu("gpu_steps_match_the_cpu_and_rerun_bitwise") {
+        assert_all_pass(&lewel::gpu::check_step::run_steps(&g, 1).expect("running the steps"));
+    }
 }

@@ -9,7 +9,6 @@
 //! gradient's relative error. Counters (num_batches_tracked) must be equal.
 
 use lewel::checkpoint::{read_file, Tensors};
-use lewel::optim::{ExcludeRule, LarsConfig};
 use lewel::train::{step_files, Method, StepConfig};
 use std::path::PathBuf;
 
@@ -40,20 +39,7 @@ fn check(name: &str, method: Method) {
     let dir = std::env::temp_dir().join(format!("lewel-parity-{name}-{m}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("out.safetensors");
-    let sc = StepConfig {
-        method,
-        lars: LarsConfig {
-            lr: 0.3,
-            weight_decay: 1.5e-6,
-            momentum: 0.9,
-            eta: 0.001,
-        },
-        ema_m: 0.99,
-        exclude: ExcludeRule::Current {
-            eman: method == Method::LewelBEman,
-        },
-        bn_group: None,
-    };
+    let sc = StepConfig::recipe(method, 0.3, 0.99);
     step_files(
         &fixture(&format!("{name}.in.safetensors")),
         &fixture(&format!("{name}.views.safetensors")),

@@ -3,19 +3,24 @@
 //! Everything CUDA is dlopen'ed by cudarc, so this module builds everywhere; [`Gpu::new`] checks each
 //! library before first use and turns absence into one sentence naming it and the fix
 //! (scripts/cuda-env.sh). Op launchers live with their CPU references in `src/ops/<op>.rs`; this
-//! module holds what they share: the kernel registry, dtype plumbing, the row-major GEMM and the
-//! cuDNN convolution plans.
+//! module holds what they share: the kernel registry, buffers and their windows ([`Dev`],
+//! [`DevMut`]), dtype plumbing with the f32 <-> T casts, the row-major GEMM and the cuDNN
+//! convolution plans.
 
 pub mod check;
+pub mod check_step;
+pub mod graph;
 pub mod nvrtc;
+pub mod train;
 
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
+use std::cell::{RefCell, RefMut};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -45,6 +50,59 @@ impl GpuFloat for half::bf16 {
     }
     fn to_f32(self) -> f32 {
         half::bf16::to_f32(self)
+    }
+}
+
+/// A device buffer or a read-only window of one.
+pub trait Dev<T> {
+    fn view(&self) -> CudaView<'_, T>;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A device buffer or a writable window of one.
+pub trait DevMut<T>: Dev<T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T>;
+}
+
+impl<T> Dev<T> for CudaSlice<T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.as_view()
+    }
+    fn len(&self) -> usize {
+        CudaSlice::len(self)
+    }
+}
+
+impl<T> Dev<T> for CudaView<'_, T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.slice(..)
+    }
+    fn len(&self) -> usize {
+        CudaView::len(self)
+    }
+}
+
+impl<T> Dev<T> for CudaViewMut<'_, T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.as_view()
+    }
+    fn len(&self) -> usize {
+        CudaViewMut::len(self)
+    }
+}
+
+impl<T> DevMut<T> for CudaSlice<T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.as_view_mut()
+    }
+}
+
+impl<T> DevMut<T> for CudaViewMut<'_, T> {
+    fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.slice_mut(..)
     }
 }
 
@@ -108,6 +166,7 @@ registry! {
         pair bn_stats_partial, one bn_finalize_mean, one bn_finalize_var, one bn_eval_stats,
         pair bn_apply, pair bn_bwd_partial, one bn_bwd_finalize, pair bn_bwd_apply,
     }
+    "cast.cu" { pair cast_from_f32, pair accum_f32 }
     "concat.cu" { pair concat_fwd, pair concat_bwd, pair split_fwd, pair split_bwd }
     "l2norm.cu" { pair l2norm_fwd, pair l2norm_bwd }
     "loss.cu" { pair loss_rows, one loss_reduce, pair loss_bwd }
@@ -133,8 +192,9 @@ pub struct Gpu {
     /// Only deterministic cuDNN algorithms (and no float atomics anywhere: none of our kernels use
     /// them).
     pub deterministic: bool,
-    pub(crate) conv_cache: std::cell::RefCell<HashMap<ConvKey, crate::ops::conv::ConvAlgos>>,
-    pub(crate) workspace: std::cell::RefCell<Option<CudaSlice<u8>>>,
+    pub(crate) conv_cache: RefCell<HashMap<ConvKey, crate::ops::conv::ConvAlgos>>,
+    pub(crate) workspace: RefCell<Option<CudaSlice<u8>>>,
+    pub(crate) scratch: RefCell<Option<CudaSlice<f32>>>,
 }
 
 /// Key of a convolution plan: the shape and the storage dtype.
@@ -201,6 +261,7 @@ impl Gpu {
             deterministic,
             conv_cache: Default::default(),
             workspace: Default::default(),
+            scratch: Default::default(),
         };
         gpu.set_tf32(true)?;
         Ok(gpu)
@@ -248,10 +309,10 @@ impl Gpu {
     }
 
     /// Downloads as f32 host values (waits for the stream).
-    pub fn download<T: GpuFloat>(&self, d: &CudaSlice<T>) -> Result<Vec<f32>> {
+    pub fn download<T: GpuFloat>(&self, d: &impl Dev<T>) -> Result<Vec<f32>> {
         let h: Vec<T> = self
             .stream
-            .clone_dtoh(d)
+            .clone_dtoh(&d.view())
             .map_err(|e| self.err("download", e))?;
         Ok(h.into_iter().map(T::to_f32).collect())
     }
@@ -262,15 +323,30 @@ impl Gpu {
             .map_err(|e| self.err(&format!("allocating {n} elements"), e))
     }
 
+    /// Zeroes a buffer or window on the stream.
+    pub fn memset_zero<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        v: &mut impl DevMut<T>,
+    ) -> Result<()> {
+        self.stream
+            .memset_zeros(&mut v.view_mut())
+            .map_err(|e| self.err("memset", e))
+    }
+
+    /// Device-to-device copy of all of `src` into the front of `dst`.
+    pub fn copy<T>(&self, src: &impl Dev<T>, dst: &mut impl DevMut<T>) -> Result<()> {
+        need("Gpu::copy", &[("dst", dst.len(), src.len())])?;
+        self.stream
+            .memcpy_dtod(&src.view(), &mut dst.view_mut())
+            .map_err(|e| self.err("device copy", e))
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| self.err("kernel", e))
     }
 
     /// A workspace of at least `bytes`, grown (never shrunk) as plans need.
-    pub(crate) fn workspace(
-        &self,
-        bytes: usize,
-    ) -> Result<std::cell::RefMut<'_, Option<CudaSlice<u8>>>> {
+    pub(crate) fn workspace(&self, bytes: usize) -> Result<RefMut<'_, Option<CudaSlice<u8>>>> {
         let mut w = self.workspace.borrow_mut();
         if w.as_ref().is_none_or(|b| b.len() < bytes) {
             *w = Some(
@@ -280,6 +356,23 @@ impl Gpu {
             );
         }
         Ok(w)
+    }
+
+    /// An f32 scratch of at least `n` elements, grown (never shrunk) as launchers need; its contents
+    /// are left over from earlier launches.
+    pub(crate) fn scratch(&self, n: usize) -> Result<RefMut<'_, CudaSlice<f32>>> {
+        let mut s = self.scratch.borrow_mut();
+        if s.as_ref().is_none_or(|b| b.len() < n) {
+            // Drop the old one before allocating, for peak memory: cudarc frees it in stream order,
+            // after the launches already queued on it.
+            *s = None;
+            *s = Some(
+                self.stream
+                    .alloc_zeros::<f32>(n.max(1))
+                    .map_err(|e| self.err(&format!("scratch of {n} f32"), e))?,
+            );
+        }
+        Ok(RefMut::map(s, |s| s.as_mut().expect("allocated above")))
     }
 
     /// Row-major GEMM: C (m, n) = alpha * op(A) * op(B) + beta * C, with op(A) (m, k) and op(B)
@@ -339,15 +432,26 @@ impl Gpu {
 
 /// Launches a built kernel call, naming the kernel in the error.
 pub fn run(g: &Gpu, mut b: LaunchArgs<'_>, cfg: LaunchConfig, name: &str) -> Result<()> {
-    // SAFETY: every launcher passes arguments matching its kernel's C signature. Buffer lengths are
-    // the caller's duty: the launchers do not check them against the params yet.
+    // SAFETY: every launcher passes arguments matching its kernel's C signature and checks its
+    // buffers' lengths against the params with `need` before building the launch.
     unsafe { b.launch(cfg) }
         .map(|_| ())
         .map_err(|e| g.err(name, e))
 }
 
+/// Fails unless every `(buffer, len, needed)` of launcher `op` holds at least `needed` elements
+/// (more is fine: a window's tail, or `lewel check`'s sentinels).
+pub fn need(op: &str, bufs: &[(&str, usize, usize)]) -> Result<()> {
+    match bufs.iter().find(|(_, len, n)| len < n) {
+        Some((what, len, n)) => Err(Error::Other(format!(
+            "{op}: {what} holds {len} elements, needs {n}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Pushes an optional buffer, or a null pointer.
-pub fn opt<'a, T>(b: &mut LaunchArgs<'a>, v: Option<&'a CudaSlice<T>>) {
+pub fn opt<'a, 'c: 'a, T>(b: &mut LaunchArgs<'a>, v: Option<&'a CudaView<'c, T>>) {
     match v {
         Some(s) => b.arg(s),
         None => b.arg(&NULL),
@@ -355,7 +459,7 @@ pub fn opt<'a, T>(b: &mut LaunchArgs<'a>, v: Option<&'a CudaSlice<T>>) {
 }
 
 /// Pushes an optional mutable buffer, or a null pointer.
-pub fn opt_mut<'a, T>(b: &mut LaunchArgs<'a>, v: Option<&'a mut CudaSlice<T>>) {
+pub fn opt_mut<'a, 'c: 'a, T>(b: &mut LaunchArgs<'a>, v: Option<&'a mut CudaViewMut<'c, T>>) {
     match v {
         Some(s) => b.arg(s),
         None => b.arg(&NULL),
@@ -379,4 +483,32 @@ pub fn blocks(blocks: usize, threads: u32) -> LaunchConfig {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// dst = src rounded to T (to nearest even for bf16), over src's length.
+pub fn cast_from_f32_cuda<T: GpuFloat>(
+    g: &Gpu,
+    src: &impl Dev<f32>,
+    dst: &mut impl DevMut<T>,
+) -> Result<()> {
+    let n = src.len();
+    need("cast_from_f32_cuda", &[("dst", dst.len(), n)])?;
+    let (src, mut dst, n) = (src.view(), dst.view_mut(), n as u64);
+    let mut b = g.stream.launch_builder(g.k.cast_from_f32.get::<T>());
+    b.arg(&src).arg(&mut dst).arg(&n);
+    run(g, b, grid_1d(n as usize), "cast_from_f32")
+}
+
+/// acc += src widened to f32, over src's length.
+pub fn accum_f32_cuda<T: GpuFloat>(
+    g: &Gpu,
+    src: &impl Dev<T>,
+    acc: &mut impl DevMut<f32>,
+) -> Result<()> {
+    let n = src.len();
+    need("accum_f32_cuda", &[("acc", acc.len(), n)])?;
+    let (src, mut acc, n) = (src.view(), acc.view_mut(), n as u64);
+    let mut b = g.stream.launch_builder(g.k.accum_f32.get::<T>());
+    b.arg(&src).arg(&mut acc).arg(&n);
+    run(g, b, grid_1d(n as usize), "accum_f32")
 }

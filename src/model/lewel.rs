@@ -12,7 +12,7 @@
 
 use super::resnet::{Arch, ResNet};
 use super::{bn_layer, linear_weight};
-use crate::autograd::{BnLayer, BnMode, Graph};
+use crate::autograd::{BnLayer, BnMode, Tape};
 use crate::memory::{ParamId, ParamStore};
 use crate::ops::Real;
 use crate::rng::Rng;
@@ -123,10 +123,9 @@ impl Mlp1d {
         Mlp1d { l0, bn, l3 }
     }
     /// x (..., C_in) -> (..., out); BN over every row.
-    pub fn forward<T: Real>(&self, g: &mut Graph<T>, x: Tensor, mode: BnMode) -> Tensor {
+    pub fn forward<G: Tape>(&self, g: &mut G, x: Tensor, mode: BnMode) -> Tensor {
         let h = g.linear(x, self.l0);
-        let h = g.batchnorm(h, self.bn, mode);
-        let h = g.relu(h);
+        let h = g.bn_act(h, self.bn, mode, None, true);
         g.linear(h, self.l3)
     }
 }
@@ -162,7 +161,7 @@ impl EncoderObj {
     }
 
     /// images (B, S, S, 3) -> (z_g (B, D), O (B, K, D)).
-    pub fn forward<T: Real>(&self, g: &mut Graph<T>, x: Tensor, mode: BnMode) -> (Tensor, Tensor) {
+    pub fn forward<G: Tape>(&self, g: &mut G, x: Tensor, mode: BnMode) -> (Tensor, Tensor) {
         let f = self.backbone.forward(g, x, mode);
         let d = f.shape.dims().to_vec();
         let (b, l, c) = (d[0], d[1] * d[2], d[3]);
@@ -171,16 +170,16 @@ impl EncoderObj {
         let u = g.concat_positions(pooled, pix);
         let z = self.proj.forward(g, u, mode);
         let (zg, a) = g.split_positions(z);
-        let a = g.l2norm(a, self.scale);
-        let maps = g.softmax_positions(a);
+        let maps = g.align_maps(a, self.scale);
         let v = g.aggregate(pix, maps, self.heads);
         let o = self.proj_obj.forward(g, v, mode);
         (zg, o)
     }
 }
 
-/// Maps a view of the online graph to the target encoder's (z_g, O) values, computed without gradient.
-pub type TargetFn<'a, T> = dyn FnMut(Tensor, &Graph<T>) -> (Vec<T>, Vec<T>) + 'a;
+/// Maps a view of the online graph to the target encoder's (z_g, O), computed without gradient
+/// elsewhere and placed into the online graph as constants.
+pub type TargetFn<'a, G> = dyn FnMut(Tensor, &mut G) -> (Tensor, Tensor) + 'a;
 
 /// The online side: encoder and both predictors, in one store.
 pub struct LewelOnline {
@@ -204,9 +203,9 @@ impl LewelOnline {
     }
 
     /// One direction: online outputs of view a against the target outputs of view b (constants).
-    fn direction<T: Real>(
+    fn direction<G: Tape>(
         &self,
-        g: &mut Graph<T>,
+        g: &mut G,
         z: Tensor,
         o: Tensor,
         tz: Tensor,
@@ -226,20 +225,18 @@ impl LewelOnline {
     /// The LEWEL loss of two views. `target` maps a view to the target encoder's (z_g, O) values,
     /// computed elsewhere without gradient; the order of calls is the official one: online(v1),
     /// online(v2), target(v1), target(v2), then the two directions.
-    pub fn loss<T: Real>(
+    pub fn loss<G: Tape>(
         &self,
-        g: &mut Graph<T>,
+        g: &mut G,
         v1: Tensor,
         v2: Tensor,
         mode: BnMode,
-        target: &mut TargetFn<'_, T>,
+        target: &mut TargetFn<'_, G>,
     ) -> Tensor {
         let (z1, o1) = self.encoder.forward(g, v1, mode);
         let (z2, o2) = self.encoder.forward(g, v2, mode);
         let (t1z, t1o) = target(v1, g);
         let (t2z, t2o) = target(v2, g);
-        let (t1z, t1o) = (g.input(z1.shape, &t1z), g.input(o1.shape, &t1o));
-        let (t2z, t2o) = (g.input(z2.shape, &t2z), g.input(o2.shape, &t2o));
         let a = self.direction(g, z1, o1, t2z, t2o, mode);
         let b = self.direction(g, z2, o2, t1z, t1o, mode);
         g.add(a, b)
@@ -249,6 +246,7 @@ impl LewelOnline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::autograd::Graph;
 
     fn count(s: &ParamStore<f32>, prefix: &str) -> usize {
         s.table
@@ -313,11 +311,14 @@ mod tests {
         let sh = Shape::new(&[b, 32, 32, 3]);
         let v1 = g.input(sh, h1);
         let v2 = g.input(sh, h2);
-        let mut run_target = |v: Tensor, og: &Graph<f32>| {
+        let mut run_target = |v: Tensor, og: &mut Graph<f32>| {
             tg.reset();
             let x = tg.input(v.shape, og.value(v));
             let (z, o) = target.forward(&mut tg, x, BnMode::Eval);
-            (tg.value(z).to_vec(), tg.value(o).to_vec())
+            (
+                og.input(z.shape, tg.value(z)),
+                og.input(o.shape, tg.value(o)),
+            )
         };
         let loss = online.loss(&mut g, v1, v2, BnMode::Train, &mut run_target);
         let l = g.value(loss)[0];

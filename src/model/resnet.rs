@@ -6,7 +6,7 @@
 //! last BN of each block is not zeroed (LEWEL_SPEC 1).
 
 use super::{bn_layer, conv_weight};
-use crate::autograd::{BnLayer, BnMode, Graph};
+use crate::autograd::{BnLayer, BnMode, Tape};
 use crate::memory::{ParamId, ParamStore};
 use crate::ops::Real;
 use crate::rng::Rng;
@@ -151,31 +151,31 @@ impl ResNet {
     }
 
     /// x (B, H, W, 3) -> (B, H/32, W/32, C) after the final ReLU.
-    pub fn forward<T: Real>(&self, g: &mut Graph<T>, x: Tensor, mode: BnMode) -> Tensor {
+    pub fn forward<G: Tape>(&self, g: &mut G, x: Tensor, mode: BnMode) -> Tensor {
         let h = g.conv2d(x, self.stem.0, 2, 3);
-        let h = g.batchnorm(h, self.stem.1, mode);
-        let h = g.relu(h);
+        let h = g.bn_act(h, self.stem.1, mode, None, true);
         let mut h = g.maxpool(h, 3, 2, 1);
         for b in &self.blocks {
-            let mut r = h;
-            let last = b.conv.len() - 1;
-            for (j, &(w, bn, stride)) in b.conv.iter().enumerate() {
-                let k = g.store.shape(w).dim(1);
-                r = g.conv2d(r, w, stride, k / 2);
-                r = g.batchnorm(r, bn, mode);
-                if j < last {
-                    r = g.relu(r);
-                }
-            }
+            // The skip first, so the block's last batch norm can take it as its fused residual.
             let skip = match b.downsample {
                 Some((w, bn)) => {
                     let d = g.conv2d(h, w, b.stride, 0);
-                    g.batchnorm(d, bn, mode)
+                    g.bn_act(d, bn, mode, None, false)
                 }
                 None => h,
             };
-            let s = g.add(r, skip);
-            h = g.relu(s);
+            let mut r = h;
+            let last = b.conv.len() - 1;
+            for (j, &(w, bn, stride)) in b.conv.iter().enumerate() {
+                let k = g.param_shape(w).dim(1);
+                r = g.conv2d(r, w, stride, k / 2);
+                r = if j < last {
+                    g.bn_act(r, bn, mode, None, true)
+                } else {
+                    g.bn_act(r, bn, mode, Some(skip), true)
+                };
+            }
+            h = r;
         }
         h
     }
@@ -184,6 +184,7 @@ impl ResNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::autograd::Graph;
     use crate::tensor::Shape;
 
     #[test]
