@@ -746,12 +746,12 @@ impl<T: Real> Tape for Graph<T> {
     }
 }
 
-fn dims4(op: &str, s: Shape) -> [usize; 4] {
+pub(crate) fn dims4(op: &str, s: Shape) -> [usize; 4] {
     assert_eq!(s.rank(), 4, "{op}: expected (N, H, W, C), got {s}");
     [s.dim(0), s.dim(1), s.dim(2), s.dim(3)]
 }
 
-fn dims3(op: &str, s: Shape) -> [usize; 3] {
+pub(crate) fn dims3(op: &str, s: Shape) -> [usize; 3] {
     assert_eq!(s.rank(), 3, "{op}: expected (B, L, C), got {s}");
     [s.dim(0), s.dim(1), s.dim(2)]
 }

@@ -59,6 +59,21 @@ pub struct StepConfig {
 }
 
 impl StepConfig {
+    /// Batch-norm modes of the online and the target network: batch statistics (per group when
+    /// emulating per-GPU BN) online; running statistics for EMAN's target, the online mode for
+    /// LEWEL-B's.
+    pub fn bn_modes(&self) -> (BnMode, BnMode) {
+        let online = match self.bn_group {
+            Some(n) => BnMode::TrainGhost(n),
+            None => BnMode::Train,
+        };
+        let target = match self.method {
+            Method::LewelBEman => BnMode::Eval,
+            Method::LewelB => online,
+        };
+        (online, target)
+    }
+
     /// The recipe's fixed values (LARS momentum 0.9, eta 0.001, wd 1.5e-6, the current exclusion
     /// rule, BN over the whole batch) with the given method, lr and EMA momentum.
     pub fn recipe(method: Method, lr: f64, ema_m: f64) -> StepConfig {
@@ -172,14 +187,7 @@ impl Lewel {
         shape: Shape,
         sc: &StepConfig,
     ) -> f32 {
-        let online_mode = match sc.bn_group {
-            Some(n) => BnMode::TrainGhost(n),
-            None => BnMode::Train,
-        };
-        let target_mode = match sc.method {
-            Method::LewelBEman => BnMode::Eval,
-            Method::LewelB => online_mode,
-        };
+        let (online_mode, target_mode) = sc.bn_modes();
         self.g.reset();
         self.g.store.zero_grads();
         self.tg.set_recording(false);

@@ -111,31 +111,14 @@ where
         cpu.update(&sc);
         gpu.update(&sc)?;
         let h = gpu.sync_host()?;
-        rows.push(row(
-            &name,
-            dt,
-            "params",
-            &h.g.store.params,
-            &cpu.g.store.params,
-            tol,
-        ));
-        rows.push(row(
-            &name,
-            dt,
-            "bn stats",
-            &h.g.store.buffers,
-            &cpu.g.store.buffers,
-            tol,
-        ));
-        rows.push(row(
-            &name,
-            dt,
-            "target",
-            &h.tg.store.params,
-            &cpu.tg.store.params,
-            tol,
-        ));
-        rows.push(row(&name, dt, "momentum", &h.momentum, &cpu.momentum, tol));
+        for (output, got, want) in [
+            ("params", &h.g.store.params, &cpu.g.store.params),
+            ("bn stats", &h.g.store.buffers, &cpu.g.store.buffers),
+            ("target", &h.tg.store.params, &cpu.tg.store.params),
+            ("momentum", &h.momentum, &cpu.momentum),
+        ] {
+            rows.push(row(&name, dt, output, got, want, tol));
+        }
         let counters_match = h.tg.store.counters == cpu.tg.store.counters
             && h.g.store.counters == cpu.g.store.counters;
         let mut c = row(&name, dt, "counters", &[0.0], &[0.0], 0.0);

@@ -15,7 +15,7 @@
 //!   error plumbing.
 
 use super::{Gpu, GpuFloat};
-use crate::autograd::{BnLayer, BnMode, Tape};
+use crate::autograd::{dims3, dims4, BnLayer, BnMode, Tape};
 use crate::error::{Error, Result};
 use crate::memory::{ParamId, ParamStore};
 use crate::ops::aggregate::AggregateParams;
@@ -36,9 +36,11 @@ use std::rc::Rc;
 /// A read-only view of a slot's `E` value; a macro, not a method, so it borrows only the fields it
 /// reads and other fields (the flat gradient buffers) can be written meanwhile.
 macro_rules! ev {
-    ($s:expr, $t:expr) => {
-        $s.e.get($t.slot as usize, $s.meta[$t.slot as usize].len)
-    };
+    ($s:expr, $t:expr) => {{
+        let m = $s.meta[$t.slot as usize];
+        debug_assert_eq!(m.kind, Kind::E, "an f32 or byte tensor read as activations");
+        $s.e.get($t.slot as usize, m.len)
+    }};
 }
 
 /// A read-only view of a slot's `E` gradient.
@@ -390,20 +392,10 @@ where
         }
     }
 
-    fn ve(&self, t: Tensor) -> CudaView<'_, E> {
-        let m = self.meta[t.slot as usize];
-        debug_assert_eq!(m.kind, Kind::E);
-        self.e.get(t.slot as usize, m.len)
-    }
-
     fn vf(&self, t: Tensor) -> CudaView<'_, f32> {
         let m = self.meta[t.slot as usize];
         debug_assert_eq!(m.kind, Kind::F32);
         self.f.get(t.slot as usize, m.len)
-    }
-
-    fn w(&self, p: ParamId) -> CudaView<'_, E> {
-        self.params_c.slice(self.store.table.range(p.0))
     }
 
     /// A constant input from host values (images).
@@ -439,7 +431,7 @@ where
         if !self.failed() {
             let i = y.slot as usize;
             let mut b = self.e.take(i);
-            let r = self.gpu.copy(&src.ve(t), &mut b.slice_mut(..t.numel()));
+            let r = self.gpu.copy(&ev!(src, t), &mut b.slice_mut(..t.numel()));
             self.e.put(i, b);
             self.fail(r);
         }
@@ -456,7 +448,7 @@ where
         match self.kind(t) {
             Kind::E => {
                 let mut h = vec![E::default(); t.numel()];
-                st.memcpy_dtoh(&self.ve(t), &mut h).map_err(dl)?;
+                st.memcpy_dtoh(&ev!(self, t), &mut h).map_err(dl)?;
                 self.gpu.sync()?;
                 Ok(h.into_iter().map(E::to_f32).collect())
             }
@@ -536,10 +528,6 @@ where
         self.tape = tape;
         r?;
         super::accum_f32_cuda(&gpu, &self.grads_c, &mut self.grads)
-    }
-
-    fn ge_view(&self, t: Tensor) -> CudaView<'_, E> {
-        self.ge.get(t.slot as usize, self.meta[t.slot as usize].len)
     }
 
     fn gf_view(&self, t: Tensor) -> CudaView<'_, f32> {
@@ -631,10 +619,10 @@ where
             Node::MaxPool { x, argmax, p, y } => self.with_ge(x, |s, dx, n| {
                 let am =
                     s.u.get(argmax.slot as usize, s.meta[argmax.slot as usize].len);
-                ops::pool::maxpool_backward_cuda(g, &p, &s.ge_view(y), &am, &mut dx.slice_mut(..n))
+                ops::pool::maxpool_backward_cuda(g, &p, &gv!(s, y), &am, &mut dx.slice_mut(..n))
             }),
             Node::AvgPool { x, y, p } => self.with_ge(x, |s, dx, n| {
-                ops::pool::avgpool_backward_cuda(g, &p, &s.ge_view(y), &mut dx.slice_mut(..n))
+                ops::pool::avgpool_backward_cuda(g, &p, &gv!(s, y), &mut dx.slice_mut(..n))
             }),
             Node::Linear { x, w, y, p } => {
                 let r = self.store.table.range(w.0);
@@ -666,7 +654,7 @@ where
                 let r = ops::concat::concat_backward_cuda(
                     g,
                     &p,
-                    &self.ge_view(u),
+                    &gv!(self, u),
                     &mut dg.slice_mut(..gt.numel()),
                     &mut dx.slice_mut(..x.numel()),
                 );
@@ -682,8 +670,8 @@ where
                 ops::concat::split_backward_cuda(
                     g,
                     &p,
-                    &s.ge_view(zg),
-                    &s.ge_view(a),
+                    &gv!(s, zg),
+                    &gv!(s, a),
                     &mut dz.slice_mut(..n),
                 )
             }),
@@ -695,7 +683,7 @@ where
                     ops::softmax::align_backward_cuda(
                         g,
                         &p,
-                        (&s.ve(x), &s.ve(y), &s.ge_view(y)),
+                        (&ev!(s, x), &ev!(s, y), &gv!(s, y)),
                         &mut sc.slice_mut(..len),
                         &mut dx.slice_mut(..n),
                     )
@@ -718,7 +706,7 @@ where
                 let r = ops::aggregate::backward_cuda(
                     g,
                     &p,
-                    (&self.ve(x), &self.ve(w), &self.ge_view(v)),
+                    (&ev!(self, x), &ev!(self, w), &gv!(self, v)),
                     &mut dx.slice_mut(..x.numel()),
                     &mut dw.slice_mut(..w.numel()),
                 );
@@ -734,7 +722,7 @@ where
                 ops::loss::backward_cuda(
                     g,
                     &p,
-                    (&s.ve(pred), &s.ve(target)),
+                    (&ev!(s, pred), &ev!(s, target)),
                     &s.gf_view(y),
                     &mut dp.slice_mut(..n),
                 )
@@ -760,7 +748,7 @@ where
                 let mut dx = self.ge.take(i);
                 let r = ops::add::scale_backward_cuda(
                     &gpu,
-                    &self.ge_view(y),
+                    &gv!(self, y),
                     alpha,
                     &mut dx.slice_mut(..n),
                 );
@@ -788,16 +776,6 @@ fn kind_size<E>(k: Kind) -> usize {
         Kind::F32 => 4,
         Kind::U8 => 1,
     }
-}
-
-fn dims4(op: &str, s: Shape) -> [usize; 4] {
-    assert_eq!(s.rank(), 4, "{op}: expected (N, H, W, C), got {s}");
-    [s.dim(0), s.dim(1), s.dim(2), s.dim(3)]
-}
-
-fn dims3(op: &str, s: Shape) -> [usize; 3] {
-    assert_eq!(s.rank(), 3, "{op}: expected (B, L, C), got {s}");
-    [s.dim(0), s.dim(1), s.dim(2)]
 }
 
 impl<E: GpuFloat> Tape for DevGraph<E>
@@ -834,8 +812,8 @@ where
             ops::conv::forward_cuda(
                 &s.gpu,
                 &p,
-                &s.ve(x),
-                &s.w(w),
+                &ev!(s, x),
+                &wv!(s, w),
                 &mut yb.slice_mut(..y.numel()),
             )
         });
@@ -945,7 +923,7 @@ where
                 ops::pool::maxpool_forward_cuda(
                     &s.gpu,
                     &p,
-                    &s.ve(x),
+                    &ev!(s, x),
                     &mut yb.slice_mut(..y.numel()),
                     &mut am.slice_mut(..y.numel()),
                 )
@@ -961,7 +939,7 @@ where
         let p = PoolParams::global_avg(n, h, w, c);
         let y = self.alloc(Kind::E, Shape::new(&[n, c]), self.ng(x));
         self.with_e(y, |s, yb| {
-            ops::pool::avgpool_forward_cuda(&s.gpu, &p, &s.ve(x), &mut yb.slice_mut(..y.numel()))
+            ops::pool::avgpool_forward_cuda(&s.gpu, &p, &ev!(s, x), &mut yb.slice_mut(..y.numel()))
         });
         self.record(Node::AvgPool { x, y, p });
         y
@@ -983,8 +961,8 @@ where
             ops::linear::forward_cuda(
                 &s.gpu,
                 &p,
-                &s.ve(x),
-                &s.w(w),
+                &ev!(s, x),
+                &wv!(s, w),
                 &mut yb.slice_mut(..y.numel()),
             )
         });
@@ -1011,8 +989,8 @@ where
             ops::concat::concat_cuda(
                 &s.gpu,
                 &p,
-                &s.ve(g),
-                &s.ve(x),
+                &ev!(s, g),
+                &ev!(s, x),
                 &mut ub.slice_mut(..u.numel()),
             )
         });
@@ -1031,7 +1009,7 @@ where
                 ops::concat::split_cuda(
                     &s.gpu,
                     &p,
-                    &s.ve(z),
+                    &ev!(s, z),
                     &mut gb.slice_mut(..zg.numel()),
                     &mut ab.slice_mut(..a.numel()),
                 )
@@ -1056,7 +1034,7 @@ where
         let scratch_len = if self.recording { a.numel() } else { 1 };
         let scratch = self.alloc(Kind::F32, Shape::new(&[scratch_len]), false);
         self.with_e(y, |s, yb| {
-            ops::softmax::align_forward_cuda(&s.gpu, &p, &s.ve(a), &mut yb.slice_mut(..y.numel()))
+            ops::softmax::align_forward_cuda(&s.gpu, &p, &ev!(s, a), &mut yb.slice_mut(..y.numel()))
         });
         self.record(Node::Align {
             x: a,
@@ -1086,8 +1064,8 @@ where
             ops::aggregate::forward_cuda(
                 &s.gpu,
                 &p,
-                &s.ve(x),
-                &s.ve(w),
+                &ev!(s, x),
+                &ev!(s, w),
                 &mut vb.slice_mut(..v.numel()),
             )
         });
@@ -1113,7 +1091,7 @@ where
             let r = ops::loss::forward_cuda(
                 &self.gpu,
                 &p,
-                (&self.ve(pred), &self.ve(target)),
+                (&ev!(self, pred), &ev!(self, target)),
                 &mut cb.slice_mut(..cosv.numel()),
                 &mut yb.slice_mut(..1),
             );
@@ -1137,7 +1115,7 @@ where
                     let mut b = self.e.take(i);
                     let r = ops::add::scale_forward_cuda(
                         &gpu,
-                        &self.ve(x),
+                        &ev!(self, x),
                         alpha,
                         &mut b.slice_mut(..y.numel()),
                     );
@@ -1175,8 +1153,8 @@ where
                     let mut o = self.e.take(i);
                     let r = ops::add::forward_cuda(
                         &gpu,
-                        &self.ve(a),
-                        &self.ve(b),
+                        &ev!(self, a),
+                        &ev!(self, b),
                         &mut o.slice_mut(..y.numel()),
                     );
                     self.e.put(i, o);

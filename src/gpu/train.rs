@@ -61,14 +61,7 @@ where
         shape: Shape,
         sc: &StepConfig,
     ) -> Result<f32> {
-        let online_mode = match sc.bn_group {
-            Some(n) => BnMode::TrainGhost(n),
-            None => BnMode::Train,
-        };
-        let target_mode = match sc.method {
-            Method::LewelBEman => BnMode::Eval,
-            Method::LewelB => online_mode,
-        };
+        let (online_mode, target_mode) = sc.bn_modes();
         self.g.reset();
         self.g.set_recording(true);
         self.tg.set_recording(false);
