@@ -349,6 +349,11 @@ fn check(a: CheckArgs) -> Result<()> {
     let mut rows = lewel::gpu::check::run_ops(&g, a.seed)?;
     rows.extend(lewel::gpu::check_step::run_steps(&g, a.seed)?);
     print!("{}", lewel::gpu::check::table(&rows));
+    if let Some(why) = g.find_failure.borrow().as_ref() {
+        println!(
+            "note: benchmarking cuDNN algorithms failed ({why}); the heuristic choice was used"
+        );
+    }
     let failed = rows.iter().filter(|r| !r.pass()).count();
     println!(
         "{} checks, {failed} failed, {:.1} s",

@@ -461,6 +461,11 @@ impl Engine {
         })
     }
 
+    /// Why cuDNN benchmarking failed, once (the heuristic was used instead).
+    fn take_find_failure(&self) -> Option<String> {
+        on_gpu!(self, m => m.gpu.find_failure.borrow_mut().take(), _c => None)
+    }
+
     /// Device bytes held (None on the CPU).
     fn device_bytes(&self) -> Option<usize> {
         on_gpu!(self, m => Some(m.device_bytes()), _c => None)
@@ -684,6 +689,9 @@ pub fn pretrain(
                 )));
             }
             m.update(&sc)?;
+            if let Some(why) = m.take_find_failure() {
+                log.line(&format!("warning: benchmarking cuDNN algorithms failed ({why}); using cuDNN's heuristic choice"));
+            }
             if first_loss.is_nan() {
                 first_loss = loss;
             }

@@ -9,6 +9,7 @@
 
 pub mod check;
 pub mod check_step;
+pub mod cudnn_find;
 pub mod graph;
 pub mod nvrtc;
 pub mod train;
@@ -193,6 +194,10 @@ pub struct Gpu {
     /// them).
     pub deterministic: bool,
     pub(crate) conv_cache: RefCell<HashMap<ConvKey, crate::ops::conv::ConvAlgos>>,
+    /// The cuDNN handle that benchmarks convolution algorithms, made when first needed.
+    pub(crate) finder: RefCell<Option<cudnn_find::Finder>>,
+    /// Why benchmarking failed the first time it did (the heuristic was used instead).
+    pub find_failure: RefCell<Option<String>>,
     pub(crate) workspace: RefCell<Option<CudaSlice<u8>>>,
     pub(crate) scratch: RefCell<Option<CudaSlice<f32>>>,
 }
@@ -260,6 +265,8 @@ impl Gpu {
             cc,
             deterministic,
             conv_cache: Default::default(),
+            finder: Default::default(),
+            find_failure: Default::default(),
             workspace: Default::default(),
             scratch: Default::default(),
         };

@@ -296,10 +296,9 @@ pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvPar
 // ----------------------------------------------------------------------------
 // Tests
 
-// ---- CUDA launchers: cuDNN, NHWC activations, KRSC weights, f32 compute. Algorithms come from
-// cuDNN's heuristics once per (shape, dtype) and are cached on the Gpu; under --deterministic the
-// backward passes use ALGO_1 (the deterministic ones; ALGO_0 and ALGO_3 sum with atomics).
-// Backward adds (beta = 1) into dx and dw.
+// ---- CUDA launchers: cuDNN, NHWC activations, KRSC weights, f32 compute. Algorithms are chosen
+// by benchmarking (cudnnFind, gpu::cudnn_find) the first time a (shape, dtype) is seen and cached
+// on the Gpu; under --deterministic only deterministic ones. Backward adds (beta = 1) into dx, dw.
 
 use crate::gpu::{need, Dev, DevMut, Gpu, GpuFloat};
 use crate::tensor::DType;
@@ -312,12 +311,12 @@ use cudarc::cudnn::{
     TensorDescriptor,
 };
 
-/// The algorithms chosen for one convolution shape.
+/// The algorithms chosen for one convolution shape, each with the math type it was measured with.
 #[derive(Clone, Copy, Debug)]
 pub struct ConvAlgos {
-    pub fwd: Fwd,
-    pub bwd_data: BwdData,
-    pub bwd_filter: BwdFilter,
+    pub fwd: (Fwd, cudnnMathType_t),
+    pub bwd_data: (BwdData, cudnnMathType_t),
+    pub bwd_filter: (BwdFilter, cudnnMathType_t),
 }
 
 struct Descs<T: GpuFloat> {
@@ -325,6 +324,15 @@ struct Descs<T: GpuFloat> {
     w: FilterDescriptor<T>,
     y: TensorDescriptor<T>,
     conv: ConvDescriptor<f32>,
+}
+
+/// The math type asked for: tensor cores for bf16, TF32 for f32 when on, exact FMA otherwise.
+fn math_type<T: GpuFloat>(g: &Gpu) -> cudnnMathType_t {
+    match (T::DTYPE, g.tf32()) {
+        (DType::BF16, _) => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+        (DType::F32, true) => cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        (DType::F32, false) => cudnnMathType_t::CUDNN_FMA_MATH,
+    }
 }
 
 fn descs<T: GpuFloat>(g: &Gpu, p: &ConvParams) -> crate::Result<Descs<T>> {
@@ -342,7 +350,7 @@ fn descs<T: GpuFloat>(g: &Gpu, p: &ConvParams) -> crate::Result<Descs<T>> {
         .cudnn
         .create_4d_tensor::<T>(nhwc, [p.n, p.c_out, p.h_out, p.w_out])
         .map_err(e)?;
-    let mut conv = g
+    let conv = g
         .cudnn
         .create_conv2d::<f32>(
             [p.pad, p.pad],
@@ -351,20 +359,57 @@ fn descs<T: GpuFloat>(g: &Gpu, p: &ConvParams) -> crate::Result<Descs<T>> {
             cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
         )
         .map_err(e)?;
-    let math = match (T::DTYPE, g.tf32()) {
-        (DType::BF16, _) => cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
-        (DType::F32, true) => cudnnMathType_t::CUDNN_DEFAULT_MATH,
-        (DType::F32, false) => cudnnMathType_t::CUDNN_FMA_MATH,
-    };
-    conv.set_math_type(math).map_err(e)?;
     Ok(Descs { x, w, y, conv })
 }
 
-fn algos<T: GpuFloat>(g: &Gpu, p: &ConvParams, d: &Descs<T>) -> crate::Result<ConvAlgos> {
-    if let Some(a) = g.conv_cache.borrow().get(&(*p, T::DTYPE)) {
-        return Ok(*a);
+/// The largest workspace a benchmarked algorithm may ask for: a quarter of the free memory when
+/// the shape is first seen, at most 1 GiB.
+fn workspace_limit(g: &Gpu) -> usize {
+    let free = g.ctx.mem_get_info().map(|(f, _)| f).unwrap_or(0);
+    (free / 4).min(1 << 30)
+}
+
+/// Benchmarks the three directions of one shape with cudnnFind (see gpu::cudnn_find).
+fn benchmark<T: GpuFloat>(g: &Gpu, p: &ConvParams) -> Result<ConvAlgos, String> {
+    use crate::gpu::cudnn_find::{choose, Finder, Rules};
+    let mut finder = g.finder.borrow_mut();
+    if finder.is_none() {
+        *finder = Some(Finder::new(&g.stream)?);
     }
+    let dtype = match T::DTYPE {
+        DType::BF16 => cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+        DType::F32 => cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+    };
+    let math = math_type::<T>(g);
+    let r = finder.as_ref().unwrap().find(p, dtype, math)?;
+    let rules = Rules {
+        deterministic: g.deterministic,
+        fma_only: math == cudnnMathType_t::CUDNN_FMA_MATH,
+        max_workspace: workspace_limit(g),
+    };
+    let none = |dir: &str| format!("no {dir} algorithm met {rules:?}");
+    let fwd = choose(&r.fwd, &rules).ok_or_else(|| none("forward"))?;
+    let data = choose(&r.bwd_data, &rules).ok_or_else(|| none("backward-data"))?;
+    let filter = choose(&r.bwd_filter, &rules).ok_or_else(|| none("backward-filter"))?;
+    if std::env::var_os("LEWEL_CUDNN_LOG").is_some() {
+        eprintln!(
+            "cudnn {:?} {:?}: fwd {:?} {:.3} ms {} B | data {:?} {:.3} ms {} B | filter {:?} {:.3} ms {} B",
+            T::DTYPE, p, fwd.algo, fwd.ms, fwd.workspace, data.algo, data.ms, data.workspace,
+            filter.algo, filter.ms, filter.workspace
+        );
+    }
+    Ok(ConvAlgos {
+        fwd: (fwd.algo, fwd.math),
+        bwd_data: (data.algo, data.math),
+        bwd_filter: (filter.algo, filter.math),
+    })
+}
+
+/// cuDNN's heuristic choice, the fallback when benchmarking fails; under --deterministic the
+/// backward passes use ALGO_1 (ALGO_0 and ALGO_3 sum with atomics).
+fn heuristic<T: GpuFloat>(g: &Gpu, d: &Descs<T>) -> crate::Result<ConvAlgos> {
     let e = |e| g.err("cuDNN algorithm choice", e);
+    let math = math_type::<T>(g);
     let fwd = ConvForward {
         conv: &d.conv,
         x: &d.x,
@@ -373,35 +418,66 @@ fn algos<T: GpuFloat>(g: &Gpu, p: &ConvParams, d: &Descs<T>) -> crate::Result<Co
     }
     .pick_algorithm()
     .map_err(e)?;
-    let a = if g.deterministic {
-        ConvAlgos {
-            fwd,
-            bwd_data: BwdData::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
-            bwd_filter: BwdFilter::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
-        }
-    } else {
-        ConvAlgos {
-            fwd,
-            bwd_data: ConvBackwardData {
-                conv: &d.conv,
-                dx: &d.x,
-                w: &d.w,
-                dy: &d.y,
-            }
-            .pick_algorithm()
-            .map_err(e)?,
-            bwd_filter: ConvBackwardFilter {
-                conv: &d.conv,
-                x: &d.x,
-                dw: &d.w,
-                dy: &d.y,
-            }
-            .pick_algorithm()
-            .map_err(e)?,
+    if g.deterministic {
+        return Ok(ConvAlgos {
+            fwd: (fwd, math),
+            bwd_data: (BwdData::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, math),
+            bwd_filter: (BwdFilter::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, math),
+        });
+    }
+    let bwd_data = ConvBackwardData {
+        conv: &d.conv,
+        dx: &d.x,
+        w: &d.w,
+        dy: &d.y,
+    }
+    .pick_algorithm()
+    .map_err(e)?;
+    let bwd_filter = ConvBackwardFilter {
+        conv: &d.conv,
+        x: &d.x,
+        dw: &d.w,
+        dy: &d.y,
+    }
+    .pick_algorithm()
+    .map_err(e)?;
+    Ok(ConvAlgos {
+        fwd: (fwd, math),
+        bwd_data: (bwd_data, math),
+        bwd_filter: (bwd_filter, math),
+    })
+}
+
+/// The algorithms for this shape: benchmarked the first time it is seen, then cached (the cache
+/// is cleared when TF32 is switched). A failed benchmark falls back to the heuristic, and the
+/// reason is kept for `lewel check`.
+fn algos<T: GpuFloat>(g: &Gpu, p: &ConvParams, d: &mut Descs<T>) -> crate::Result<ConvAlgos> {
+    let cached = g.conv_cache.borrow().get(&(*p, T::DTYPE)).copied();
+    let a = match cached {
+        Some(a) => a,
+        None => {
+            // Heuristic descriptors need the math type set before the query.
+            d.conv
+                .set_math_type(math_type::<T>(g))
+                .map_err(|e| g.err("cuDNN math type", e))?;
+            let a = match benchmark::<T>(g, p) {
+                Ok(a) => a,
+                Err(why) => {
+                    g.find_failure.borrow_mut().get_or_insert(why);
+                    heuristic(g, d)?
+                }
+            };
+            g.conv_cache.borrow_mut().insert((*p, T::DTYPE), a);
+            a
         }
     };
-    g.conv_cache.borrow_mut().insert((*p, T::DTYPE), a);
     Ok(a)
+}
+
+fn set_math<T: GpuFloat>(g: &Gpu, d: &mut Descs<T>, m: cudnnMathType_t) -> crate::Result<()> {
+    d.conv
+        .set_math_type(m)
+        .map_err(|e| g.err("cuDNN math type", e))
 }
 
 /// y = conv(x, w).
@@ -420,8 +496,9 @@ pub fn forward_cuda<T: GpuFloat>(
             ("y", y.len(), p.y_len()),
         ],
     )?;
-    let d = descs::<T>(g, p)?;
-    let a = algos(g, p, &d)?;
+    let mut d = descs::<T>(g, p)?;
+    let a = algos(g, p, &mut d)?;
+    set_math(g, &mut d, a.fwd.1)?;
     let op = ConvForward {
         conv: &d.conv,
         x: &d.x,
@@ -429,13 +506,13 @@ pub fn forward_cuda<T: GpuFloat>(
         y: &d.y,
     };
     let bytes = op
-        .get_workspace_size(a.fwd)
+        .get_workspace_size(a.fwd.0)
         .map_err(|e| g.err("cuDNN workspace", e))?;
     let mut ws = g.workspace(bytes)?;
     // SAFETY: buffers match the descriptors built from p.
     unsafe {
         op.launch(
-            a.fwd,
+            a.fwd.0,
             ws.as_mut(),
             (T::from_f32(1.0), T::from_f32(0.0)),
             &x.view(),
@@ -462,8 +539,9 @@ pub fn backward_data_cuda<T: GpuFloat>(
             ("dx", dx.len(), p.x_len()),
         ],
     )?;
-    let d = descs::<T>(g, p)?;
-    let a = algos(g, p, &d)?;
+    let mut d = descs::<T>(g, p)?;
+    let a = algos(g, p, &mut d)?;
+    set_math(g, &mut d, a.bwd_data.1)?;
     let op = ConvBackwardData {
         conv: &d.conv,
         dx: &d.x,
@@ -471,13 +549,13 @@ pub fn backward_data_cuda<T: GpuFloat>(
         dy: &d.y,
     };
     let bytes = op
-        .get_workspace_size(a.bwd_data)
+        .get_workspace_size(a.bwd_data.0)
         .map_err(|e| g.err("cuDNN workspace", e))?;
     let mut ws = g.workspace(bytes)?;
     // SAFETY: buffers match the descriptors built from p.
     unsafe {
         op.launch(
-            a.bwd_data,
+            a.bwd_data.0,
             ws.as_mut(),
             (T::from_f32(1.0), T::from_f32(1.0)),
             &mut dx.view_mut(),
@@ -504,8 +582,9 @@ pub fn backward_weight_cuda<T: GpuFloat>(
             ("dw", dw.len(), p.w_len()),
         ],
     )?;
-    let d = descs::<T>(g, p)?;
-    let a = algos(g, p, &d)?;
+    let mut d = descs::<T>(g, p)?;
+    let a = algos(g, p, &mut d)?;
+    set_math(g, &mut d, a.bwd_filter.1)?;
     let op = ConvBackwardFilter {
         conv: &d.conv,
         x: &d.x,
@@ -513,13 +592,13 @@ pub fn backward_weight_cuda<T: GpuFloat>(
         dy: &d.y,
     };
     let bytes = op
-        .get_workspace_size(a.bwd_filter)
+        .get_workspace_size(a.bwd_filter.0)
         .map_err(|e| g.err("cuDNN workspace", e))?;
     let mut ws = g.workspace(bytes)?;
     // SAFETY: buffers match the descriptors built from p.
     unsafe {
         op.launch(
-            a.bwd_filter,
+            a.bwd_filter.0,
             ws.as_mut(),
             (T::from_f32(1.0), T::from_f32(1.0)),
             &x.view(),
