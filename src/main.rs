@@ -36,6 +36,77 @@ enum Cmd {
     Info,
     /// Every GPU op, forward and backward, against the CPU reference (f32 and bf16); a table.
     Check(CheckArgs),
+    /// Pack an ImageFolder (or its train/) into one file of RGB JPEGs with labels and CRCs.
+    Pack(PackArgs),
+    /// Look at a dataset: `lewel data show PATH --out grid.png`.
+    #[command(subcommand)]
+    Data(DataCmd),
+}
+
+#[derive(clap::Subcommand)]
+enum DataCmd {
+    /// A PNG grid of samples: each decoded image beside its two augmented views (epoch 0).
+    Show(ShowArgs),
+}
+
+#[derive(clap::Args)]
+struct ShowArgs {
+    /// An ImageFolder root or a packed file.
+    path: PathBuf,
+    /// Samples (rows) to show.
+    #[arg(long, default_value_t = 8)]
+    count: usize,
+    /// Side of each cell and of the views, in pixels.
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    /// Seed of the sample order and of the views (as `lewel pretrain --seed`).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The PNG to write.
+    #[arg(long, default_value = "grid.png")]
+    out: PathBuf,
+}
+
+fn data_show(a: ShowArgs) -> Result<()> {
+    if a.count == 0 || a.size < 8 {
+        return Err(Error::user("--count: at least 1, and --size at least 8"));
+    }
+    let samples = lewel::data::open_samples(&a.path)?;
+    let grid = lewel::data::show::grid(&*samples, a.count, a.size, a.seed);
+    lewel::data::show::write_png(&grid, &a.out)?;
+    println!(
+        "{}: {} samples, each as decoded, view 1, view 2 ({}x{} px)",
+        a.out.display(),
+        (grid.h - 4) / (a.size + 4),
+        grid.w,
+        grid.h
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct PackArgs {
+    /// ImageFolder root (<root>/<class>/<image>), or a folder whose train/ holds the classes.
+    src: PathBuf,
+    /// The packed file to write (atomically: a temp file beside it, then a rename).
+    out: PathBuf,
+    /// Re-encode images whose longer side exceeds N pixels, resized to N on that side.
+    #[arg(long, value_name = "N")]
+    max_side: Option<usize>,
+    /// JPEG quality (1-100) of re-encoded images (CMYK, grayscale, PNG, resized).
+    #[arg(long, value_name = "Q", default_value_t = 90)]
+    quality: u8,
+}
+
+fn pack(a: PackArgs) -> Result<()> {
+    let o = lewel::data::pack::PackOptions {
+        max_side: a.max_side,
+        quality: a.quality,
+        progress: true,
+    };
+    let s = lewel::data::pack::pack(&a.src, &a.out, &o)?;
+    println!("{}", s.report(&a.out));
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -228,6 +299,26 @@ struct PretrainArgs {
     /// The run folder: config.toml, metrics.jsonl, checkpoints.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Training images: an ImageFolder root (or the folder holding its train/) or a file made by
+    /// `lewel pack`. Without it: the built-in synthetic dataset.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Labeled images of the kNN monitor (ImageFolder or packed); default: the val/ folder beside
+    /// the data's train/.
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    /// kNN monitor on real data: memory images per class (the first of each class).
+    #[arg(long)]
+    knn_memory_per_class: Option<usize>,
+    /// kNN monitor on real data: query images per class (the first of each class).
+    #[arg(long)]
+    knn_query_per_class: Option<usize>,
+    /// Threads decoding and augmenting real data; 0: one per core.
+    #[arg(long)]
+    loader_threads: Option<usize>,
+    /// Stop when more than this fraction of the samples read could not be decoded.
+    #[arg(long)]
+    max_bad: Option<f64>,
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
@@ -263,8 +354,18 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         knn_memory,
         log_every,
         out,
-        precision
+        precision,
+        knn_memory_per_class,
+        knn_query_per_class,
+        loader_threads,
+        max_bad
     );
+    if a.data.is_some() {
+        c.data = a.data.clone();
+    }
+    if a.val_data.is_some() {
+        c.val_data = a.val_data.clone();
+    }
     if a.deterministic {
         c.deterministic = true;
     }
@@ -279,9 +380,9 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         s.seconds,
         s.first_loss,
         s.last_loss,
-        s.knn_init,
-        s.knn_final,
-        s.knn_final - s.knn_init
+        s.knn_init.unwrap_or(f64::NAN),
+        s.knn_final.unwrap_or(f64::NAN),
+        s.knn_final.unwrap_or(f64::NAN) - s.knn_init.unwrap_or(f64::NAN)
     );
     Ok(())
 }
@@ -329,6 +430,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Cmd::Check(a)) => check(a),
+        Some(Cmd::Pack(a)) => pack(a),
+        Some(Cmd::Data(DataCmd::Show(a))) => data_show(a),
     }
 }
 

@@ -169,6 +169,7 @@ pub fn run_ops(g: &Gpu, seed: u64) -> Result<Vec<Row>> {
     optim(&mut c)?;
     cast::<f32>(&mut c)?;
     cast::<half::bf16>(&mut c)?;
+    c.rows.extend(super::augment::check(g, seed)?);
     Ok(c.rows)
 }
 

@@ -188,7 +188,7 @@ where
 /// The built-in run (its defaults: tiny model, batch 32, 48 px synthetic views, the schedules)
 /// for 20 steps on the CPU and on the GPU in bf16 with TF32: the loss curves must agree.
 fn loss_curve(g: &Rc<Gpu>, rows: &mut Vec<Row>) -> Result<()> {
-    let cfg = PretrainConfig::default();
+    let cfg = PretrainConfig::default().resolved();
     let (lc, mut sc) = cfg.validate()?;
     let mut cpu = Lewel::new(lc, cfg.seed);
     let mut gpu = GpuLewel::<half::bf16>::new(Lewel::new(lc, cfg.seed), g.clone())?;

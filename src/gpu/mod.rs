@@ -7,6 +7,7 @@
 //! [`DevMut`]), dtype plumbing with the f32 <-> T casts, the row-major GEMM and the cuDNN
 //! convolution plans.
 
+pub mod augment;
 pub mod check;
 pub mod check_step;
 pub mod cudnn_find;
@@ -167,6 +168,7 @@ registry! {
         pair bn_stats_partial, one bn_finalize_mean, one bn_finalize_var, one bn_eval_stats,
         pair bn_apply, pair bn_bwd_partial, one bn_bwd_finalize, pair bn_bwd_apply,
     }
+    "augment.cu" { one aug_color, one aug_blur, pair aug_finish }
     "cast.cu" { pair cast_from_f32, pair accum_f32 }
     "concat.cu" { pair concat_fwd, pair concat_bwd, pair split_fwd, pair split_bwd }
     "l2norm.cu" { pair l2norm_fwd, pair l2norm_bwd }

@@ -79,7 +79,8 @@ impl LewelConfig {
     /// Checks the flags a user can set.
     pub fn validate(&self) -> crate::Result<()> {
         let c = self.arch.out_channels();
-        if self.heads == 0 || c % self.heads != 0 || self.dim % self.heads != 0 {
+        if self.heads == 0 || !c.is_multiple_of(self.heads) || !self.dim.is_multiple_of(self.heads)
+        {
             return Err(crate::Error::user(format!(
                 "--lewel-num-heads: {} must divide the backbone channels {c} and the projection dim {}",
                 self.heads, self.dim

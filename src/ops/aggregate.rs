@@ -30,7 +30,7 @@ pub struct AggregateParams {
 impl AggregateParams {
     pub fn new(b: usize, l: usize, c: usize, d: usize, heads: usize) -> AggregateParams {
         assert!(
-            heads > 0 && c % heads == 0 && d % heads == 0,
+            heads > 0 && c.is_multiple_of(heads) && d.is_multiple_of(heads),
             "aggregate: {heads} heads must divide feature channels {c} and attention channels {d}"
         );
         AggregateParams {

@@ -48,7 +48,7 @@ impl BnParams {
     /// Statistics over groups of `group_rows` consecutive rows.
     pub fn ghost(self, group_rows: usize) -> BnParams {
         assert!(
-            group_rows > 0 && self.rows as usize % group_rows == 0,
+            group_rows > 0 && (self.rows as usize).is_multiple_of(group_rows),
             "batchnorm: {} rows do not split into groups of {group_rows}",
             self.rows
         );

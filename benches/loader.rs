@@ -1,0 +1,144 @@
+//! Loader benchmark: what one CPU core delivers of LEWEL's two-view augmentation on realistic
+//! JPEGs, next to the JPEG decode alone (the floor under every row).
+//!
+//! The images: photo-like 500x375 RGB (smooth gradients, shapes, fine noise), encoded at quality 90
+//! with 4:2:0 chroma, like ImageNet's typical file (about 110 KB there). Rows, one thread:
+//!   decode                 zune-jpeg to RGB
+//!   decode + geometric     + both views' RandomResizedCrop to 224, bilinear (PIL's), flip
+//!   decode + full CPU      + both views' jitter, grayscale, blur, solarize, normalize to f32
+//! then the full CPU row on every core (the loader's parallel rate).
+//!
+//! Run: `cargo bench --bench loader`. Results: benches/README.md.
+
+use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
+use lewel::data::decode::decode;
+use lewel::data::pil::{self, Rgb8};
+use lewel::data::transforms;
+use lewel::rng::Rng;
+use rayon::prelude::*;
+use std::hint::black_box;
+use std::time::Instant;
+
+const N: usize = 48;
+const SIZE: usize = 224;
+
+fn photo(seed: u64, w: usize, h: usize) -> Vec<u8> {
+    let mut r = Rng::new(seed);
+    let shapes: Vec<[f64; 6]> = (0..6)
+        .map(|_| {
+            [
+                r.range(0.0, w as f64),
+                r.range(0.0, h as f64),
+                r.range(20.0, 150.0),
+                r.range(0.0, 255.0),
+                r.range(0.0, 255.0),
+                r.range(0.0, 255.0),
+            ]
+        })
+        .collect();
+    let (a, b) = (r.range(5.0, 40.0), r.range(5.0, 40.0));
+    let mut px = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let (xf, yf) = (x as f64, y as f64);
+            let mut c = [
+                128.0 + 90.0 * (xf / a + yf / b).sin(),
+                128.0 + 80.0 * (yf / a).cos() * (xf / b).sin(),
+                60.0 + 150.0 * (xf + yf) / (w + h) as f64,
+            ];
+            for s in &shapes {
+                if (xf - s[0]).powi(2) + (yf - s[1]).powi(2) < s[2] * s[2] {
+                    c = [s[3], s[4], s[5]];
+                }
+            }
+            for v in c {
+                px.push((v + 10.0 * r.normal()).clamp(0.0, 255.0) as u8);
+            }
+        }
+    }
+    px
+}
+
+fn jpeg(px: &[u8], w: usize, h: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut e = Encoder::new(&mut out, 90);
+    e.set_sampling_factor(SamplingFactor::R_4_2_0);
+    e.encode(px, w as u16, h as u16, ColorType::Rgb)
+        .expect("encoding");
+    out
+}
+
+fn rgb(bytes: &[u8]) -> Rgb8 {
+    let d = decode(bytes).expect("decoding");
+    Rgb8::new(d.w, d.h, d.data)
+}
+
+/// Both views of one file, to the given depth: 0 decode, 1 + geometric, 2 + photometric and
+/// normalize.
+fn work(bytes: &[u8], i: usize, depth: u32, out: &mut [f32]) {
+    let img = rgb(bytes);
+    if depth == 0 {
+        black_box(&img);
+        return;
+    }
+    for view in [1u8, 2] {
+        let p = transforms::view_params(0, 0, i as u64, view, img.w, img.h);
+        let mut v = transforms::geometric(&img, &p, SIZE);
+        if depth >= 2 {
+            transforms::photometric(&mut v, &p);
+            pil::normalize(&v, out);
+        }
+        black_box(&v);
+    }
+}
+
+/// Images per second over `rounds` passes of all files.
+fn rate(files: &[Vec<u8>], depth: u32, parallel: bool) -> f64 {
+    let rounds = 3;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        if parallel {
+            files.par_iter().enumerate().for_each_init(
+                || vec![0.0f32; SIZE * SIZE * 3],
+                |out, (i, f)| work(f, i, depth, out),
+            );
+        } else {
+            let mut out = vec![0.0f32; SIZE * SIZE * 3];
+            for (i, f) in files.iter().enumerate() {
+                work(f, i, depth, &mut out);
+            }
+        }
+    }
+    (rounds * files.len()) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let (w, h) = (500, 375);
+    let files: Vec<Vec<u8>> = (0..N as u64)
+        .into_par_iter()
+        .map(|s| jpeg(&photo(s, w, h), w, h))
+        .collect();
+    let kb = files.iter().map(|f| f.len()).sum::<usize>() as f64 / N as f64 / 1024.0;
+    println!("{N} JPEGs {w}x{h}, quality 90, 4:2:0, {kb:.0} KB on average; views {SIZE}x{SIZE}");
+    // Warm-up.
+    rate(&files[..4], 2, false);
+    let dec = rate(&files, 0, false);
+    let geo = rate(&files, 1, false);
+    let full = rate(&files, 2, false);
+    let cores = rayon::current_num_threads();
+    let par = rate(&files, 2, true);
+    println!("| stage (two views per image)   | images/s | ms/image | vs decode |");
+    println!("|---|---|---|---|");
+    for (name, r) in [
+        ("decode only, 1 core", dec),
+        ("decode + crop/resize/flip, 1 core", geo),
+        ("decode + full CPU augmentation, 1 core", full),
+    ] {
+        println!("| {name} | {r:.0} | {:.2} | {:.2} |", 1e3 / r, r / dec);
+    }
+    println!(
+        "| decode + full CPU augmentation, {cores} threads | {par:.0} | {:.2} | {:.2} |",
+        1e3 / par,
+        par / dec
+    );
+}

@@ -1,0 +1,628 @@
+//! The image operations of LEWEL's augmentation with PIL's arithmetic, bit for bit (LEWEL_SPEC 5.2):
+//! torchvision ~0.9 runs them on PIL uint8 images, and every op rounds back to uint8, so matching
+//! PIL's integer and float steps exactly is what makes our views the official ones. Images are RGB,
+//! u8, (H, W, 3) row-major. What each op reproduces:
+//!
+//! - **resize** (PIL `Image.resize(..., BILINEAR)`): separable, horizontal pass first, each pass
+//!   rounding to u8. Per output pixel the triangle filter is widened by the downscale factor
+//!   (antialiasing); the weights are normalized in f64, then fixed-point with 22 fraction bits, and
+//!   the sum starts at half a unit (round half up) before the shift and clamp.
+//! - **blend** (`Image.blend`, behind brightness, contrast and saturation): `in1 + alpha*(in2-in1)`
+//!   in f32, truncated toward zero, clamped to [0, 255] when extrapolating.
+//! - **luma** (`convert("L")`): (19595 R + 38470 G + 7471 B + 32768) >> 16.
+//! - **contrast**: the degenerate image is the luma mean of the whole image, `int(mean + 0.5)`.
+//! - **hue** (torchvision's `adjust_hue` for PIL): PIL's 8-bit HSV (with its f32/f64 steps), the
+//!   hue channel shifted by `trunc(h*255)` with u8 wrap-around, back to RGB.
+//! - **gaussian blur** (`ImageFilter.GaussianBlur(radius)`): PIL's extended box blur, three
+//!   horizontal then three vertical passes of a box of fractional radius, fixed point with 24
+//!   fraction bits, edges replicated, u8 after each pass.
+//! - **solarize** (`ImageOps.solarize(img, 128)`), **grayscale**, **flip**, **crop**.
+
+/// An RGB u8 image, (H, W, 3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rgb8 {
+    pub w: usize,
+    pub h: usize,
+    pub px: Vec<u8>,
+}
+
+impl Rgb8 {
+    pub fn new(w: usize, h: usize, px: Vec<u8>) -> Rgb8 {
+        assert_eq!(
+            px.len(),
+            w * h * 3,
+            "Rgb8: {w}x{h} needs {} bytes",
+            w * h * 3
+        );
+        Rgb8 { w, h, px }
+    }
+}
+
+/// PIL's ITU-R 601-2 luma.
+#[inline]
+pub fn luma(r: u8, g: u8, b: u8) -> u8 {
+    ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
+/// `Image.blend(a, b, alpha)` for one value.
+#[inline]
+fn blend1(a: u8, b: u8, alpha: f32) -> u8 {
+    let v = a as i32 as f32 + alpha * (b as i32 - a as i32) as f32;
+    if (0.0..=1.0).contains(&alpha) {
+        v as u8
+    } else if v <= 0.0 {
+        0
+    } else if v >= 255.0 {
+        255
+    } else {
+        v as u8
+    }
+}
+
+/// `ImageEnhance.Brightness(img).enhance(f)`: a blend with black.
+pub fn brightness(img: &mut Rgb8, f: f32) {
+    if f == 1.0 {
+        return;
+    }
+    for v in img.px.iter_mut() {
+        *v = blend1(0, *v, f);
+    }
+}
+
+/// `ImageEnhance.Contrast(img).enhance(f)`: a blend with the image's mean luma, rounded.
+pub fn contrast(img: &mut Rgb8, f: f32) {
+    let n = (img.w * img.h) as f64;
+    let sum: u64 = img
+        .px
+        .chunks_exact(3)
+        .map(|p| luma(p[0], p[1], p[2]) as u64)
+        .sum();
+    let mean = (sum as f64 / n + 0.5) as i64 as u8;
+    if f == 1.0 {
+        return;
+    }
+    for v in img.px.iter_mut() {
+        *v = blend1(mean, *v, f);
+    }
+}
+
+/// `ImageEnhance.Color(img).enhance(f)`: a blend with the per-pixel luma.
+pub fn saturation(img: &mut Rgb8, f: f32) {
+    if f == 1.0 {
+        return;
+    }
+    for p in img.px.chunks_exact_mut(3) {
+        let l = luma(p[0], p[1], p[2]);
+        for v in p.iter_mut() {
+            *v = blend1(l, *v, f);
+        }
+    }
+}
+
+/// torchvision's RandomGrayscale / rgb_to_grayscale(3 channels) on PIL: the luma, three times.
+pub fn grayscale(img: &mut Rgb8) {
+    for p in img.px.chunks_exact_mut(3) {
+        let l = luma(p[0], p[1], p[2]);
+        p.fill(l);
+    }
+}
+
+/// `ImageOps.solarize(img, 128)`.
+pub fn solarize(img: &mut Rgb8) {
+    for v in img.px.iter_mut() {
+        if *v >= 128 {
+            *v = 255 - *v;
+        }
+    }
+}
+
+/// Left-right flip.
+pub fn hflip(img: &mut Rgb8) {
+    let w = img.w;
+    for row in img.px.chunks_exact_mut(w * 3) {
+        for x in 0..w / 2 {
+            for c in 0..3 {
+                row.swap(x * 3 + c, (w - 1 - x) * 3 + c);
+            }
+        }
+    }
+}
+
+/// `img.crop((left, top, left + w, top + h))`, inside the image.
+pub fn crop(img: &Rgb8, top: usize, left: usize, h: usize, w: usize) -> Rgb8 {
+    assert!(
+        top + h <= img.h && left + w <= img.w,
+        "crop outside the image"
+    );
+    let mut px = Vec::with_capacity(w * h * 3);
+    for y in top..top + h {
+        let r = (y * img.w + left) * 3;
+        px.extend_from_slice(&img.px[r..r + w * 3]);
+    }
+    Rgb8::new(w, h, px)
+}
+
+/// PIL's 8-bit RGB -> HSV of one pixel.
+fn rgb_to_hsv(r: u8, g: u8, b: u8) -> [u8; 3] {
+    let maxc = r.max(g).max(b);
+    let minc = r.min(g).min(b);
+    if maxc == minc {
+        return [0, 0, maxc];
+    }
+    let cr = (maxc - minc) as f32;
+    let s = cr / maxc as f32;
+    let rc = (maxc - r) as f32 / cr;
+    let gc = (maxc - g) as f32 / cr;
+    let bc = (maxc - b) as f32 / cr;
+    // The C code mixes float variables with double constants: these casts follow it.
+    let h: f32 = if r == maxc {
+        bc - gc
+    } else if g == maxc {
+        (2.0 + rc as f64 - bc as f64) as f32
+    } else {
+        (4.0 + gc as f64 - rc as f64) as f32
+    };
+    let h = ((h as f64 / 6.0 + 1.0) % 1.0) as f32;
+    let clip = |v: i32| v.clamp(0, 255) as u8;
+    [
+        clip((h as f64 * 255.0) as i32),
+        clip((s as f64 * 255.0) as i32),
+        maxc,
+    ]
+}
+
+/// Python's `round`: half to even.
+pub fn round_half_even(v: f64) -> f64 {
+    let r = v.round();
+    if (v - v.trunc()).abs() == 0.5 {
+        2.0 * (v / 2.0).round()
+    } else {
+        r
+    }
+}
+
+/// C's `round`: half away from zero (Rust's f64::round does the same).
+fn c_round(v: f64) -> i32 {
+    v.round() as i32
+}
+
+/// PIL's 8-bit HSV -> RGB of one pixel.
+fn hsv_to_rgb(h: u8, s: u8, v: u8) -> [u8; 3] {
+    if s == 0 {
+        return [v, v, v];
+    }
+    let hf = h as f32 as f64 * 6.0 / 255.0;
+    let i = hf.floor() as i32;
+    let f = (hf - i as f32 as f64) as f32;
+    let fs = (s as f32 as f64 / 255.0) as f32;
+    let vf = v as f32 as f64;
+    let clip = |x: i32| x.clamp(0, 255) as u8;
+    let p = clip(c_round(vf * (1.0 - fs as f64)));
+    let q = clip(c_round(vf * (1.0 - (fs * f) as f64)));
+    let t = clip(c_round(vf * (1.0 - fs as f64 * (1.0 - f as f64))));
+    match i % 6 {
+        0 => [v, t, p],
+        1 => [q, v, p],
+        2 => [p, v, t],
+        3 => [p, q, v],
+        4 => [t, p, v],
+        _ => [v, p, q],
+    }
+}
+
+/// The shift `adjust_hue(img, h)` adds to PIL's 8-bit hue: numpy's uint8 cast of trunc(h * 255),
+/// so negative shifts wrap around.
+pub fn hue_shift(h: f64) -> u8 {
+    ((h * 255.0) as i64).rem_euclid(256) as u8
+}
+
+/// torchvision's `adjust_hue(img, h)` for PIL images, h in [-0.5, 0.5].
+pub fn hue(img: &mut Rgb8, h: f64) {
+    let shift = hue_shift(h);
+    for p in img.px.chunks_exact_mut(3) {
+        let [hh, s, v] = rgb_to_hsv(p[0], p[1], p[2]);
+        let rgb = hsv_to_rgb(hh.wrapping_add(shift), s, v);
+        p.copy_from_slice(&rgb);
+    }
+}
+
+// ---- Resize
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Per output index: the first input index, the number of taps, and fixed-point weights
+/// (`ksize` slots per output, the unused ones zero).
+struct Coeffs {
+    start: Vec<usize>,
+    len: Vec<usize>,
+    k: Vec<i32>,
+    ksize: usize,
+}
+
+/// PIL's bilinear coefficients for resizing `in_size` to `out_size` (box 0..in_size).
+fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
+    let scale = (in_size as f32 as f64) / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filterscale; // the triangle's support is 1, widened when downscaling
+    let ss = 1.0 / filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut c = Coeffs {
+        start: Vec::with_capacity(out_size),
+        len: Vec::with_capacity(out_size),
+        k: vec![0; out_size * ksize],
+        ksize,
+    };
+    let mut w = Vec::with_capacity(ksize);
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        w.clear();
+        w.extend((xmin..xmax).map(|x| {
+            let d = ((x as f64 - center + 0.5) * ss).abs();
+            if d < 1.0 {
+                1.0 - d
+            } else {
+                0.0
+            }
+        }));
+        let total: f64 = w.iter().sum();
+        for (slot, &k) in c.k[xx * ksize..].iter_mut().zip(&w) {
+            let k = if total != 0.0 { k / total } else { k };
+            let v = k * (1u32 << PRECISION_BITS) as f64;
+            *slot = if k < 0.0 {
+                (v - 0.5) as i32
+            } else {
+                (v + 0.5) as i32
+            };
+        }
+        c.start.push(xmin);
+        c.len.push(xmax - xmin);
+    }
+    c
+}
+
+#[inline]
+fn clip8(ss: i32) -> u8 {
+    (ss >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
+
+/// The horizontal pass: every row of `src` (w_in wide) to `w` wide.
+fn resize_rows(src: &[u8], w_in: usize, w: usize, c: &Coeffs, out: &mut [u8]) {
+    for (row, orow) in src.chunks_exact(w_in * 3).zip(out.chunks_exact_mut(w * 3)) {
+        for (xx, o) in orow.chunks_exact_mut(3).enumerate() {
+            let (s, n) = (c.start[xx], c.len[xx]);
+            let k = &c.k[xx * c.ksize..xx * c.ksize + n];
+            let taps = &row[s * 3..(s + n) * 3];
+            let (mut a0, mut a1, mut a2) = (HALF, HALF, HALF);
+            for (p, &wt) in taps.chunks_exact(3).zip(k) {
+                a0 += p[0] as i32 * wt;
+                a1 += p[1] as i32 * wt;
+                a2 += p[2] as i32 * wt;
+            }
+            o[0] = clip8(a0);
+            o[1] = clip8(a1);
+            o[2] = clip8(a2);
+        }
+    }
+}
+
+/// The vertical pass: `src` (h_in rows of `row` bytes) to h rows, whole rows at a time.
+fn resize_cols(src: &[u8], row: usize, h: usize, c: &Coeffs, out: &mut [u8]) {
+    let mut acc = vec![0i32; row];
+    for yy in 0..h {
+        acc.fill(HALF);
+        let (s, n) = (c.start[yy], c.len[yy]);
+        for (t, &wt) in c.k[yy * c.ksize..yy * c.ksize + n].iter().enumerate() {
+            let r = &src[(s + t) * row..(s + t + 1) * row];
+            for (a, &p) in acc.iter_mut().zip(r) {
+                *a += p as i32 * wt;
+            }
+        }
+        for (o, &a) in out[yy * row..(yy + 1) * row].iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+}
+
+/// `img.resize((w, h), Image.BILINEAR)`.
+pub fn resize(img: &Rgb8, w: usize, h: usize) -> Rgb8 {
+    let horizontal;
+    let cur = if w != img.w {
+        let mut px = vec![0u8; w * img.h * 3];
+        resize_rows(&img.px, img.w, w, &coeffs(img.w, w), &mut px);
+        horizontal = Rgb8::new(w, img.h, px);
+        &horizontal
+    } else {
+        img
+    };
+    if h == cur.h {
+        return cur.clone();
+    }
+    let mut px = vec![0u8; w * h * 3];
+    resize_cols(&cur.px, w * 3, h, &coeffs(cur.h, h), &mut px);
+    Rgb8::new(w, h, px)
+}
+
+// ---- Gaussian blur
+
+/// The fractional box radius of one of `passes` passes that together approximate a Gaussian of
+/// standard deviation `sigma` (Gwosdek et al. 2011), in PIL's f32 steps.
+pub fn box_radius(sigma: f32, passes: u32) -> f32 {
+    let sigma2 = sigma * sigma / passes as f32;
+    let l_len = (12.0 * sigma2 as f64 + 1.0).sqrt() as f32;
+    let l = ((l_len as f64 - 1.0) / 2.0).floor() as f32;
+    let mut a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2);
+    a /= 6.0 * (sigma2 - (l + 1.0) * (l + 1.0));
+    l + a
+}
+
+/// A box of fractional radius as PIL weighs it: the integer radius r, the 24-bit weight of each
+/// of the 2r+1 inner taps and that of each of the two outer taps.
+pub fn box_weights(radius: f32) -> (u32, u32, u32) {
+    let r = radius as u32;
+    let ww = ((1u32 << 24) as f32 / (radius * 2.0 + 1.0)) as u32;
+    let fw = ((1u32 << 24) - (r * 2 + 1) * ww) / 2;
+    (r, ww, fw)
+}
+
+/// The blur's passes per direction (PIL's default).
+pub const BLUR_PASSES: u32 = 3;
+
+/// One box pass of fractional radius over a line of `n` values `stride` apart, in place. The
+/// integer part covers 2r+1 taps at weight ww, the fraction weighs the two next taps at fw; all in
+/// 24-bit fixed point, rounded to u8; indices outside the line take the edge value.
+fn box_line(line: &mut [u8], tmp: &mut Vec<u8>, n: usize, stride: usize, radius: f32) {
+    let (r, ww, fw) = box_weights(radius);
+    let r = r as i64;
+    tmp.clear();
+    tmp.extend((0..n).map(|i| line[i * stride]));
+    let last = n as i64 - 1;
+    let at = |i: i64| tmp[i.clamp(0, last) as usize] as u32;
+    // A running sum of the 2r+1 taps around x.
+    let mut acc: u32 = (-r - 1..r).map(at).sum();
+    for x in 0..n as i64 {
+        acc = acc.wrapping_add(at(x + r)).wrapping_sub(at(x - r - 1));
+        let bulk = acc
+            .wrapping_mul(ww)
+            .wrapping_add((at(x - r - 1) + at(x + r + 1)).wrapping_mul(fw));
+        line[x as usize * stride] = ((bulk.wrapping_add(1 << 23)) >> 24) as u8;
+    }
+}
+
+/// `img.filter(ImageFilter.GaussianBlur(radius=sigma))`: three horizontal box passes, then three
+/// vertical ones.
+pub fn gaussian_blur(img: &mut Rgb8, sigma: f32) {
+    const PASSES: u32 = BLUR_PASSES;
+    let radius = box_radius(sigma, PASSES);
+    if radius == 0.0 {
+        return;
+    }
+    let (w, h) = (img.w, img.h);
+    let mut tmp = Vec::new();
+    for y in 0..h {
+        for ch in 0..3 {
+            let line = &mut img.px[y * w * 3 + ch..];
+            for _ in 0..PASSES {
+                box_line(line, &mut tmp, w, 3, radius);
+            }
+        }
+    }
+    for x in 0..w {
+        for ch in 0..3 {
+            let line = &mut img.px[x * 3 + ch..];
+            for _ in 0..PASSES {
+                box_line(line, &mut tmp, h, w * 3, radius);
+            }
+        }
+    }
+}
+
+/// ToTensor then Normalize, kept (H, W, 3): ((v / 255) - mean) / std in f32, as torchvision.
+pub fn normalize(img: &Rgb8, out: &mut [f32]) {
+    assert_eq!(out.len(), img.px.len());
+    for (o, p) in out.chunks_exact_mut(3).zip(img.px.chunks_exact(3)) {
+        for c in 0..3 {
+            o[c] = (p[c] as f32 / 255.0 - super::MEAN[c]) / super::STD[c];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::SafeTensors;
+
+    struct Fx {
+        bytes: Vec<u8>,
+    }
+
+    impl Fx {
+        fn load() -> Fx {
+            let p = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/pil/ops.safetensors"
+            );
+            Fx {
+                bytes: std::fs::read(p).expect("tests/fixtures/pil/ops.safetensors"),
+            }
+        }
+        fn st(&self) -> SafeTensors<'_> {
+            SafeTensors::deserialize(&self.bytes).unwrap()
+        }
+        fn img(&self, name: &str) -> Rgb8 {
+            let st = self.st();
+            let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture {name}"));
+            let s = t.shape();
+            Rgb8::new(s[1], s[0], t.data().to_vec())
+        }
+        fn f32(&self, name: &str) -> Vec<f32> {
+            let st = self.st();
+            let d = st.tensor(name).unwrap().data().to_vec();
+            d.chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        }
+        fn f64(&self, name: &str) -> f64 {
+            let st = self.st();
+            f64::from_le_bytes(st.tensor(name).unwrap().data()[..8].try_into().unwrap())
+        }
+        fn i64s(&self, name: &str) -> Vec<usize> {
+            let st = self.st();
+            st.tensor(name)
+                .unwrap()
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
+                .collect()
+        }
+        fn count(&self, prefix: &str) -> usize {
+            self.st()
+                .names()
+                .iter()
+                .filter(|n| n.starts_with(prefix) && !n.ends_with(".f") && !n.ends_with(".p"))
+                .count()
+        }
+    }
+
+    /// Bit-exact, or a message with the first differing pixel and how many differ.
+    fn same(name: &str, got: &Rgb8, want: &Rgb8) {
+        assert_eq!((got.w, got.h), (want.w, want.h), "{name}: size");
+        let diff: Vec<usize> = (0..got.px.len())
+            .filter(|&i| got.px[i] != want.px[i])
+            .collect();
+        if let Some(&i) = diff.first() {
+            panic!(
+                "{name}: {} of {} values differ; first at pixel ({}, {}) channel {}: {} vs PIL {}",
+                diff.len(),
+                got.px.len(),
+                (i / 3) % got.w,
+                i / 3 / got.w,
+                i % 3,
+                got.px[i],
+                want.px[i]
+            );
+        }
+    }
+
+    #[test]
+    fn luma_matches_the_fixed_point_formula_at_the_corners() {
+        assert_eq!(luma(255, 255, 255), 255);
+        assert_eq!(luma(0, 0, 0), 0);
+        assert_eq!(luma(255, 0, 0), 76);
+        assert_eq!(luma(0, 255, 0), 150);
+        assert_eq!(luma(0, 0, 255), 29);
+    }
+
+    #[test]
+    fn color_ops_match_pil_bit_for_bit() {
+        let fx = Fx::load();
+        let small = fx.img("small");
+        type Op = fn(&mut Rgb8, f32);
+        let ops: [(&str, Op); 3] = [
+            ("brightness", brightness),
+            ("contrast", contrast),
+            ("saturation", saturation),
+        ];
+        for (name, op) in ops {
+            let n = fx.count(&format!("{name}."));
+            assert!(n >= 3, "{name}: fixtures missing");
+            for k in 0..n {
+                let f = fx.f32(&format!("{name}.{k}.f"))[0];
+                let mut got = small.clone();
+                op(&mut got, f);
+                same(
+                    &format!("{name}({f})"),
+                    &got,
+                    &fx.img(&format!("{name}.{k}")),
+                );
+            }
+        }
+        for k in 0..fx.count("hue.") {
+            let h = fx.f64(&format!("hue.{k}.f"));
+            let mut got = small.clone();
+            hue(&mut got, h);
+            same(&format!("hue({h})"), &got, &fx.img(&format!("hue.{k}")));
+        }
+        let mut g = small.clone();
+        grayscale(&mut g);
+        same("grayscale", &g, &fx.img("grayscale"));
+        let mut s = small.clone();
+        solarize(&mut s);
+        same("solarize", &s, &fx.img("solarize"));
+        let mut f = small.clone();
+        hflip(&mut f);
+        same("hflip", &f, &fx.img("hflip"));
+    }
+
+    #[test]
+    fn gaussian_blur_matches_pil_bit_for_bit() {
+        let fx = Fx::load();
+        let n = fx.count("blur.");
+        assert!(n >= 5);
+        for k in 0..n {
+            let s = fx.f32(&format!("blur.{k}.f"))[0];
+            for img in ["small", "big"] {
+                let name = if img == "small" {
+                    format!("blur.{k}")
+                } else {
+                    format!("blur_big.{k}")
+                };
+                if fx.st().tensor(&name).is_err() {
+                    continue;
+                }
+                let mut got = fx.img(img);
+                gaussian_blur(&mut got, s);
+                same(&format!("{img} blur({s})"), &got, &fx.img(&name));
+            }
+        }
+    }
+
+    #[test]
+    fn resized_crop_and_eval_transform_match_pil_bit_for_bit() {
+        let fx = Fx::load();
+        let big = fx.img("big");
+        let n = fx.count("resized_crop.");
+        assert!(n >= 6);
+        for k in 0..n {
+            let p = fx.i64s(&format!("resized_crop.{k}.p"));
+            let got = resize(&crop(&big, p[0], p[1], p[2], p[3]), p[5], p[4]);
+            same(
+                &format!("resized_crop {p:?}"),
+                &got,
+                &fx.img(&format!("resized_crop.{k}")),
+            );
+        }
+        // Shorter side to 40 (long side truncated), then the centre 32x32.
+        let (w, h) = (big.w * 40 / big.h, 40);
+        let r = resize(&big, w, h);
+        let top = round_half_even((h - 32) as f64 / 2.0) as usize;
+        let left = round_half_even((w - 32) as f64 / 2.0) as usize;
+        same("eval", &crop(&r, top, left, 32, 32), &fx.img("eval"));
+    }
+
+    #[test]
+    fn round_half_even_is_pythons_round() {
+        for (v, r) in [
+            (0.5, 0.0),
+            (1.5, 2.0),
+            (2.5, 2.0),
+            (10.5, 10.0),
+            (-0.5, -0.0),
+            (2.4, 2.0),
+        ] {
+            assert_eq!(round_half_even(v), r, "{v}");
+        }
+    }
+
+    #[test]
+    fn normalize_matches_torchvision() {
+        let fx = Fx::load();
+        let small = fx.img("small");
+        let mut got = vec![0.0; small.px.len()];
+        normalize(&small, &mut got);
+        assert_eq!(got, fx.f32("normalized"));
+    }
+}
