@@ -10,12 +10,13 @@
 
 use crate::checkpoint::{self, Owned, Tensors};
 use crate::data::augment;
-use crate::data::loader::{Loader, LoaderConfig, Samples};
+use crate::data::loader::{Batch, Loader, LoaderConfig, Samples};
 use crate::data::synthetic::{Split, Synthetic, CLASSES};
 use crate::data::{pil, transforms};
 use crate::device::{self, Device, DeviceChoice};
 use crate::error::{Context, Error, Result};
 use crate::eval::knn;
+use crate::gpu::augment::AugParams;
 use crate::gpu::train::GpuLewel;
 use crate::gpu::Gpu;
 use crate::model::lewel::LewelConfig;
@@ -553,6 +554,7 @@ impl TrainData {
                 world: 1,
                 rank: 0,
                 max_bad: cfg.max_bad,
+                photometric: true,
             },
         )?;
         let iters = loader.batches_per_epoch();
@@ -642,6 +644,22 @@ impl Engine {
         on_gpu!(self,
             m => m.forward_backward(v1, v2, shape, sc).map_err(|e| oom(e, batch)),
             c => Ok(c.forward_backward(v1, v2, shape, sc)))
+    }
+
+    /// The same from a batch of u8 crops: the photometric augmentation runs on the GPU.
+    fn forward_backward_crops(
+        &mut self,
+        b: &Batch,
+        shape: Shape,
+        sc: &StepConfig,
+        batch: usize,
+    ) -> Result<f32> {
+        let p = |i: usize| b.params[i].iter().map(AugParams::new).collect::<Vec<_>>();
+        let (p1, p2) = (p(0), p(1));
+        on_gpu!(self,
+            m => m.forward_backward_crops([&b.crops[0], &b.crops[1]], [&p1, &p2], shape, sc)
+                .map_err(|e| oom(e, batch)),
+            _c => Err(Error::Other("u8 crops reach the CPU engine: the loader should normalize".into())))
     }
 
     fn update(&mut self, sc: &StepConfig) -> Result<()> {
@@ -801,7 +819,7 @@ pub fn pretrain(
     let (lc, mut sc) = cfg.validate()?;
     let choice = cfg.device.parse::<DeviceChoice>()?;
     // The data first: a bad path stops the run before anything is written.
-    let (train, iters, data_line) = TrainData::open(&cfg)?;
+    let (mut train, iters, data_line) = TrainData::open(&cfg)?;
     let (knn_data, knn_line) = KnnData::open(&cfg)?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let toml_text = toml::to_string(&cfg).map_err(|e| Error::Other(format!("config: {e}")))?;
@@ -830,6 +848,10 @@ pub fn pretrain(
 
     let params = m.g.store.num_params();
     let (mut m, note) = Engine::open(m, choice, &cfg)?;
+    if let (TrainData::Real(l), false) = (&mut train, matches!(m, Engine::Cpu(_))) {
+        // On a GPU the loader makes the crops; jitter, blur, solarize and normalize run there.
+        l.cfg.photometric = false;
+    }
     let total = iters * cfg.epochs;
     let tty = std::io::stderr().is_terminal();
     let jsonl = std::fs::OpenOptions::new()
@@ -895,10 +917,12 @@ pub fn pretrain(
             let ts = Instant::now();
             let k = epoch * iters + i;
             schedule_step(&cfg, &mut sc, k);
-            let (v1, v2, shape, data_ms) = match &mut batches {
+            let (loss, data_ms) = match &mut batches {
                 None => {
                     let (v1, v2, shape) = views_for_step(&cfg, k);
-                    (v1, v2, shape, ts.elapsed().as_secs_f64() * 1e3)
+                    let data_ms = ts.elapsed().as_secs_f64() * 1e3;
+                    let loss = m.forward_backward(&v1, &v2, shape, &sc, cfg.batch_size)?;
+                    (loss, data_ms)
                 }
                 Some(ep) => {
                     let b = ep
@@ -909,14 +933,19 @@ pub fn pretrain(
                     }
                     let s = cfg.image_size;
                     let shape = Shape::new(&[cfg.batch_size, s, s, 3]);
-                    (b.view1, b.view2, shape, b.wait_ms)
+                    let loss = if b.view1.is_empty() {
+                        m.forward_backward_crops(&b, shape, &sc, cfg.batch_size)?
+                    } else {
+                        m.forward_backward(&b.view1, &b.view2, shape, &sc, cfg.batch_size)?
+                    };
+                    (loss, b.wait_ms)
                 }
             };
+            let loss = loss as f64;
             let skipped = match &train {
                 TrainData::Real(l) => l.counts().1,
                 TrainData::Synthetic => 0,
             };
-            let loss = m.forward_backward(&v1, &v2, shape, &sc, cfg.batch_size)? as f64;
             if !loss.is_finite() {
                 return Err(Error::Other(format!(
                     "the loss became {loss} at step {k}: lower --lr"

@@ -67,13 +67,19 @@ pub struct LoaderConfig {
     pub rank: usize,
     /// The fraction of bad samples seen above which the loader stops.
     pub max_bad: f64,
+    /// Whether the photometric half of the augmentation runs here (normalized f32 views) or is
+    /// left to the GPU (u8 crops and their parameters).
+    pub photometric: bool,
 }
 
-/// One batch: both views normalized, (B, size, size, 3) f32 each.
+/// One batch: both views normalized, (B, size, size, 3) f32 each; or, when the photometric half
+/// is left to the GPU, both views' u8 crops (B, size, size, 3) and their parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     pub view1: Vec<f32>,
     pub view2: Vec<f32>,
+    pub crops: [Vec<u8>; 2],
+    pub params: [Vec<transforms::ViewParams>; 2],
     pub labels: Vec<usize>,
     /// The sample each slot holds (a substitute where the scheduled one was bad).
     pub indices: Vec<usize>,
@@ -172,9 +178,13 @@ impl Loader {
     }
 }
 
-/// One slot: the first readable sample from position `pos` of the order on, its two views, and
-/// the bad samples passed over.
-type Slot = (usize, Rgb8, Rgb8, Vec<(usize, String)>);
+/// One slot: the first readable sample from position `pos` of the order on, its two views (whole,
+/// or the crops only) with their parameters, and the bad samples passed over.
+type Slot = (
+    usize,
+    [(Rgb8, transforms::ViewParams); 2],
+    Vec<(usize, String)>,
+);
 
 fn slot(
     samples: &dyn Samples,
@@ -190,18 +200,23 @@ fn slot(
             Ok(img) => {
                 // A substitute (k > 0) gets views of its own, not a copy of its own slot's.
                 let key = epoch | (k as u64) << 40;
-                let p1 = transforms::view_params(cfg.seed, key, i as u64, 1, img.w, img.h);
-                let p2 = transforms::view_params(cfg.seed, key, i as u64, 2, img.w, img.h);
-                let v1 = transforms::view(&img, &p1, cfg.size);
-                let v2 = transforms::view(&img, &p2, cfg.size);
-                return (i, v1, v2, bad);
+                let views = [1u8, 2].map(|v| {
+                    let p = transforms::view_params(cfg.seed, key, i as u64, v, img.w, img.h);
+                    let mut x = transforms::geometric(&img, &p, cfg.size);
+                    if cfg.photometric {
+                        transforms::photometric(&mut x, &p);
+                    }
+                    (x, p)
+                });
+                return (i, views, bad);
             }
             Err(why) => bad.push((i, why)),
         }
     }
     // Every sample of the shard is bad: the caller's threshold stops the run first.
     let blank = Rgb8::new(cfg.size, cfg.size, vec![0; cfg.size * cfg.size * 3]);
-    (order[pos], blank.clone(), blank, bad)
+    let p = transforms::view_params(cfg.seed, epoch, order[pos] as u64, 1, cfg.size, cfg.size);
+    (order[pos], [(blank.clone(), p), (blank, p)], bad)
 }
 
 fn build(
@@ -220,9 +235,16 @@ fn build(
             .map(|pos| slot(samples, cfg, order, epoch, pos))
             .collect()
     });
+    let (f, u) = if cfg.photometric {
+        (cfg.batch * per, 0)
+    } else {
+        (0, cfg.batch * per)
+    };
     let mut batch = Batch {
-        view1: vec![0.0; cfg.batch * per],
-        view2: vec![0.0; cfg.batch * per],
+        view1: vec![0.0; f],
+        view2: vec![0.0; f],
+        crops: [vec![0; u], vec![0; u]],
+        params: [Vec::with_capacity(cfg.batch), Vec::with_capacity(cfg.batch)],
         labels: Vec::with_capacity(cfg.batch),
         indices: Vec::with_capacity(cfg.batch),
         new_bad: Vec::new(),
@@ -230,9 +252,18 @@ fn build(
         wait_ms: 0.0,
     };
     let mut t = tally.lock().unwrap();
-    for (s, (i, v1, v2, bad)) in slots.into_iter().enumerate() {
-        pil::normalize(&v1, &mut batch.view1[s * per..(s + 1) * per]);
-        pil::normalize(&v2, &mut batch.view2[s * per..(s + 1) * per]);
+    for (s, (i, views, bad)) in slots.into_iter().enumerate() {
+        let r = s * per..(s + 1) * per;
+        let [(v1, p1), (v2, p2)] = views;
+        if cfg.photometric {
+            pil::normalize(&v1, &mut batch.view1[r.clone()]);
+            pil::normalize(&v2, &mut batch.view2[r]);
+        } else {
+            batch.crops[0][r.clone()].copy_from_slice(&v1.px);
+            batch.crops[1][r].copy_from_slice(&v2.px);
+        }
+        batch.params[0].push(p1);
+        batch.params[1].push(p2);
         batch.labels.push(samples.label(i));
         batch.indices.push(i);
         t.seen += 1 + bad.len();
@@ -294,6 +325,7 @@ mod tests {
             world: 1,
             rank: 0,
             max_bad: 0.01,
+            photometric: true,
         }
     }
 
@@ -336,6 +368,23 @@ mod tests {
         assert_eq!(one.len(), 6, "50 samples, batch 8, drop_last");
         assert_eq!(one, eight);
         assert_ne!(one[0].view1, one[0].view2);
+        // Crops for the GPU: the same parameters; the photometric half applied on the CPU to the
+        // crops gives the CPU's views.
+        let mut c = cfg(3);
+        c.photometric = false;
+        let data: Arc<dyn Samples> = Arc::new(Fake {
+            n: 50,
+            bad_every: 0,
+        });
+        let crops = run(&Loader::new(data, c).unwrap(), 2);
+        assert_eq!(crops[0].params, one[0].params);
+        assert!(crops[0].view1.is_empty());
+        let per = 16 * 16 * 3;
+        let mut img = Rgb8::new(16, 16, crops[0].crops[1][per..2 * per].to_vec());
+        transforms::photometric(&mut img, &crops[0].params[1][1]);
+        let mut v = vec![0.0; per];
+        pil::normalize(&img, &mut v);
+        assert_eq!(v, one[0].view2[per..2 * per]);
     }
 
     #[test]

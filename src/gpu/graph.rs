@@ -423,6 +423,34 @@ where
     }
 
     /// A constant input copied from another graph on the same GPU (the target's outputs).
+    /// An input made on the device from u8 crops (B, S, S, 3): the photometric half of the
+    /// augmentation (`gpu::augment`) writes the normalized views straight into the slot.
+    pub fn input_crops(
+        &mut self,
+        shape: Shape,
+        crops: &[u8],
+        params: &[super::augment::AugParams],
+        bufs: &mut super::augment::AugBuffers,
+    ) -> Tensor {
+        let t = self.alloc(Kind::E, shape, false);
+        if !self.failed() {
+            let i = t.slot as usize;
+            let mut b = self.e.take(i);
+            let n = shape.numel();
+            let r = super::augment::photometric_cuda::<E>(
+                &self.gpu,
+                bufs,
+                crops,
+                params,
+                shape.dims()[1],
+                &mut b.slice_mut(..n),
+            );
+            self.e.put(i, b);
+            self.fail(r);
+        }
+        t
+    }
+
     pub fn input_from(&mut self, src: &DevGraph<E>, t: Tensor) -> Tensor {
         let y = self.alloc(Kind::E, t.shape, false);
         if let Some(e) = &src.err {

@@ -4,6 +4,7 @@
 //! running statistics for EMAN). The CPU [`Lewel`] it wraps holds the module handles, the configs
 //! and the host copy that checkpoints read ([`GpuLewel::sync_host`]).
 
+use super::augment::{AugBuffers, AugParams};
 use super::graph::DevGraph;
 use super::{Gpu, GpuFloat};
 use crate::autograd::{BnMode, Tape};
@@ -23,6 +24,8 @@ pub struct GpuLewel<E: GpuFloat> {
     pub tg: DevGraph<E>,
     momentum: CudaSlice<f32>,
     lars: Option<(ExcludeRule, GpuLars)>,
+    /// Buffers of the photometric augmentation, for (batch, size).
+    aug: Option<(usize, usize, AugBuffers)>,
 }
 
 impl<E: GpuFloat> GpuLewel<E>
@@ -44,6 +47,7 @@ where
             tg,
             momentum,
             lars: None,
+            aug: None,
         })
     }
 
@@ -61,12 +65,44 @@ where
         shape: Shape,
         sc: &StepConfig,
     ) -> Result<f32> {
-        let (online_mode, target_mode) = sc.bn_modes();
+        self.begin();
+        let a = self.g.input(shape, v1);
+        let b = self.g.input(shape, v2);
+        self.forward_backward_inputs(a, b, sc)
+    }
+
+    /// The same from u8 crops (B, S, S, 3) of both views and their parameters: the photometric
+    /// half of the augmentation runs here, on the GPU.
+    pub fn forward_backward_crops(
+        &mut self,
+        crops: [&[u8]; 2],
+        params: [&[AugParams]; 2],
+        shape: Shape,
+        sc: &StepConfig,
+    ) -> Result<f32> {
+        let (batch, size) = (shape.dims()[0], shape.dims()[1]);
+        if self
+            .aug
+            .as_ref()
+            .is_none_or(|(b, s, _)| (*b, *s) != (batch, size))
+        {
+            self.aug = Some((batch, size, AugBuffers::new(&self.gpu, batch, size)?));
+        }
+        self.begin();
+        let bufs = &mut self.aug.as_mut().unwrap().2;
+        let a = self.g.input_crops(shape, crops[0], params[0], bufs);
+        let b = self.g.input_crops(shape, crops[1], params[1], bufs);
+        self.forward_backward_inputs(a, b, sc)
+    }
+
+    fn begin(&mut self) {
         self.g.reset();
         self.g.set_recording(true);
         self.tg.set_recording(false);
-        let a = self.g.input(shape, v1);
-        let b = self.g.input(shape, v2);
+    }
+
+    fn forward_backward_inputs(&mut self, a: Tensor, b: Tensor, sc: &StepConfig) -> Result<f32> {
+        let (online_mode, target_mode) = sc.bn_modes();
         let (tg, target) = (&mut self.tg, &self.host.target);
         let mut run_target = |v: Tensor, og: &mut DevGraph<E>| {
             tg.reset();
