@@ -69,8 +69,7 @@ fn jpeg(px: &[u8], w: usize, h: usize) -> Vec<u8> {
 }
 
 fn rgb(bytes: &[u8]) -> Rgb8 {
-    let d = decode(bytes).expect("decoding");
-    Rgb8::new(d.w, d.h, d.data)
+    decode(bytes).expect("decoding")
 }
 
 /// Both views of one file, to the given depth: 0 decode, 1 + geometric, 2 + photometric and

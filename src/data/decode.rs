@@ -20,13 +20,8 @@ use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 use zune_core::result::DecodingResult;
 
-/// A decoded image: `data` is (h, w, 3) row-major RGB.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RgbImage {
-    pub w: usize,
-    pub h: usize,
-    pub data: Vec<u8>,
-}
+/// A decoded image: `data` is (h, w, 3) row-major RGB (the image type of the whole data path).
+pub type RgbImage = super::pil::Rgb8;
 
 /// Why bytes did not decode: one line, no path (the caller knows the path).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -259,8 +259,8 @@ fn build(
             pil::normalize(&v1, &mut batch.view1[r.clone()]);
             pil::normalize(&v2, &mut batch.view2[r]);
         } else {
-            batch.crops[0][r.clone()].copy_from_slice(&v1.px);
-            batch.crops[1][r].copy_from_slice(&v2.px);
+            batch.crops[0][r.clone()].copy_from_slice(&v1.data);
+            batch.crops[1][r].copy_from_slice(&v2.data);
         }
         batch.params[0].push(p1);
         batch.params[1].push(p2);

@@ -23,7 +23,7 @@
 pub struct Rgb8 {
     pub w: usize,
     pub h: usize,
-    pub px: Vec<u8>,
+    pub data: Vec<u8>,
 }
 
 impl Rgb8 {
@@ -34,7 +34,7 @@ impl Rgb8 {
             "Rgb8: {w}x{h} needs {} bytes",
             w * h * 3
         );
-        Rgb8 { w, h, px }
+        Rgb8 { w, h, data: px }
     }
 }
 
@@ -64,7 +64,7 @@ pub fn brightness(img: &mut Rgb8, f: f32) {
     if f == 1.0 {
         return;
     }
-    for v in img.px.iter_mut() {
+    for v in img.data.iter_mut() {
         *v = blend1(0, *v, f);
     }
 }
@@ -73,7 +73,7 @@ pub fn brightness(img: &mut Rgb8, f: f32) {
 pub fn contrast(img: &mut Rgb8, f: f32) {
     let n = (img.w * img.h) as f64;
     let sum: u64 = img
-        .px
+        .data
         .chunks_exact(3)
         .map(|p| luma(p[0], p[1], p[2]) as u64)
         .sum();
@@ -81,7 +81,7 @@ pub fn contrast(img: &mut Rgb8, f: f32) {
     if f == 1.0 {
         return;
     }
-    for v in img.px.iter_mut() {
+    for v in img.data.iter_mut() {
         *v = blend1(mean, *v, f);
     }
 }
@@ -91,7 +91,7 @@ pub fn saturation(img: &mut Rgb8, f: f32) {
     if f == 1.0 {
         return;
     }
-    for p in img.px.chunks_exact_mut(3) {
+    for p in img.data.chunks_exact_mut(3) {
         let l = luma(p[0], p[1], p[2]);
         for v in p.iter_mut() {
             *v = blend1(l, *v, f);
@@ -101,7 +101,7 @@ pub fn saturation(img: &mut Rgb8, f: f32) {
 
 /// torchvision's RandomGrayscale / rgb_to_grayscale(3 channels) on PIL: the luma, three times.
 pub fn grayscale(img: &mut Rgb8) {
-    for p in img.px.chunks_exact_mut(3) {
+    for p in img.data.chunks_exact_mut(3) {
         let l = luma(p[0], p[1], p[2]);
         p.fill(l);
     }
@@ -109,7 +109,7 @@ pub fn grayscale(img: &mut Rgb8) {
 
 /// `ImageOps.solarize(img, 128)`.
 pub fn solarize(img: &mut Rgb8) {
-    for v in img.px.iter_mut() {
+    for v in img.data.iter_mut() {
         if *v >= 128 {
             *v = 255 - *v;
         }
@@ -119,7 +119,7 @@ pub fn solarize(img: &mut Rgb8) {
 /// Left-right flip.
 pub fn hflip(img: &mut Rgb8) {
     let w = img.w;
-    for row in img.px.chunks_exact_mut(w * 3) {
+    for row in img.data.chunks_exact_mut(w * 3) {
         for x in 0..w / 2 {
             for c in 0..3 {
                 row.swap(x * 3 + c, (w - 1 - x) * 3 + c);
@@ -137,7 +137,7 @@ pub fn crop(img: &Rgb8, top: usize, left: usize, h: usize, w: usize) -> Rgb8 {
     let mut px = Vec::with_capacity(w * h * 3);
     for y in top..top + h {
         let r = (y * img.w + left) * 3;
-        px.extend_from_slice(&img.px[r..r + w * 3]);
+        px.extend_from_slice(&img.data[r..r + w * 3]);
     }
     Rgb8::new(w, h, px)
 }
@@ -219,7 +219,7 @@ pub fn hue_shift(h: f64) -> u8 {
 /// torchvision's `adjust_hue(img, h)` for PIL images, h in [-0.5, 0.5].
 pub fn hue(img: &mut Rgb8, h: f64) {
     let shift = hue_shift(h);
-    for p in img.px.chunks_exact_mut(3) {
+    for p in img.data.chunks_exact_mut(3) {
         let [hh, s, v] = rgb_to_hsv(p[0], p[1], p[2]);
         let rgb = hsv_to_rgb(hh.wrapping_add(shift), s, v);
         p.copy_from_slice(&rgb);
@@ -332,7 +332,7 @@ pub fn resize(img: &Rgb8, w: usize, h: usize) -> Rgb8 {
     let horizontal;
     let cur = if w != img.w {
         let mut px = vec![0u8; w * img.h * 3];
-        resize_rows(&img.px, img.w, w, &coeffs(img.w, w), &mut px);
+        resize_rows(&img.data, img.w, w, &coeffs(img.w, w), &mut px);
         horizontal = Rgb8::new(w, img.h, px);
         &horizontal
     } else {
@@ -342,7 +342,7 @@ pub fn resize(img: &Rgb8, w: usize, h: usize) -> Rgb8 {
         return cur.clone();
     }
     let mut px = vec![0u8; w * h * 3];
-    resize_cols(&cur.px, w * 3, h, &coeffs(cur.h, h), &mut px);
+    resize_cols(&cur.data, w * 3, h, &coeffs(cur.h, h), &mut px);
     Rgb8::new(w, h, px)
 }
 
@@ -404,7 +404,7 @@ pub fn gaussian_blur(img: &mut Rgb8, sigma: f32) {
     let mut tmp = Vec::new();
     for y in 0..h {
         for ch in 0..3 {
-            let line = &mut img.px[y * w * 3 + ch..];
+            let line = &mut img.data[y * w * 3 + ch..];
             for _ in 0..PASSES {
                 box_line(line, &mut tmp, w, 3, radius);
             }
@@ -412,7 +412,7 @@ pub fn gaussian_blur(img: &mut Rgb8, sigma: f32) {
     }
     for x in 0..w {
         for ch in 0..3 {
-            let line = &mut img.px[x * 3 + ch..];
+            let line = &mut img.data[x * 3 + ch..];
             for _ in 0..PASSES {
                 box_line(line, &mut tmp, h, w * 3, radius);
             }
@@ -422,8 +422,8 @@ pub fn gaussian_blur(img: &mut Rgb8, sigma: f32) {
 
 /// ToTensor then Normalize, kept (H, W, 3): ((v / 255) - mean) / std in f32, as torchvision.
 pub fn normalize(img: &Rgb8, out: &mut [f32]) {
-    assert_eq!(out.len(), img.px.len());
-    for (o, p) in out.chunks_exact_mut(3).zip(img.px.chunks_exact(3)) {
+    assert_eq!(out.len(), img.data.len());
+    for (o, p) in out.chunks_exact_mut(3).zip(img.data.chunks_exact(3)) {
         for c in 0..3 {
             o[c] = (p[c] as f32 / 255.0 - super::MEAN[c]) / super::STD[c];
         }
@@ -490,19 +490,19 @@ mod tests {
     /// Bit-exact, or a message with the first differing pixel and how many differ.
     fn same(name: &str, got: &Rgb8, want: &Rgb8) {
         assert_eq!((got.w, got.h), (want.w, want.h), "{name}: size");
-        let diff: Vec<usize> = (0..got.px.len())
-            .filter(|&i| got.px[i] != want.px[i])
+        let diff: Vec<usize> = (0..got.data.len())
+            .filter(|&i| got.data[i] != want.data[i])
             .collect();
         if let Some(&i) = diff.first() {
             panic!(
                 "{name}: {} of {} values differ; first at pixel ({}, {}) channel {}: {} vs PIL {}",
                 diff.len(),
-                got.px.len(),
+                got.data.len(),
                 (i / 3) % got.w,
                 i / 3 / got.w,
                 i % 3,
-                got.px[i],
-                want.px[i]
+                got.data[i],
+                want.data[i]
             );
         }
     }
@@ -621,7 +621,7 @@ mod tests {
     fn normalize_matches_torchvision() {
         let fx = Fx::load();
         let small = fx.img("small");
-        let mut got = vec![0.0; small.px.len()];
+        let mut got = vec![0.0; small.data.len()];
         normalize(&small, &mut got);
         assert_eq!(got, fx.f32("normalized"));
     }

@@ -23,7 +23,7 @@ fn fit(img: &Rgb8, size: usize) -> Rgb8 {
     let (x0, y0) = ((size - w) / 2, (size - h) / 2);
     for y in 0..h {
         let dst = ((y0 + y) * size + x0) * 3;
-        cell.px[dst..dst + w * 3].copy_from_slice(&small.px[y * w * 3..(y + 1) * w * 3]);
+        cell.data[dst..dst + w * 3].copy_from_slice(&small.data[y * w * 3..(y + 1) * w * 3]);
     }
     cell
 }
@@ -53,8 +53,8 @@ pub fn grid(samples: &dyn Samples, count: usize, size: usize, seed: u64) -> Rgb8
             let (x0, y0) = (GAP + c * (size + GAP), GAP + r * (size + GAP));
             for y in 0..size {
                 let dst = ((y0 + y) * w + x0) * 3;
-                out.px[dst..dst + size * 3]
-                    .copy_from_slice(&cell.px[y * size * 3..(y + 1) * size * 3]);
+                out.data[dst..dst + size * 3]
+                    .copy_from_slice(&cell.data[y * size * 3..(y + 1) * size * 3]);
             }
         }
     }
@@ -68,7 +68,7 @@ pub fn write_png(img: &Rgb8, path: &Path) -> Result<()> {
     use zune_core::options::EncoderOptions;
     let opts = EncoderOptions::new(img.w, img.h, ColorSpace::RGB, BitDepth::Eight);
     let mut bytes = Vec::new();
-    zune_png::PngEncoder::new(&img.px, opts)
+    zune_png::PngEncoder::new(&img.data, opts)
         .encode(&mut bytes)
         .map_err(|e| Error::Other(format!("{}: PNG encoding failed: {e:?}", path.display())))?;
     crate::checkpoint::write_bytes_atomic(path, &bytes)
@@ -109,15 +109,15 @@ mod tests {
         let g = grid(&Few, 3, 32, 0);
         assert_eq!((g.w, g.h), (3 * 32 + 4 * GAP, 3 * (32 + GAP) + GAP));
         // Cells are filled (not all background) at their middle row, the margins are background.
-        assert!(g.px[((GAP + 16) * g.w + GAP) * 3..][..32 * 3]
+        assert!(g.data[((GAP + 16) * g.w + GAP) * 3..][..32 * 3]
             .iter()
             .any(|&v| v != BACKGROUND));
-        assert!(g.px[..g.w * 3].iter().all(|&v| v == BACKGROUND));
+        assert!(g.data[..g.w * 3].iter().all(|&v| v == BACKGROUND));
         let p = std::env::temp_dir().join(format!("lewel-grid-{}.png", std::process::id()));
         write_png(&g, &p).unwrap();
         let back = crate::data::decode::decode(&std::fs::read(&p).unwrap()).unwrap();
         std::fs::remove_file(&p).ok();
         assert_eq!((back.w, back.h), (g.w, g.h));
-        assert_eq!(back.data, g.px);
+        assert_eq!(back.data, g.data);
     }
 }

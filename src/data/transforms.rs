@@ -262,7 +262,12 @@ mod tests {
             };
             let want = img(&st, &format!("view.{k}"));
             let got = view(&big, &vp, want.w);
-            let bad = got.px.iter().zip(&want.px).filter(|(a, b)| a != b).count();
+            let bad = got
+                .data
+                .iter()
+                .zip(&want.data)
+                .filter(|(a, b)| a != b)
+                .count();
             assert_eq!(
                 bad, 0,
                 "view {k} ({vp:?}): {bad} values differ from torchvision"
