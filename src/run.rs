@@ -1305,6 +1305,51 @@ mod real_data_tests {
         }
     }
 
+    /// Interrupted after epoch 1 and resumed, a run on real images (with a val/ for the monitor)
+    /// ends with the same weights and metrics as an uninterrupted one: the views are the same.
+    #[test]
+    fn resume_on_real_data_is_exact() {
+        let d = std::env::temp_dir().join(format!("lewel-real-resume-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        dataset(&d);
+        let val = d.join("val");
+        std::fs::create_dir_all(&val).unwrap();
+        for class in ["a", "b"] {
+            let src = d.join("train").join(class);
+            std::fs::create_dir_all(val.join(class)).unwrap();
+            for i in 0..4 {
+                let f = format!("gen{i:03}.JPEG");
+                std::fs::copy(src.join(&f), val.join(class).join(&f)).unwrap();
+            }
+        }
+        let cfg = |out: &str| PretrainConfig {
+            data: Some(d.join("train")),
+            epochs: 2,
+            warmup_epochs: 1,
+            batch_size: 64,
+            image_size: 32,
+            log_every: 1000,
+            device: "cpu".into(),
+            knn_k: 3,
+            out: d.join(out),
+            ..Default::default()
+        };
+        let full = pretrain(&cfg("full"), None, None).unwrap();
+        assert!(
+            full.knn_init.is_some(),
+            "val/ beside train/ feeds the monitor"
+        );
+        pretrain(&cfg("split"), None, Some(1)).unwrap();
+        let resumed = pretrain(&PretrainConfig::default(), Some(&d.join("split")), None).unwrap();
+        assert_eq!(
+            (resumed.knn_final, resumed.last_loss.to_bits()),
+            (full.knn_final, full.last_loss.to_bits())
+        );
+        let w = |r: &str| std::fs::read(d.join(r).join("checkpoint_0002.safetensors")).unwrap();
+        assert!(w("full") == w("split"), "weights after resume differ");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     #[test]
     fn a_dataset_with_1_percent_corrupt_files_trains_and_counts_them() {
         let d = std::env::temp_dir().join(format!("lewel-real-{}", std::process::id()));
