@@ -279,7 +279,7 @@ struct PretrainArgs {
     /// Only deterministic cuDNN algorithms: a rerun on the same GPU is bitwise identical.
     #[arg(long)]
     deterministic: bool,
-    /// Side of the training views in pixels.
+    /// Side of the training views in pixels (default: 48 on the synthetic set, 224 with --data).
     #[arg(long)]
     image_size: Option<usize>,
     /// Images in the synthetic training split.
