@@ -6,7 +6,9 @@
 //!   decode                 zune-jpeg to RGB
 //!   decode + geometric     + both views' RandomResizedCrop to 224, bilinear (PIL's), flip
 //!   decode + full CPU      + both views' jitter, grayscale, blur, solarize, normalize to f32
-//! then the full CPU row on every core (the loader's parallel rate).
+//! then the full CPU row on every core (the loader's parallel rate), and `lewel pack` of the same
+//! files on every core: copying (each file still decoded once to check it) and with --max-side 256
+//! (decode, resize, re-encode).
 //!
 //! Run: `cargo bench --bench loader`. Results: benches/README.md.
 
@@ -140,4 +142,33 @@ fn main() {
         1e3 / par,
         par / dec
     );
+    pack_rate(&files, cores);
+}
+
+/// `lewel pack` of the files (as an ImageFolder of 4 classes in a temp folder), files per second.
+fn pack_rate(files: &[Vec<u8>], cores: usize) {
+    use lewel::data::pack::{pack, PackOptions};
+    let dir = std::env::temp_dir().join(format!("lewel-bench-pack-{}", std::process::id()));
+    for (i, f) in files.iter().enumerate() {
+        let class = dir.join("src").join(format!("c{}", i % 4));
+        std::fs::create_dir_all(&class).expect("bench folder");
+        std::fs::write(class.join(format!("{i:03}.JPEG")), f).expect("bench file");
+    }
+    println!("| lewel pack, {cores} threads | files/s | copied | resized |");
+    println!("|---|---|---|---|");
+    for (name, max_side) in [("copy", None), ("--max-side 256", Some(256))] {
+        let o = PackOptions {
+            max_side,
+            quality: 90,
+            progress: false,
+        };
+        let s = pack(&dir.join("src"), &dir.join("bench.pack"), &o).expect("pack");
+        println!(
+            "| {name} | {:.0} | {} | {} |",
+            s.files as f64 / s.seconds,
+            s.copied,
+            s.resized
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

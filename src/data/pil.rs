@@ -431,16 +431,17 @@ pub fn normalize(img: &Rgb8, out: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use safetensors::SafeTensors;
 
-    struct Fx {
+    /// tests/fixtures/pil/ops.safetensors (made by tests/parity/make_pil_fixtures.py).
+    pub(crate) struct Fx {
         bytes: Vec<u8>,
     }
 
     impl Fx {
-        fn load() -> Fx {
+        pub(crate) fn load() -> Fx {
             let p = concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/tests/fixtures/pil/ops.safetensors"
@@ -449,27 +450,36 @@ mod tests {
                 bytes: std::fs::read(p).expect("tests/fixtures/pil/ops.safetensors"),
             }
         }
-        fn st(&self) -> SafeTensors<'_> {
+        pub(crate) fn st(&self) -> SafeTensors<'_> {
             SafeTensors::deserialize(&self.bytes).unwrap()
         }
-        fn img(&self, name: &str) -> Rgb8 {
+        pub(crate) fn img(&self, name: &str) -> Rgb8 {
             let st = self.st();
             let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture {name}"));
             let s = t.shape();
             Rgb8::new(s[1], s[0], t.data().to_vec())
         }
-        fn f32(&self, name: &str) -> Vec<f32> {
+        pub(crate) fn f32(&self, name: &str) -> Vec<f32> {
             let st = self.st();
             let d = st.tensor(name).unwrap().data().to_vec();
             d.chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
                 .collect()
         }
-        fn f64(&self, name: &str) -> f64 {
+        pub(crate) fn f64s(&self, name: &str) -> Vec<f64> {
+            let st = self.st();
+            st.tensor(name)
+                .unwrap()
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        }
+        pub(crate) fn f64(&self, name: &str) -> f64 {
             let st = self.st();
             f64::from_le_bytes(st.tensor(name).unwrap().data()[..8].try_into().unwrap())
         }
-        fn i64s(&self, name: &str) -> Vec<usize> {
+        pub(crate) fn i64s(&self, name: &str) -> Vec<usize> {
             let st = self.st();
             st.tensor(name)
                 .unwrap()
@@ -478,7 +488,7 @@ mod tests {
                 .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
                 .collect()
         }
-        fn count(&self, prefix: &str) -> usize {
+        pub(crate) fn count(&self, prefix: &str) -> usize {
             self.st()
                 .names()
                 .iter()

@@ -209,37 +209,15 @@ pub fn eval_view(img: &Rgb8, resize: usize, crop: usize) -> Rgb8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use safetensors::SafeTensors;
-
-    fn fixtures() -> Vec<u8> {
-        let p = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/pil/ops.safetensors"
-        );
-        std::fs::read(p).expect("tests/fixtures/pil/ops.safetensors")
-    }
-
-    fn le<const N: usize, T>(st: &SafeTensors, name: &str, f: fn([u8; N]) -> T) -> Vec<T> {
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture {name}"));
-        t.data()
-            .chunks_exact(N)
-            .map(|b| f(b.try_into().unwrap()))
-            .collect()
-    }
-
-    fn img(st: &SafeTensors, name: &str) -> Rgb8 {
-        let t = st.tensor(name).unwrap();
-        Rgb8::new(t.shape()[1], t.shape()[0], t.data().to_vec())
-    }
+    use crate::data::pil::tests::Fx;
 
     #[test]
     fn whole_views_from_fixed_parameters_match_torchvision() {
-        let bytes = fixtures();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let big = img(&st, "big");
+        let fx = Fx::load();
+        let big = fx.img("big");
         for k in 0..3 {
-            let p = le(&st, &format!("view.{k}.p"), i64::from_le_bytes);
-            let f = le(&st, &format!("view.{k}.f"), f32::from_le_bytes);
+            let p = fx.i64s(&format!("view.{k}.p"));
+            let f = fx.f32(&format!("view.{k}.f"));
             let jitter = (p[7] != 9).then(|| Jitter {
                 order: [p[7] as u8, p[8] as u8, p[9] as u8, p[10] as u8],
                 brightness: f[0],
@@ -249,10 +227,10 @@ mod tests {
             });
             let vp = ViewParams {
                 crop: Crop {
-                    top: p[0] as usize,
-                    left: p[1] as usize,
-                    h: p[2] as usize,
-                    w: p[3] as usize,
+                    top: p[0],
+                    left: p[1],
+                    h: p[2],
+                    w: p[3],
                 },
                 flip: p[4] == 1,
                 jitter,
@@ -260,7 +238,7 @@ mod tests {
                 blur: (f[4] > 0.0).then_some(f[4]),
                 solarize: p[6] == 1,
             };
-            let want = img(&st, &format!("view.{k}"));
+            let want = fx.img(&format!("view.{k}"));
             let got = view(&big, &vp, want.w);
             let bad = got
                 .data
@@ -279,12 +257,11 @@ mod tests {
     /// torchvision's (200,000 draws in the fixture); each bin within 5 standard errors.
     #[test]
     fn random_resized_crop_distributions_match_torchvision() {
-        let bytes = fixtures();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let fx = Fx::load();
         let n = 20_000;
         for name in ["typical", "wide"] {
-            let size = le(&st, &format!("rrc.{name}.size"), i64::from_le_bytes);
-            let (w, h) = (size[0] as usize, size[1] as usize);
+            let size = fx.i64s(&format!("rrc.{name}.size"));
+            let (w, h) = (size[0], size[1]);
             let mut area = [0usize; 10];
             let mut logr = [0usize; 10];
             let (lo, hi) = (RATIO.0.ln() - 1e-9, RATIO.1.ln() + 1e-9);
@@ -301,7 +278,7 @@ mod tests {
                 logr[(((l - lo) / (hi - lo) * 10.0) as usize).min(9)] += 1;
             }
             for (what, hist) in [("area", area), ("logr", logr)] {
-                let want = le(&st, &format!("rrc.{name}.{what}"), f64::from_le_bytes);
+                let want = fx.f64s(&format!("rrc.{name}.{what}"));
                 for b in 0..10 {
                     let p = want[b];
                     let got = hist[b] as f64 / n as f64;
