@@ -4,6 +4,8 @@
 //! The images: photo-like 500x375 RGB (smooth gradients, shapes, fine noise), encoded at quality 90
 //! with 4:2:0 chroma, like ImageNet's typical file (about 110 KB there). Rows, one thread:
 //!   decode                 zune-jpeg to RGB
+//!   geometric alone        both views' crop, resize and flip of images decoded beforehand, with
+//!                          the vector (AVX2) resize and with the scalar one, in turn
 //!   decode + geometric     + both views' RandomResizedCrop to 224, bilinear (PIL's), flip
 //!   decode + full CPU      + both views' jitter, grayscale, blur, solarize, normalize to f32
 //! then the full CPU row on every core (the loader's parallel rate), and `lewel pack` of the same
@@ -113,6 +115,30 @@ fn rate(files: &[Vec<u8>], depth: u32, parallel: bool) -> f64 {
     (rounds * files.len()) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Images per second of the two views' crop, resize and flip alone, from images decoded beforehand:
+/// (vector resize, scalar resize), timed round by round in turn so that background load hits both.
+fn crop_rates(files: &[Vec<u8>]) -> (f64, f64) {
+    let imgs: Vec<Rgb8> = files.iter().map(|f| rgb(f)).collect();
+    let mut secs = [0.0f64; 2];
+    let rounds = 10;
+    for _ in 0..rounds {
+        for (k, vector) in [true, false].into_iter().enumerate() {
+            pil::set_vector_resize(vector);
+            let t = Instant::now();
+            for (i, img) in imgs.iter().enumerate() {
+                for view in [1u8, 2] {
+                    let p = transforms::view_params(0, 0, i as u64, view, img.w, img.h);
+                    black_box(transforms::geometric(img, &p, SIZE));
+                }
+            }
+            secs[k] += t.elapsed().as_secs_f64();
+        }
+    }
+    pil::set_vector_resize(true);
+    let n = (rounds * imgs.len()) as f64;
+    (n / secs[0], n / secs[1])
+}
+
 fn main() {
     let (w, h) = (500, 375);
     let files: Vec<Vec<u8>> = (0..N as u64)
@@ -124,6 +150,7 @@ fn main() {
     // Warm-up.
     rate(&files[..4], 2, false);
     let dec = rate(&files, 0, false);
+    let (crops, crops_scalar) = crop_rates(&files);
     let geo = rate(&files, 1, false);
     let full = rate(&files, 2, false);
     let cores = rayon::current_num_threads();
@@ -132,6 +159,8 @@ fn main() {
     println!("|---|---|---|---|");
     for (name, r) in [
         ("decode only, 1 core", dec),
+        ("crop/resize/flip only (decoded beforehand), 1 core", crops),
+        ("the same, scalar resize (no AVX2)", crops_scalar),
         ("decode + crop/resize/flip, 1 core", geo),
         ("decode + full CPU augmentation, 1 core", full),
     ] {

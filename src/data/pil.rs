@@ -289,10 +289,56 @@ fn clip8(ss: i32) -> u8 {
 
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
-/// The horizontal pass: every row of `src` (w_in wide) to `w` wide.
-fn resize_rows(src: &[u8], w_in: usize, w: usize, c: &Coeffs, out: &mut [u8]) {
-    for (row, orow) in src.chunks_exact(w_in * 3).zip(out.chunks_exact_mut(w * 3)) {
-        for (xx, o) in orow.chunks_exact_mut(3).enumerate() {
+/// Rows `top..top + h`, columns `left..left + w` of an image: where a resize reads its input.
+#[derive(Clone, Copy)]
+struct Window<'a> {
+    data: &'a [u8],
+    /// Bytes per image row.
+    stride: usize,
+    top: usize,
+    left: usize,
+    w: usize,
+    h: usize,
+}
+
+impl Window<'_> {
+    fn row(&self, y: usize) -> &[u8] {
+        let r = (self.top + y) * self.stride + self.left * 3;
+        &self.data[r..r + self.w * 3]
+    }
+}
+
+/// Whether the resize may use the CPU's vector units (AVX2 on x86-64); on by default. Both paths
+/// give the same bytes; turning it off is for benchmarks that time the scalar code beside it.
+static VECTOR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Allows (the default) or forbids the vector resize; returns the previous setting.
+pub fn set_vector_resize(on: bool) -> bool {
+    VECTOR.swap(on, std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    VECTOR.load(std::sync::atomic::Ordering::Relaxed) && std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// The horizontal pass: every row of `src` to `w` wide, the output mirrored if `flip` (flipping
+/// commutes with the vertical pass, so this is `hflip` after the resize). AVX2 when the CPU has it;
+/// the integer sums are exact, so both paths give the same bytes.
+fn resize_rows(src: Window, w: usize, c: &Coeffs, flip: bool, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { x86::resize_rows_avx2(src, w, c, flip, out) };
+        return;
+    }
+    resize_rows_scalar(src, w, c, flip, out)
+}
+
+fn resize_rows_scalar(src: Window, w: usize, c: &Coeffs, flip: bool, out: &mut [u8]) {
+    for (y, orow) in out.chunks_exact_mut(w * 3).enumerate().take(src.h) {
+        let row = src.row(y);
+        for xx in 0..w {
             let (s, n) = (c.start[xx], c.len[xx]);
             let k = &c.k[xx * c.ksize..xx * c.ksize + n];
             let taps = &row[s * 3..(s + n) * 3];
@@ -302,15 +348,15 @@ fn resize_rows(src: &[u8], w_in: usize, w: usize, c: &Coeffs, out: &mut [u8]) {
                 a1 += p[1] as i32 * wt;
                 a2 += p[2] as i32 * wt;
             }
-            o[0] = clip8(a0);
-            o[1] = clip8(a1);
-            o[2] = clip8(a2);
+            let ox = if flip { w - 1 - xx } else { xx };
+            orow[ox * 3..ox * 3 + 3].copy_from_slice(&[clip8(a0), clip8(a1), clip8(a2)]);
         }
     }
 }
 
-/// The vertical pass: `src` (h_in rows of `row` bytes) to h rows, whole rows at a time.
-fn resize_cols(src: &[u8], row: usize, h: usize, c: &Coeffs, out: &mut [u8]) {
+/// The vertical pass: `src` (rows of `row` bytes) to h rows, whole rows at a time.
+#[inline(always)]
+fn resize_cols_body(src: &[u8], row: usize, h: usize, c: &Coeffs, out: &mut [u8]) {
     let mut acc = vec![0i32; row];
     for yy in 0..h {
         acc.fill(HALF);
@@ -327,23 +373,163 @@ fn resize_cols(src: &[u8], row: usize, h: usize, c: &Coeffs, out: &mut [u8]) {
     }
 }
 
+/// The vertical pass, compiled for AVX2 when the CPU has it (the same integer arithmetic).
+fn resize_cols(src: &[u8], row: usize, h: usize, c: &Coeffs, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { x86::resize_cols_avx2(src, row, h, c, out) };
+        return;
+    }
+    resize_cols_body(src, row, h, c, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Coeffs, Window, HALF, PRECISION_BITS};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn resize_cols_avx2(
+        src: &[u8],
+        row: usize,
+        h: usize,
+        c: &Coeffs,
+        out: &mut [u8],
+    ) {
+        super::resize_cols_body(src, row, h, c, out)
+    }
+
+    /// The horizontal pass. Per output pixel, four taps at a time: the 16 bytes at the group's
+    /// first tap are shuffled to four (R, G, B, 0) pixels, widened to i32 and multiplied by each
+    /// tap's weight (zero past the last tap); the two 128-bit halves of the sum are the pixel's
+    /// (R, G, B, 0) sums, exactly the scalar pass's. Four output pixels are rounded, clamped and
+    /// packed together into one 12-byte store (reversed when flipping); the rest one at a time.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn resize_rows_avx2(
+        src: Window,
+        w: usize,
+        c: &Coeffs,
+        flip: bool,
+        out: &mut [u8],
+    ) {
+        // Per output pixel, per group of four taps: [k0; 4] [k1; 4] [k2; 4] [k3; 4].
+        let mut first = Vec::with_capacity(w + 1);
+        let mut wk: Vec<i32> = Vec::new();
+        for xx in 0..w {
+            first.push(wk.len());
+            let k = &c.k[xx * c.ksize..xx * c.ksize + c.len[xx]];
+            for g in 0..k.len().div_ceil(4) {
+                for t in 0..4 {
+                    wk.extend([k.get(g * 4 + t).copied().unwrap_or(0); 4]);
+                }
+            }
+        }
+        first.push(wk.len());
+        // One row with 16 bytes of slack: the last group's load may reach 13 bytes past it.
+        let mut line = vec![0u8; src.w * 3 + 16];
+        let spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+        let compact = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+        let reverse = _mm_setr_epi8(12, 13, 14, 8, 9, 10, 4, 5, 6, 0, 1, 2, -1, -1, -1, -1);
+        let half = _mm_set1_epi32(HALF);
+        // (sum + half) >> 22 of output pixel xx as i32 (R, G, B, 0).
+        let pixel = |line: &[u8], xx: usize| -> __m128i {
+            let mut acc = _mm256_setzero_si256();
+            for g in 0..(first[xx + 1] - first[xx]) / 16 {
+                let at = (c.start[xx] + 4 * g) * 3;
+                debug_assert!(at + 16 <= line.len());
+                // SAFETY: at + 16 <= line.len() (the taps end within the row; 16 bytes of
+                // slack); the weights hold 16 values per group.
+                let v = _mm_loadu_si128(line.as_ptr().add(at) as *const __m128i);
+                let v = _mm_shuffle_epi8(v, spread);
+                let wp = wk.as_ptr().add(first[xx] + 16 * g);
+                let lo = _mm256_mullo_epi32(
+                    _mm256_cvtepu8_epi32(v),
+                    _mm256_loadu_si256(wp as *const __m256i),
+                );
+                let hi = _mm256_mullo_epi32(
+                    _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(v)),
+                    _mm256_loadu_si256(wp.add(8) as *const __m256i),
+                );
+                acc = _mm256_add_epi32(acc, _mm256_add_epi32(lo, hi));
+            }
+            let a = _mm_add_epi32(
+                _mm256_castsi256_si128(acc),
+                _mm256_extracti128_si256::<1>(acc),
+            );
+            _mm_srai_epi32::<{ PRECISION_BITS as i32 }>(_mm_add_epi32(a, half))
+        };
+        // The saturating packs clamp to [0, 255], as clip8.
+        for (y, orow) in out.chunks_exact_mut(w * 3).enumerate().take(src.h) {
+            line[..src.w * 3].copy_from_slice(src.row(y));
+            let mut xx = 0;
+            while xx + 4 <= w {
+                let (a0, a1) = (pixel(&line, xx), pixel(&line, xx + 1));
+                let (a2, a3) = (pixel(&line, xx + 2), pixel(&line, xx + 3));
+                let b = _mm_packus_epi16(_mm_packs_epi32(a0, a1), _mm_packs_epi32(a2, a3));
+                let (v, at) = if flip {
+                    (_mm_shuffle_epi8(b, reverse), w - 4 - xx)
+                } else {
+                    (_mm_shuffle_epi8(b, compact), xx)
+                };
+                let mut bytes = [0u8; 16];
+                _mm_storeu_si128(bytes.as_mut_ptr() as *mut __m128i, v);
+                orow[at * 3..at * 3 + 12].copy_from_slice(&bytes[..12]);
+                xx += 4;
+            }
+            for xx in xx..w {
+                let a = pixel(&line, xx);
+                let a = _mm_packus_epi16(_mm_packs_epi32(a, a), a);
+                let px = (_mm_cvtsi128_si32(a) as u32).to_le_bytes();
+                let ox = if flip { w - 1 - xx } else { xx };
+                orow[ox * 3..ox * 3 + 3].copy_from_slice(&px[..3]);
+            }
+        }
+    }
+}
+
+/// `img.crop((left, top, left + w, top + h)).resize((w_out, h_out), Image.BILINEAR)`, then
+/// mirrored if `flip`, without copying the crop first.
+pub fn resized_crop(
+    img: &Rgb8,
+    (top, left, h, w): (usize, usize, usize, usize),
+    (w_out, h_out): (usize, usize),
+    flip: bool,
+) -> Rgb8 {
+    assert!(
+        top + h <= img.h && left + w <= img.w,
+        "crop outside the image"
+    );
+    let src = Window {
+        data: &img.data,
+        stride: img.w * 3,
+        top,
+        left,
+        w,
+        h,
+    };
+    let cur = if w_out != w {
+        let mut px = vec![0u8; w_out * h * 3];
+        resize_rows(src, w_out, &coeffs(w, w_out), flip, &mut px);
+        px
+    } else {
+        let mut c = crop(img, top, left, h, w);
+        if flip {
+            hflip(&mut c);
+        }
+        c.data
+    };
+    if h_out == h {
+        return Rgb8::new(w_out, h, cur);
+    }
+    let mut px = vec![0u8; w_out * h_out * 3];
+    resize_cols(&cur, w_out * 3, h_out, &coeffs(h, h_out), &mut px);
+    Rgb8::new(w_out, h_out, px)
+}
+
 /// `img.resize((w, h), Image.BILINEAR)`.
 pub fn resize(img: &Rgb8, w: usize, h: usize) -> Rgb8 {
-    let horizontal;
-    let cur = if w != img.w {
-        let mut px = vec![0u8; w * img.h * 3];
-        resize_rows(&img.data, img.w, w, &coeffs(img.w, w), &mut px);
-        horizontal = Rgb8::new(w, img.h, px);
-        &horizontal
-    } else {
-        img
-    };
-    if h == cur.h {
-        return cur.clone();
-    }
-    let mut px = vec![0u8; w * h * 3];
-    resize_cols(&cur.data, w * 3, h, &coeffs(cur.h, h), &mut px);
-    Rgb8::new(w, h, px)
+    resized_crop(img, (0, 0, img.h, img.w), (w, h), false)
 }
 
 // ---- Gaussian blur
@@ -598,12 +784,17 @@ pub(crate) mod tests {
         assert!(n >= 6);
         for k in 0..n {
             let p = fx.i64s(&format!("resized_crop.{k}.p"));
+            let want = fx.img(&format!("resized_crop.{k}"));
             let got = resize(&crop(&big, p[0], p[1], p[2], p[3]), p[5], p[4]);
-            same(
-                &format!("resized_crop {p:?}"),
-                &got,
-                &fx.img(&format!("resized_crop.{k}")),
-            );
+            same(&format!("resize of crop {p:?}"), &got, &want);
+            // The fused crop + resize (+ flip) gives the same bytes.
+            let rect = (p[0], p[1], p[2], p[3]);
+            let got = resized_crop(&big, rect, (p[5], p[4]), false);
+            same(&format!("resized_crop {p:?}"), &got, &want);
+            let mut flipped = want.clone();
+            hflip(&mut flipped);
+            let got = resized_crop(&big, rect, (p[5], p[4]), true);
+            same(&format!("resized_crop flipped {p:?}"), &got, &flipped);
         }
         // Shorter side to 40 (long side truncated), then the centre 32x32.
         let (w, h) = (big.w * 40 / big.h, 40);
@@ -611,6 +802,52 @@ pub(crate) mod tests {
         let top = round_half_even((h - 32) as f64 / 2.0) as usize;
         let left = round_half_even((w - 32) as f64 / 2.0) as usize;
         same("eval", &crop(&r, top, left, 32, 32), &fx.img("eval"));
+    }
+
+    #[test]
+    fn vector_and_scalar_resize_passes_agree() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let mut r = crate::rng::Rng::new(9);
+            let (iw, ih) = (97, 61);
+            let data: Vec<u8> = (0..iw * ih * 3).map(|_| r.below(256) as u8).collect();
+            // Up- and downscales, 1 to 23 taps, crops touching every edge, every width modulo 4
+            // (the vector pass stores four pixels at a time), both flips.
+            for &(top, left, h, w, wo) in &[
+                (0, 0, 61, 97, 224),
+                (0, 0, 61, 97, 9),
+                (5, 3, 40, 94, 31),
+                (60, 96, 1, 1, 5),
+                (0, 50, 61, 47, 47),
+                (10, 0, 20, 33, 32),
+                (7, 11, 50, 80, 30),
+            ] {
+                for flip in [false, true] {
+                    let src = Window {
+                        data: &data,
+                        stride: iw * 3,
+                        top,
+                        left,
+                        w,
+                        h,
+                    };
+                    let c = coeffs(w, wo);
+                    let (mut a, mut b) = (vec![0u8; wo * h * 3], vec![0u8; wo * h * 3]);
+                    resize_rows_scalar(src, wo, &c, flip, &mut a);
+                    // SAFETY: AVX2 was detected above.
+                    unsafe { x86::resize_rows_avx2(src, wo, &c, flip, &mut b) };
+                    assert_eq!(a, b, "rows {top} {left} {h} {w} -> {wo} flip {flip}");
+                    let c = coeffs(h, 17);
+                    let (mut a2, mut b2) = (vec![0u8; wo * 17 * 3], vec![0u8; wo * 17 * 3]);
+                    resize_cols_body(&a, wo * 3, 17, &c, &mut a2);
+                    // SAFETY: as above.
+                    unsafe { x86::resize_cols_avx2(&a, wo * 3, 17, &c, &mut b2) };
+                    assert_eq!(a2, b2, "cols {h} -> 17");
+                }
+            }
+            return;
+        }
+        println!("skipped: no AVX2 on this CPU, only the scalar resize runs");
     }
 
     #[test]

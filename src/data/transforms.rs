@@ -151,11 +151,7 @@ pub fn view_params(seed: u64, epoch: u64, index: u64, view: u8, w: usize, h: usi
 /// Crop, bilinear resize to `size` x `size`, flip.
 pub fn geometric(img: &Rgb8, p: &ViewParams, size: usize) -> Rgb8 {
     let c = p.crop;
-    let mut out = pil::resize(&pil::crop(img, c.top, c.left, c.h, c.w), size, size);
-    if p.flip {
-        pil::hflip(&mut out);
-    }
-    out
+    pil::resized_crop(img, (c.top, c.left, c.h, c.w), (size, size), p.flip)
 }
 
 /// Jitter (in its drawn order), grayscale, blur, solarize; in place, on u8.
