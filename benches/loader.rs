@@ -8,14 +8,15 @@
 //!                          the vector (AVX2) resize and with the scalar one, in turn
 //!   decode + geometric     + both views' RandomResizedCrop to 224, bilinear (PIL's), flip
 //!   decode + full CPU      + both views' jitter, grayscale, blur, solarize, normalize to f32
-//! then the full CPU row on every core (the loader's parallel rate), and `lewel pack` of the same
+//! then decode and decode + geometric with zune-jpeg and libjpeg-turbo in turn (when libturbojpeg
+//! loads), then the full CPU row on every core (the loader's parallel rate), and `lewel pack` of the same
 //! files on every core: copying (each file still decoded once to check it) and with --max-side 256
 //! (decode, resize, re-encode).
 //!
 //! Run: `cargo bench --bench loader`. Results: benches/README.md.
 
 use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
-use lewel::data::decode::decode;
+use lewel::data::decode::{self, decode, JpegDecoder};
 use lewel::data::pil::{self, Rgb8};
 use lewel::data::transforms;
 use lewel::rng::Rng;
@@ -155,6 +156,20 @@ fn main() {
     let full = rate(&files, 2, false);
     let cores = rayon::current_num_threads();
     let par = rate(&files, 2, true);
+    // libjpeg-turbo (when its library loads) against zune-jpeg, alternating round by round.
+    let turbo = decode::set_jpeg_decoder(JpegDecoder::LibjpegTurbo).map(|()| {
+        let (mut z, mut t) = ([0.0; 2], [0.0; 2]);
+        for _ in 0..3 {
+            for (depth, (zr, tr)) in z.iter_mut().zip(t.iter_mut()).enumerate() {
+                decode::set_jpeg_decoder(JpegDecoder::Zune).expect("zune");
+                *zr += rate(&files, depth as u32, false) / 3.0;
+                decode::set_jpeg_decoder(JpegDecoder::LibjpegTurbo).expect("loaded above");
+                *tr += rate(&files, depth as u32, false) / 3.0;
+            }
+        }
+        decode::set_jpeg_decoder(JpegDecoder::Zune).expect("zune");
+        (z, t)
+    });
     println!("| stage (two views per image)   | images/s | ms/image | vs decode |");
     println!("|---|---|---|---|");
     for (name, r) in [
@@ -171,6 +186,25 @@ fn main() {
         1e3 / par,
         par / dec
     );
+    match turbo {
+        Ok((z, t)) => {
+            println!("| decoder, 1 core, alternating | images/s | ms/image | vs zune |");
+            println!("|---|---|---|---|");
+            for (k, name) in ["decode only", "decode + crop/resize/flip"]
+                .iter()
+                .enumerate()
+            {
+                for (dec, r) in [("zune-jpeg", z[k]), ("libjpeg-turbo", t[k])] {
+                    println!(
+                        "| {name}, {dec} | {r:.0} | {:.2} | {:.2} |",
+                        1e3 / r,
+                        r / z[k]
+                    );
+                }
+            }
+        }
+        Err(e) => println!("libjpeg-turbo rows skipped: {e}"),
+    }
     pack_rate(&files, cores);
 }
 

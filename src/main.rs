@@ -65,12 +65,16 @@ struct ShowArgs {
     /// The PNG to write.
     #[arg(long, default_value = "grid.png")]
     out: PathBuf,
+    /// JPEG decoder: zune or libjpeg-turbo (as `lewel pretrain --jpeg-decoder`).
+    #[arg(long, value_name = "zune|libjpeg-turbo", default_value = "zune")]
+    jpeg_decoder: String,
 }
 
 fn data_show(a: ShowArgs) -> Result<()> {
     if a.count == 0 || a.size < 8 {
         return Err(Error::user("--count: at least 1, and --size at least 8"));
     }
+    lewel::data::decode::set_jpeg_decoder(a.jpeg_decoder.parse()?)?;
     let samples = lewel::data::open_samples(&a.path)?;
     let grid = lewel::data::show::grid(&*samples, a.count, a.size, a.seed);
     lewel::data::show::write_png(&grid, &a.out)?;
@@ -96,9 +100,13 @@ struct PackArgs {
     /// JPEG quality (1-100) of re-encoded images (CMYK, grayscale, PNG, resized).
     #[arg(long, value_name = "Q", default_value_t = 90)]
     quality: u8,
+    /// JPEG decoder for checking and converting files: zune or libjpeg-turbo (PIL's pixels).
+    #[arg(long, value_name = "zune|libjpeg-turbo", default_value = "zune")]
+    jpeg_decoder: String,
 }
 
 fn pack(a: PackArgs) -> Result<()> {
+    lewel::data::decode::set_jpeg_decoder(a.jpeg_decoder.parse()?)?;
     let o = lewel::data::pack::PackOptions {
         max_side: a.max_side,
         quality: a.quality,
@@ -319,6 +327,10 @@ struct PretrainArgs {
     /// Stop when more than this fraction of the samples read could not be decoded.
     #[arg(long)]
     max_bad: Option<f64>,
+    /// JPEG decoder: zune (pure Rust, the default) or libjpeg-turbo (PIL's pixels exactly, faster;
+    /// needs libturbojpeg.so.0, Debian/Ubuntu package libturbojpeg0).
+    #[arg(long, value_name = "zune|libjpeg-turbo")]
+    jpeg_decoder: Option<String>,
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
@@ -358,7 +370,8 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         knn_memory_per_class,
         knn_query_per_class,
         loader_threads,
-        max_bad
+        max_bad,
+        jpeg_decoder
     );
     if a.data.is_some() {
         c.data = a.data.clone();

@@ -90,6 +90,8 @@ pub struct PretrainConfig {
     pub loader_threads: usize,
     /// Stop when more than this fraction of the samples read could not be decoded.
     pub max_bad: f64,
+    /// JPEG decoder: zune (pure Rust) or libjpeg-turbo (PIL's exact pixels; loaded at run time).
+    pub jpeg_decoder: String,
 }
 
 /// The defaults are the built-in synthetic run, tuned to show learning in a few minutes on 2 CPU
@@ -130,6 +132,7 @@ impl Default for PretrainConfig {
             knn_query_per_class: 25,
             loader_threads: 0,
             max_bad: 0.01,
+            jpeg_decoder: "zune".into(),
         }
     }
 }
@@ -167,6 +170,8 @@ impl PretrainConfig {
         let bad = |flag: &str, what: String| Err(Error::user(format!("--{flag}: {what}")));
         let arch: Arch = self.arch.parse()?;
         let method: Method = self.method.parse()?;
+        self.jpeg_decoder
+            .parse::<crate::data::decode::JpegDecoder>()?;
         let finite_pos = |v: f64| v.is_finite() && v > 0.0;
         if !finite_pos(self.lr) {
             return bad("lr", format!("must be a positive number, got {}", self.lr));
@@ -538,10 +543,11 @@ impl TrainData {
             t => t,
         };
         let what = format!(
-            "{} ({n} images, {} classes), {}px, {threads} loader threads",
+            "{} ({n} images, {} classes), {}px, {threads} loader threads, JPEG decoder {}",
             path.display(),
             samples.classes(),
-            cfg.image_size
+            cfg.image_size,
+            cfg.jpeg_decoder
         );
         let loader = Loader::new(
             samples,
@@ -819,6 +825,7 @@ pub fn pretrain(
     let (lc, mut sc) = cfg.validate()?;
     let choice = cfg.device.parse::<DeviceChoice>()?;
     // The data first: a bad path stops the run before anything is written.
+    crate::data::decode::set_jpeg_decoder(cfg.jpeg_decoder.parse()?)?;
     let (mut train, iters, data_line) = TrainData::open(&cfg)?;
     let (knn_data, knn_line) = KnnData::open(&cfg)?;
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;

@@ -130,6 +130,52 @@ impl JpegInfo {
     }
 }
 
+/// Which library decodes JPEGs (`--jpeg-decoder`): zune-jpeg (pure Rust, always there; within a few
+/// levels of PIL) or libjpeg-turbo (loaded at run time; PIL's pixels exactly, faster; turbo.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JpegDecoder {
+    Zune,
+    LibjpegTurbo,
+}
+
+impl std::str::FromStr for JpegDecoder {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<JpegDecoder> {
+        match s {
+            "zune" => Ok(JpegDecoder::Zune),
+            "libjpeg-turbo" => Ok(JpegDecoder::LibjpegTurbo),
+            _ => Err(crate::Error::user(format!(
+                "--jpeg-decoder: expected zune or libjpeg-turbo, got '{s}'"
+            ))),
+        }
+    }
+}
+
+static DECODER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses the JPEG decoder of every later decode, on every thread. libjpeg-turbo must load: when
+/// it does not, this is one clear error and the choice stays as it was.
+pub fn set_jpeg_decoder(d: JpegDecoder) -> crate::Result<()> {
+    if d == JpegDecoder::LibjpegTurbo {
+        super::turbo::available()
+            .map_err(|e| crate::Error::user(format!("--jpeg-decoder: {e}")))?;
+    }
+    DECODER.store(
+        d == JpegDecoder::LibjpegTurbo,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    Ok(())
+}
+
+/// The JPEG decoder in use (zune-jpeg unless `set_jpeg_decoder` chose otherwise).
+pub fn jpeg_decoder() -> JpegDecoder {
+    if DECODER.load(std::sync::atomic::Ordering::Relaxed) {
+        JpegDecoder::LibjpegTurbo
+    } else {
+        JpegDecoder::Zune
+    }
+}
+
 fn jpeg_options() -> DecoderOptions {
     DecoderOptions::new_fast().jpeg_set_out_colorspace(ColorSpace::RGB)
 }
@@ -213,6 +259,14 @@ pub fn decode_jpeg(b: &[u8]) -> Result<RgbImage, DecodeError> {
 
 /// Decodes a JPEG to RGB and returns what its headers said.
 pub fn decode_jpeg_info(b: &[u8]) -> Result<(RgbImage, JpegInfo), DecodeError> {
+    decode_jpeg_with(b, jpeg_decoder())
+}
+
+/// `decode_jpeg_info` with the given decoder.
+pub fn decode_jpeg_with(
+    b: &[u8],
+    decoder: JpegDecoder,
+) -> Result<(RgbImage, JpegInfo), DecodeError> {
     if b.is_empty() {
         return err("empty file");
     }
@@ -224,6 +278,16 @@ pub fn decode_jpeg_info(b: &[u8]) -> Result<(RgbImage, JpegInfo), DecodeError> {
                 "unsupported JPEG with {} components",
                 info.components
             ));
+        }
+        if decoder == JpegDecoder::LibjpegTurbo {
+            let img = super::turbo::decode(b, info.components)?;
+            if (img.w, img.h) != (info.w, info.h) {
+                return err(format!(
+                    "JPEG decoded to {}x{}, its headers say {}x{}",
+                    img.w, img.h, info.w, info.h
+                ));
+            }
+            return Ok((img, info));
         }
         let mut d = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(b), jpeg_options());
         let data = d.decode().or_else(|e| err(format!("bad JPEG data: {e}")))?;
@@ -557,6 +621,32 @@ pub(crate) mod tests {
         }
         assert!(jpeg_info(&odd("a/progressive.JPEG")).unwrap().progressive);
         assert!(!jpeg_info(&odd("a/baseline.JPEG")).unwrap().progressive);
+    }
+
+    /// libjpeg-turbo gives PIL's decoded pixels exactly (PIL decodes with it), for every kind of
+    /// JPEG in the fixtures; it refuses what zune refuses.
+    #[test]
+    fn libjpeg_turbo_decodes_pil_pixels_exactly() {
+        if let Err(why) = super::super::turbo::available() {
+            println!("skipped: {why}");
+            return;
+        }
+        for stem in ["baseline", "progressive", "cmyk", "gray"] {
+            let (img, _) =
+                decode_jpeg_with(&odd(&format!("a/{stem}.JPEG")), JpegDecoder::LibjpegTurbo)
+                    .unwrap_or_else(|e| panic!("{stem}: {e}"));
+            let pil =
+                std::fs::read(fixtures().join("pil_rgb").join(format!("{stem}.rgb"))).unwrap();
+            assert_eq!((img.w, img.h), (40, 30), "{stem}");
+            assert_eq!(
+                max_abs_diff(&img.data, &pil),
+                0,
+                "{stem}: libjpeg-turbo vs PIL"
+            );
+        }
+        for file in ["b/truncated.JPEG", "b/random.JPEG", "b/empty.JPEG"] {
+            decode_jpeg_with(&odd(file), JpegDecoder::LibjpegTurbo).expect_err(file);
+        }
     }
 
     /// Truncated, random and empty data are errors, not panics and not half-gray images.

@@ -13,6 +13,7 @@ pub mod show;
 pub mod source;
 pub mod synthetic;
 pub mod transforms;
+pub mod turbo;
 
 /// ImageNet normalization (torchvision's Normalize constants), RGB.
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
