@@ -280,13 +280,7 @@ pub fn decode_jpeg_with(
             ));
         }
         if decoder == JpegDecoder::LibjpegTurbo {
-            let img = super::turbo::decode(b, info.components)?;
-            if (img.w, img.h) != (info.w, info.h) {
-                return err(format!(
-                    "JPEG decoded to {}x{}, its headers say {}x{}",
-                    img.w, img.h, info.w, info.h
-                ));
-            }
+            let img = super::turbo::decode(b, info.w, info.h, info.components)?;
             return Ok((img, info));
         }
         let mut d = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(b), jpeg_options());

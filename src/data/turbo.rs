@@ -31,15 +31,6 @@ const NAMES: [&str; 2] = ["libturbojpeg.so.0", "libturbojpeg.so"];
 
 struct Api {
     init: unsafe extern "C" fn() -> Handle,
-    header: unsafe extern "C" fn(
-        Handle,
-        *const u8,
-        c_ulong,
-        *mut c_int,
-        *mut c_int,
-        *mut c_int,
-        *mut c_int,
-    ) -> c_int,
     decompress: unsafe extern "C" fn(
         Handle,
         *const u8,
@@ -86,7 +77,6 @@ fn load(names: &[&str]) -> Result<Api, String> {
             }
             Api {
                 init: sym!(b"tjInitDecompress\0"),
-                header: sym!(b"tjDecompressHeader3\0"),
                 decompress: sym!(b"tjDecompress2\0"),
                 destroy: sym!(b"tjDestroy\0"),
                 error_str: sym!(b"tjGetErrorStr2\0"),
@@ -134,45 +124,39 @@ fn muldiv255(a: i32, b: i32) -> i32 {
     ((t >> 8) + t) >> 8
 }
 
-/// Decodes a complete JPEG (decode.rs has checked its headers and its end-of-image marker) with
-/// `components` components to RGB.
-pub fn decode(b: &[u8], components: usize) -> Result<RgbImage, DecodeError> {
+/// PIL's `convert('RGB')` of one pixel of its "CMYK;I" raw mode: `p` holds libjpeg's stored
+/// (inverted) C, M, Y, K.
+fn cmyk_to_rgb(p: &[u8]) -> [u8; 3] {
+    let inv = |v: u8| 255 - v as i32;
+    let nk = 255 - inv(p[3]);
+    [0, 1, 2].map(|c| (nk - muldiv255(inv(p[c]), nk)).clamp(0, 255) as u8)
+}
+
+/// Decodes a complete JPEG of `w` x `h` pixels and `components` components to RGB. decode.rs has
+/// read its headers and checked its end-of-image marker; `tjDecompress2` reads the headers itself.
+pub fn decode(b: &[u8], w: usize, ht: usize, components: usize) -> Result<RgbImage, DecodeError> {
     let a = api().map_err(DecodeError)?;
     HANDLE.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            // SAFETY: no preconditions; a null handle is checked below.
-            let h = unsafe { (a.init)() };
-            if h.is_null() {
-                return Err(DecodeError(
-                    "libjpeg-turbo: could not create a decompressor".into(),
-                ));
+        let h = match &*slot {
+            Some(t) => t.0,
+            None => {
+                // SAFETY: no preconditions; a null handle is checked here.
+                let h = unsafe { (a.init)() };
+                if h.is_null() {
+                    return Err(DecodeError(
+                        "libjpeg-turbo: could not create a decompressor".into(),
+                    ));
+                }
+                *slot = Some(ThreadHandle(h));
+                h
             }
-            *slot = Some(ThreadHandle(h));
-        }
-        let h = slot.as_ref().map(|t| t.0).unwrap_or(std::ptr::null_mut());
+        };
         let fail = || {
             // SAFETY: the handle is live; the string is owned by the library, copied at once.
             let msg = unsafe { CStr::from_ptr((a.error_str)(h)) };
             DecodeError(format!("bad JPEG data: {}", msg.to_string_lossy()))
         };
-        let (mut w, mut ht, mut ss, mut cs) = (0, 0, 0, 0);
-        // SAFETY: b is a live slice of b.len() bytes; the four outputs are valid pointers.
-        if unsafe {
-            (a.header)(
-                h,
-                b.as_ptr(),
-                b.len() as c_ulong,
-                &mut w,
-                &mut ht,
-                &mut ss,
-                &mut cs,
-            )
-        } != 0
-        {
-            return Err(fail());
-        }
-        let (w, ht) = (w.max(0) as usize, ht.max(0) as usize);
         let (pf, px) = if components == 4 {
             (TJPF_CMYK, 4)
         } else {
@@ -201,14 +185,7 @@ pub fn decode(b: &[u8], components: usize) -> Result<RgbImage, DecodeError> {
         if px == 3 {
             return Ok(RgbImage::new(w, ht, out));
         }
-        let rgb = out
-            .chunks_exact(4)
-            .flat_map(|p| {
-                let inv = |v: u8| 255 - v as i32;
-                let nk = 255 - inv(p[3]);
-                [0, 1, 2].map(|c| (nk - muldiv255(inv(p[c]), nk)).clamp(0, 255) as u8)
-            })
-            .collect();
+        let rgb = out.chunks_exact(4).flat_map(cmyk_to_rgb).collect();
         Ok(RgbImage::new(w, ht, rgb))
     })
 }
@@ -232,14 +209,9 @@ mod tests {
     #[test]
     fn pil_cmyk_conversion_at_the_corners() {
         // Stored (inverted) values: 255 is no ink, 0 is full ink.
-        let conv = |c: u8, k: u8| {
-            let inv = |v: u8| 255 - v as i32;
-            let nk = 255 - inv(k);
-            (nk - muldiv255(inv(c), nk)).clamp(0, 255)
-        };
-        assert_eq!(conv(255, 255), 255); // no ink: white
-        assert_eq!(conv(0, 255), 0); // full cyan: no red
-        assert_eq!(conv(255, 0), 0); // full black
-        assert_eq!(conv(128, 255), 128);
+        assert_eq!(cmyk_to_rgb(&[255, 255, 255, 255]), [255, 255, 255]); // white
+        assert_eq!(cmyk_to_rgb(&[0, 255, 255, 255]), [0, 255, 255]); // full cyan: no red
+        assert_eq!(cmyk_to_rgb(&[128, 128, 128, 0]), [0, 0, 0]); // full black
+        assert_eq!(cmyk_to_rgb(&[128, 64, 255, 255]), [128, 64, 255]);
     }
 }
