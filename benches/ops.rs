@@ -1,7 +1,8 @@
-//! CPU benchmark: conv2d forward + backward (im2col + `matrixmultiply::sgemm`, rayon over images)
-//! at ResNet-50 layer shapes, batch 8, next to the raw sgemm rate of the very same per-image GEMMs
-//! run with the same parallelism. The ratio isolates the conv's own overhead: im2col, col2im,
-//! buffer allocation and the weight-gradient partial sums.
+//! CPU benchmark: conv2d forward + backward (im2col + `matrixmultiply::sgemm`, one GEMM per block
+//! of images, blocks over rayon) at ResNet-50 layer shapes, batch 8, and at the built-in run's tiny
+//! model shapes (1/8 width, 48 px), batch 64, next to the raw sgemm rate of the same FLOPs as
+//! per-image GEMMs and as one batched GEMM per thread. Against the per-image GEMMs the ratio is the
+//! conv's own overhead (im2col, col2im, buffers, partial sums) less what stacking images wins.
 //!
 //! Run: `cargo bench --bench ops` (about 15 s on 2 cores, after the build). Each timing is the
 //! median of `REPS` repetitions after one warm-up call. See benches/README.md for recorded results.
@@ -13,6 +14,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 const BATCH: usize = 8;
+/// The built-in run's batch: each view runs through the nets as its own batch of 64.
+const TINY_BATCH: usize = 64;
 const REPS: usize = 11;
 
 /// One conv layer: square input `hw` x `hw`, square kernel `k`.
@@ -60,6 +63,20 @@ const SHAPES: &[Shape] = &[
     shape("l3 1x1 256->1024 @14", 14, 256, 1024, 1, 1, 0),
     shape("l4 3x3 512->512 @7", 7, 512, 512, 3, 1, 1),
     shape("l4 1x1 512->2048 @7", 7, 512, 2048, 1, 1, 0),
+];
+
+/// The tiny model (ResNet-50 topology at 1/8 width) at 48 px, the built-in run's convs.
+const TINY_SHAPES: &[Shape] = &[
+    shape("stem 7x7/2 3->8 @48", 48, 3, 8, 7, 2, 3),
+    shape("l1 1x1 8->8 @12", 12, 8, 8, 1, 1, 0),
+    shape("l1 3x3 8->8 @12", 12, 8, 8, 3, 1, 1),
+    shape("l1 1x1 8->32 @12", 12, 8, 32, 1, 1, 0),
+    shape("l2 3x3/2 16->16 @12", 12, 16, 16, 3, 2, 1),
+    shape("l2 1x1 16->64 @6", 6, 16, 64, 1, 1, 0),
+    shape("l3 3x3 32->32 @3", 3, 32, 32, 3, 1, 1),
+    shape("l3 1x1 32->128 @3", 3, 32, 128, 1, 1, 0),
+    shape("l4 3x3 64->64 @2", 2, 64, 64, 3, 1, 1),
+    shape("l4 1x1 64->256 @2", 2, 64, 256, 1, 1, 0),
 ];
 
 /// Deterministic values in [-1, 1) (xorshift64*).
@@ -278,15 +295,30 @@ fn square_peak() -> (f64, f64) {
 
 fn main() {
     let threads = rayon::current_num_threads();
-    println!("conv2d (im2col + matrixmultiply::sgemm) vs raw sgemm of the same per-image GEMMs");
-    println!("f32, NHWC, batch {BATCH}, rayon threads {threads}, median of {REPS} after 1 warm-up");
+    println!("conv2d (im2col + matrixmultiply::sgemm, one GEMM per block of images) vs raw sgemm");
+    println!("f32, NHWC, rayon threads {threads}, median of {REPS} after 1 warm-up");
     let (p1, pn) = square_peak();
     println!("peak: sgemm 1024^3  1 thread {p1:.1} GFLOP/s,  {threads} threads {pn:.1} GFLOP/s\n");
+    table("ResNet-50", BATCH, SHAPES);
+    println!();
+    table("tiny", TINY_BATCH, TINY_SHAPES);
+    println!(
+        "\nM = Ho*Wo, K = kh*kw*C_in, N = C_out per image; GFLOP = 6 * MACs per fwd+bwd call \
+         (3 GEMMs); colMB = im2col\nbuffer per image (0: a 1x1 stride-1 conv multiplies x itself); \
+         conv ms = sum of the three passes' medians;\nGF/s = GFLOP / time; sgemm = GFLOP/s of the \
+         same FLOPs as per-image GEMMs alone, rayon over images; ratio = conv GF/s / sgemm GF/s\n\
+         (fwd, bwdD = data grad, bwdW = weight grad: the same per pass); batchd = GFLOP/s of the \
+         same FLOPs as one\nbatched GEMM per pass (M = batch*Ho*Wo), split into one row block per \
+         thread. The conv stacks the\nimages of a block into one GEMM (at most 8 MiB of columns)."
+    );
+}
 
+/// One table: every shape at `batch`, a total line.
+fn table(model: &str, batch: usize, shapes: &[Shape]) {
     let rule = "-".repeat(119);
     println!(
         "{:<26} {:>5} {:>5} {:>5} {:>6} {:>5} | {:>7} {:>6} | {:>6} | {:>5} | {:>4} {:>4} {:>4} | {:>6}",
-        "layer (batch 8)",
+        &format!("{model} (batch {batch})"),
         "M",
         "K",
         "N",
@@ -303,8 +335,8 @@ fn main() {
     );
     println!("{rule}");
     let (mut flop_all, mut t_all) = (0.0, [0.0f64; 3]);
-    for s in SHAPES {
-        let p = ConvParams::new(BATCH, s.hw, s.hw, s.c_in, s.c_out, s.k, s.stride, s.pad);
+    for s in shapes {
+        let p = ConvParams::new(batch, s.hw, s.hw, s.c_in, s.c_out, s.k, s.stride, s.pad);
         let (m, kd, o) = ((p.h_out * p.w_out) as usize, p.k_dim(), p.c_out as usize);
         // fwd + bwd-data + bwd-weight: three GEMMs of p.macs() multiply-adds each.
         let flop = 6.0 * p.macs() as f64;
@@ -352,14 +384,5 @@ fn main() {
         100.0 * t_all[1] / t_all[0],
         "",
         flop_all / t_all[2] / 1e9
-    );
-    println!(
-        "\nM = Ho*Wo, K = kh*kw*C_in, N = C_out per image; GFLOP = 6 * MACs per fwd+bwd call \
-         (3 GEMMs); colMB = im2col\nbuffer per image (0: a 1x1 stride-1 conv multiplies x itself); \
-         conv ms = sum of the three passes' medians;\nGF/s = GFLOP / time; sgemm = GFLOP/s of the \
-         same per-image GEMMs alone, same rayon split; ratio = conv GF/s / sgemm GF/s\n\
-         (fwd, bwdD = data grad, bwdW = weight grad: the same per pass); batchd = GFLOP/s of the \
-         same FLOPs as one\nbatched GEMM per pass (M = 8*Ho*Wo), split into one row block per \
-         thread (context, not what the conv does)."
     );
 }

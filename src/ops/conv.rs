@@ -4,8 +4,9 @@
 //!   forward        y_n (Ho*Wo, O)  = col (Ho*Wo, K) * w^T (K, O)
 //!   grad input     dx_n += col2im( dy_n (Ho*Wo, O) * w (O, K) )
 //!   grad weight    dw (O, K)      += sum_n dy_n^T (O, Ho*Wo) * col_n (Ho*Wo, K)
-//! A 1x1 stride-1 unpadded conv uses x_n itself as col. Images run in parallel (rayon); the weight
-//! gradient sums per-group partials in a fixed order, so the result does not depend on thread count.
+//! A 1x1 stride-1 unpadded conv uses x_n itself as col. Each GEMM covers a block of images (their
+//! col rows stacked), blocks run in parallel (rayon); the weight gradient sums per-group partials in
+//! a fixed order, so no result depends on the thread count.
 //! Saved for backward: nothing but the input x. Backward: += into dx and dw.
 
 use super::{gemm, Mat, Real};
@@ -166,6 +167,30 @@ fn col_len(p: &ConvParams) -> usize {
     }
 }
 
+/// Column-buffer elements one GEMM block may use (8 MiB of f32). Blocks never split an image.
+const COL_BLOCK_ELEMS: usize = 1 << 21;
+
+/// Images per GEMM in the forward and data-gradient passes: the batch split evenly over the
+/// threads, fewer where the block's column buffer would pass `COL_BLOCK_ELEMS`. One GEMM over a
+/// block instead of one per image packs the weights once per block, which is most of the cost at
+/// small spatial sizes. Splitting a GEMM's rows leaves every output element's sum as it is, so the
+/// result does not depend on the block size or the thread count (a test holds this).
+fn block_images(p: &ConvParams) -> usize {
+    let per_thread = (p.n as usize).div_ceil(rayon::current_num_threads().max(1));
+    let cap = COL_BLOCK_ELEMS / col_len(p).max(1);
+    per_thread.min(cap).max(1)
+}
+
+/// im2col of consecutive images (each `img_in` long in `x`) into consecutive row blocks of `col`.
+fn im2col_images<T: Real>(x: &[T], col: &mut Vec<T>, p: &ConvParams) {
+    let img_in = (p.h_in * p.w_in * p.c_in) as usize;
+    let per = col_len(p);
+    col.resize(x.len() / img_in * per, T::zero());
+    for (x_n, col_n) in x.chunks(img_in).zip(col.chunks_mut(per)) {
+        im2col(x_n, col_n, p);
+    }
+}
+
 /// y (N, Ho, Wo, O) = conv(x (N, H, W, C), w (O, kh, kw, C)); y is overwritten.
 pub fn forward_cpu<T: Real>(x: &[T], w: &[T], y: &mut [T], p: &ConvParams) {
     p.check("conv2d_forward", x.len(), w.len(), y.len());
@@ -175,30 +200,30 @@ pub fn forward_cpu<T: Real>(x: &[T], w: &[T], y: &mut [T], p: &ConvParams) {
     if img_out == 0 {
         return;
     }
-    y.par_chunks_mut(img_out).enumerate().for_each_init(
-        || vec![T::zero(); col_len(p)],
-        |col, (i, y_n)| {
-            let x_n = &x[i * img_in..][..img_in];
+    let nb = block_images(p);
+    y.par_chunks_mut(nb * img_out)
+        .enumerate()
+        .for_each_init(Vec::new, |col, (b, y_b)| {
+            let imgs = y_b.len() / img_out;
+            let x_b = &x[b * nb * img_in..][..imgs * img_in];
             let a: &[T] = if p.pointwise() {
-                x_n
+                x_b
             } else {
-                im2col(x_n, col, p);
+                im2col_images(x_b, col, p);
                 col
             };
-            let vw = Mat::rows(co, kdim, 0).t();
             gemm(
                 "conv2d_forward",
                 T::one(),
                 a,
-                Mat::rows(m, kdim, 0),
+                Mat::rows(imgs * m, kdim, 0),
                 w,
-                vw,
+                Mat::rows(co, kdim, 0).t(),
                 T::zero(),
-                y_n,
-                Mat::rows(m, co, 0),
+                y_b,
+                Mat::rows(imgs * m, co, 0),
             );
-        },
-    );
+        });
 }
 
 /// dx (N, H, W, C) += conv2d input gradient of dy (N, Ho, Wo, O) through w (O, kh, kw, C).
@@ -210,44 +235,58 @@ pub fn backward_data_cpu<T: Real>(dy: &[T], w: &[T], dx: &mut [T], p: &ConvParam
     if img_in == 0 {
         return;
     }
-    dx.par_chunks_mut(img_in).enumerate().for_each_init(
-        || vec![T::zero(); col_len(p)],
-        |col, (i, dx_n)| {
-            let dy_n = &dy[i * img_out..][..img_out];
-            let (vdy, vw) = (Mat::rows(m, co, 0), Mat::rows(co, kdim, 0));
+    let nb = block_images(p);
+    dx.par_chunks_mut(nb * img_in)
+        .enumerate()
+        .for_each_init(Vec::new, |col, (b, dx_b)| {
+            let imgs = dx_b.len() / img_in;
+            let dy_b = &dy[b * nb * img_out..][..imgs * img_out];
+            let (vdy, vw) = (Mat::rows(imgs * m, co, 0), Mat::rows(co, kdim, 0));
+            let vcol = Mat::rows(imgs * m, kdim, 0);
             if p.pointwise() {
                 gemm(
                     "conv2d_backward_data",
                     T::one(),
-                    dy_n,
+                    dy_b,
                     vdy,
                     w,
                     vw,
                     T::one(),
-                    dx_n,
-                    Mat::rows(m, kdim, 0),
+                    dx_b,
+                    vcol,
                 );
             } else {
+                col.resize(imgs * m * kdim, T::zero());
                 gemm(
                     "conv2d_backward_data",
                     T::one(),
-                    dy_n,
+                    dy_b,
                     vdy,
                     w,
                     vw,
                     T::zero(),
                     col,
-                    Mat::rows(m, kdim, 0),
+                    vcol,
                 );
-                col2im_add(col, dx_n, p);
+                for (col_n, dx_n) in col.chunks(m * kdim).zip(dx_b.chunks_mut(img_in)) {
+                    col2im_add(col_n, dx_n, p);
+                }
             }
-        },
-    );
+        });
 }
 
 /// dw (O, kh, kw, C) += conv2d weight gradient from x (N, H, W, C) and dy (N, Ho, Wo, O).
+/// The batch is cut into at most `WGRAD_GROUPS` groups, each summed by one GEMM per block of
+/// images (blocks capped by `COL_BLOCK_ELEMS` alone), and the group partials are added in order:
+/// every boundary depends on the shape only, never on the thread count.
 pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvParams) {
     p.check("conv2d_backward_weight", x.len(), dw.len(), dy.len());
+    let cap = (COL_BLOCK_ELEMS / col_len(p).max(1)).max(1);
+    backward_weight_blocks(x, dy, dw, p, cap);
+}
+
+/// The weight gradient with at most `cap` images per GEMM.
+fn backward_weight_blocks<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvParams, cap: usize) {
     let n = p.n as usize;
     let img_in = (p.h_in * p.w_in * p.c_in) as usize;
     let img_out = (p.h_out * p.w_out * p.c_out) as usize;
@@ -260,24 +299,24 @@ pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvPar
         .into_par_iter()
         .map(|g| {
             let mut acc = vec![T::zero(); co * kdim];
-            let mut col = vec![T::zero(); col_len(p)];
-            for i in g * n / groups..(g + 1) * n / groups {
-                let x_n = &x[i * img_in..][..img_in];
+            let mut col = Vec::new();
+            let (first, end) = (g * n / groups, (g + 1) * n / groups);
+            for start in (first..end).step_by(cap) {
+                let imgs = cap.min(end - start);
+                let x_b = &x[start * img_in..][..imgs * img_in];
                 let a: &[T] = if p.pointwise() {
-                    x_n
+                    x_b
                 } else {
-                    im2col(x_n, &mut col, p);
+                    im2col_images(x_b, &mut col, p);
                     &col
                 };
-                let vdy_t = Mat::rows(m, co, 0).t();
-                let dy_n = &dy[i * img_out..][..img_out];
                 gemm(
                     "conv2d_backward_weight",
                     T::one(),
-                    dy_n,
-                    vdy_t,
+                    &dy[start * img_out..][..imgs * img_out],
+                    Mat::rows(imgs * m, co, 0).t(),
                     a,
-                    Mat::rows(m, kdim, 0),
+                    Mat::rows(imgs * m, kdim, 0),
                     T::one(),
                     &mut acc,
                     Mat::rows(co, kdim, 0),
@@ -716,29 +755,61 @@ mod tests {
     }
 
     #[test]
-    fn weight_gradient_independent_of_thread_count() {
-        let p = ConvParams::new(20, 6, 6, 8, 8, 3, 1, 1);
-        let x: Vec<f32> = uniform(8, p.x_len(), -1.0, 1.0)
-            .iter()
-            .map(|&v| v as f32)
-            .collect();
-        let dy: Vec<f32> = uniform(9, p.y_len(), -1.0, 1.0)
-            .iter()
-            .map(|&v| v as f32)
-            .collect();
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                let mut dw = vec![0.0f32; p.w_len()];
-                backward_weight_cpu(&x, &dy, &mut dw, &p);
-                dw
-            })
-        };
-        let a = run(1);
-        let b = run(5);
-        assert!(a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits()));
+    fn weight_gradient_blocks_sum_the_same() {
+        // Stacking images into one GEMM, or cutting a group into several, changes nothing but
+        // rounding: each pass against one image per GEMM.
+        let p = ConvParams::new(5, 6, 6, 3, 4, 3, 2, 1);
+        let x = uniform(10, p.x_len(), -1.0, 1.0);
+        let dy = uniform(11, p.y_len(), -1.0, 1.0);
+        let mut one = vec![0.0; p.w_len()];
+        backward_weight_blocks(&x, &dy, &mut one, &p, 1);
+        let mut all = vec![0.0; p.w_len()];
+        backward_weight_blocks(&x, &dy, &mut all, &p, 5);
+        for (a, b) in one.iter().zip(&all) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn passes_independent_of_thread_count() {
+        let shapes = [
+            ConvParams::new(20, 6, 6, 8, 8, 3, 1, 1),
+            ConvParams::new(7, 5, 5, 6, 4, 1, 1, 0),
+            ConvParams::new(9, 7, 7, 3, 5, 7, 2, 3),
+        ];
+        for p in shapes {
+            let f = |seed, len| -> Vec<f32> {
+                uniform(seed, len, -1.0, 1.0)
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect()
+            };
+            let (x, w, dy) = (f(8, p.x_len()), f(9, p.w_len()), f(10, p.y_len()));
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut y = vec![0.0f32; p.y_len()];
+                    forward_cpu(&x, &w, &mut y, &p);
+                    let mut dx = vec![0.0f32; p.x_len()];
+                    backward_data_cpu(&dy, &w, &mut dx, &p);
+                    let mut dw = vec![0.0f32; p.w_len()];
+                    backward_weight_cpu(&x, &dy, &mut dw, &p);
+                    [y, dx, dw]
+                })
+            };
+            let a = run(1);
+            for threads in [2, 3, 5] {
+                let b = run(threads);
+                for (u, v) in a.iter().zip(&b) {
+                    assert!(
+                        u.iter().zip(v).all(|(s, t)| s.to_bits() == t.to_bits()),
+                        "{p:?}: {threads} threads differ from 1"
+                    );
+                }
+            }
+        }
     }
 }
