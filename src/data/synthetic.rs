@@ -1,6 +1,13 @@
 //! A built-in labeled dataset drawn procedurally: ten classes of shapes and textures with random
 //! colors, positions, scales and backgrounds plus pixel noise. Every image is a pure function of
 //! (seed, split, index), so any subset can be drawn in any order on any number of threads.
+//!
+//! The shape is always lighter than its background: each channel of the background is drawn
+//! below `DARK`, each channel of the shape above `LIGHT`. With the polarity random too (any two
+//! colors), the pair of colors told images apart better than the shape did, and self-supervised
+//! features learned the colors: the built-in run gained +9.4 kNN points in 12 epochs. With the
+//! polarity fixed (and batch 64, grayscale at 0.5 in augment.rs) it gains +11 to +34 over four
+//! seeds, +28.7 on the default seed (README).
 
 use super::{MEAN, STD};
 use crate::rng::Rng;
@@ -60,11 +67,7 @@ impl Synthetic {
         let s = self.size;
         let mut r = Rng::keyed(&[self.seed, split as u64, i as u64]);
         let class = self.label(i);
-        let bg = random_color(&mut r);
-        let mut fg = random_color(&mut r);
-        while dist(&fg, &bg) < 0.5 {
-            fg = random_color(&mut r);
-        }
+        let (bg, fg) = colors(&mut r);
         let sz = s as f64;
         let (cx, cy) = (r.range(0.3, 0.7) * sz, r.range(0.3, 0.7) * sz);
         let rad = r.range(0.18, 0.34) * sz;
@@ -94,7 +97,7 @@ impl Synthetic {
                 };
                 let c = if inside { &fg } else { &bg };
                 for ch in 0..3 {
-                    let v = c[ch] + 0.04 * r.normal();
+                    let v = c[ch] + 0.04 * noise(&mut r);
                     img[(y * s + x) * 3 + ch] = v.clamp(0.0, 1.0) as f32;
                 }
             }
@@ -114,16 +117,24 @@ impl Synthetic {
     }
 }
 
-fn random_color(r: &mut Rng) -> [f64; 3] {
-    [r.uniform(), r.uniform(), r.uniform()]
+/// Every channel of a background lies below this, every channel of a shape above `LIGHT`.
+const DARK: f64 = 0.3;
+const LIGHT: f64 = 0.7;
+
+/// (background, shape) colors of one image, in [0, 1].
+fn colors(r: &mut Rng) -> ([f64; 3], [f64; 3]) {
+    let bg = [r.uniform(), r.uniform(), r.uniform()].map(|c| c * DARK);
+    let fg = [r.uniform(), r.uniform(), r.uniform()].map(|c| LIGHT + c * (1.0 - LIGHT));
+    (bg, fg)
 }
 
-fn dist(a: &[f64; 3], b: &[f64; 3]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt()
+/// Pixel noise with mean 0 and variance 1: the sum of four 16-bit uniforms from one draw, centered
+/// and scaled (Irwin-Hall; near-normal, bounded by +-2 sqrt 3). One draw per value keeps
+/// rendering cheap: it runs for every view of every step.
+fn noise(r: &mut Rng) -> f64 {
+    let u = r.next_u64();
+    let sum: u64 = (0..4).map(|i| (u >> (16 * i)) & 0xffff).sum();
+    (sum as f64 / 65536.0 - 2.0) * 3f64.sqrt()
 }
 
 #[cfg(test)]
@@ -141,5 +152,35 @@ mod tests {
         assert!(img.iter().all(|v| (0.0..=1.0).contains(v)));
         // Two samples of one class differ (color, position, scale).
         assert_ne!(d.image_rgb(Split::Train, 0), d.image_rgb(Split::Train, 10));
+    }
+
+    #[test]
+    fn shapes_lighter_than_backgrounds() {
+        let mut r = Rng::new(5);
+        let (mut lo, mut hi) = (1.0f64, 0.0f64);
+        for _ in 0..10_000 {
+            let (bg, fg) = colors(&mut r);
+            for c in 0..3 {
+                assert!((0.0..DARK).contains(&bg[c]) && (LIGHT..1.0).contains(&fg[c]));
+                lo = lo.min(bg[c]);
+                hi = hi.max(fg[c]);
+            }
+        }
+        // The whole ranges are used.
+        assert!(lo < 0.01 && hi > 0.99, "{lo} {hi}");
+    }
+
+    #[test]
+    fn noise_has_unit_variance() {
+        let mut r = Rng::new(6);
+        let n = 200_000;
+        let v: Vec<f64> = (0..n).map(|_| noise(&mut r)).collect();
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.02,
+            "{mean} {var}"
+        );
+        assert!(v.iter().all(|x| x.abs() <= 2.0 * 3f64.sqrt()));
     }
 }

@@ -185,7 +185,7 @@ where
     Ok(())
 }
 
-/// The built-in run (its defaults: tiny model, batch 32, 48 px synthetic views, the schedules)
+/// The built-in run (its defaults: tiny model, batch 64, 48 px synthetic views, the schedules)
 /// for 20 steps on the CPU and on the GPU in bf16 with TF32: the loss curves must agree.
 fn loss_curve(g: &Rc<Gpu>, rows: &mut Vec<Row>) -> Result<()> {
     let cfg = PretrainConfig::default().resolved();
