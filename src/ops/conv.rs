@@ -104,55 +104,73 @@ impl ConvParams {
 // ----------------------------------------------------------------------------
 // CPU reference
 
-/// col (Ho*Wo, K) from one image x_n (H, W, C); taps outside the image are zero.
+/// The taps kx in [lo, hi) of a kernel row whose input columns ow*s - pad + kx lie inside the
+/// image; in NHWC they are one contiguous run of (hi - lo) * C values of x.
+fn tap_run(ow: isize, p: &ConvParams) -> (usize, usize) {
+    let (s, pad, kw, w) = (
+        p.stride as isize,
+        p.pad as isize,
+        p.kw as isize,
+        p.w_in as isize,
+    );
+    let first = ow * s - pad; // input column of tap 0
+    let lo = (-first).clamp(0, kw);
+    let hi = (w - first).clamp(lo, kw);
+    (lo as usize, hi as usize)
+}
+
+/// col (Ho*Wo, K) from one image x_n (H, W, C); taps outside the image are zero. Each kernel row
+/// is copied as one run of contiguous input (a 7x7 stem with C = 3 copies 21 values at once, not
+/// 3 per tap).
 fn im2col<T: Real>(x_n: &[T], col: &mut [T], p: &ConvParams) {
     let (h, w, c) = (p.h_in as isize, p.w_in as isize, p.c_in as usize);
-    let (kh, kw) = (p.kh as isize, p.kw as isize);
+    let (kh, kw) = (p.kh as isize, p.kw as usize);
     let (s, pad) = (p.stride as isize, p.pad as isize);
     let kdim = p.k_dim();
     for oh in 0..p.h_out as isize {
         for ow in 0..p.w_out as isize {
             let row = &mut col[(oh * p.w_out as isize + ow) as usize * kdim..][..kdim];
-            for ky in 0..kh {
-                let ih = oh * s - pad + ky;
-                for kx in 0..kw {
-                    let iw = ow * s - pad + kx;
-                    let dst = &mut row[((ky * kw + kx) as usize) * c..][..c];
-                    if ih < 0 || ih >= h || iw < 0 || iw >= w {
-                        dst.fill(T::zero());
-                    } else {
-                        dst.copy_from_slice(&x_n[((ih * w + iw) as usize) * c..][..c]);
-                    }
+            let (lo, hi) = tap_run(ow, p);
+            let iw_lo = ow * s - pad + lo as isize;
+            for (ky, dst) in row.chunks_exact_mut(kw * c).enumerate() {
+                let ih = oh * s - pad + ky as isize;
+                if ih < 0 || ih >= h || lo == hi {
+                    dst.fill(T::zero());
+                    continue;
                 }
+                dst[..lo * c].fill(T::zero());
+                dst[lo * c..hi * c]
+                    .copy_from_slice(&x_n[((ih * w + iw_lo) as usize) * c..][..(hi - lo) * c]);
+                dst[hi * c..].fill(T::zero());
             }
+            debug_assert_eq!(row.len(), kh as usize * kw * c);
         }
     }
 }
 
-/// dx_n (H, W, C) += col2im(dcol (Ho*Wo, K)); a fixed loop order, one image per call.
+/// dx_n (H, W, C) += col2im(dcol (Ho*Wo, K)); a fixed loop order, one image per call. Each kernel
+/// row adds one contiguous run, in the same order per element as tap by tap.
 fn col2im_add<T: Real>(dcol: &[T], dx_n: &mut [T], p: &ConvParams) {
     let (h, w, c) = (p.h_in as isize, p.w_in as isize, p.c_in as usize);
-    let (kh, kw) = (p.kh as isize, p.kw as isize);
+    let kw = p.kw as usize;
     let (s, pad) = (p.stride as isize, p.pad as isize);
     let kdim = p.k_dim();
     for oh in 0..p.h_out as isize {
         for ow in 0..p.w_out as isize {
             let row = &dcol[(oh * p.w_out as isize + ow) as usize * kdim..][..kdim];
-            for ky in 0..kh {
-                let ih = oh * s - pad + ky;
+            let (lo, hi) = tap_run(ow, p);
+            if lo == hi {
+                continue;
+            }
+            let iw_lo = ow * s - pad + lo as isize;
+            for (ky, src) in row.chunks_exact(kw * c).enumerate() {
+                let ih = oh * s - pad + ky as isize;
                 if ih < 0 || ih >= h {
                     continue;
                 }
-                for kx in 0..kw {
-                    let iw = ow * s - pad + kx;
-                    if iw < 0 || iw >= w {
-                        continue;
-                    }
-                    let src = &row[((ky * kw + kx) as usize) * c..][..c];
-                    let dst = &mut dx_n[((ih * w + iw) as usize) * c..][..c];
-                    for (d, v) in dst.iter_mut().zip(src) {
-                        *d = *d + *v;
-                    }
+                let dst = &mut dx_n[((ih * w + iw_lo) as usize) * c..][..(hi - lo) * c];
+                for (d, v) in dst.iter_mut().zip(&src[lo * c..hi * c]) {
+                    *d = *d + *v;
                 }
             }
         }
@@ -697,6 +715,7 @@ mod tests {
             ConvParams::new(3, 5, 5, 2, 3, 1, 2, 0), // strided 1x1 (downsample)
             ConvParams::new(1, 7, 7, 3, 2, 7, 2, 3), // the stem's 7x7/2
             ConvParams::new(2, 3, 4, 2, 2, 3, 1, 1), // 3x3 stride 1
+            ConvParams::new(2, 3, 2, 2, 3, 7, 1, 3), // kernel rows clipped on both sides
         ]
     }
 
