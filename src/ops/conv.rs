@@ -124,7 +124,7 @@ fn tap_run(ow: isize, p: &ConvParams) -> (usize, usize) {
 /// 3 per tap).
 fn im2col<T: Real>(x_n: &[T], col: &mut [T], p: &ConvParams) {
     let (h, w, c) = (p.h_in as isize, p.w_in as isize, p.c_in as usize);
-    let (kh, kw) = (p.kh as isize, p.kw as usize);
+    let kw = p.kw as usize;
     let (s, pad) = (p.stride as isize, p.pad as isize);
     let kdim = p.k_dim();
     for oh in 0..p.h_out as isize {
@@ -143,7 +143,6 @@ fn im2col<T: Real>(x_n: &[T], col: &mut [T], p: &ConvParams) {
                     .copy_from_slice(&x_n[((ih * w + iw_lo) as usize) * c..][..(hi - lo) * c]);
                 dst[hi * c..].fill(T::zero());
             }
-            debug_assert_eq!(row.len(), kh as usize * kw * c);
         }
     }
 }
@@ -195,8 +194,13 @@ const COL_BLOCK_ELEMS: usize = 1 << 21;
 /// result does not depend on the block size or the thread count (a test holds this).
 fn block_images(p: &ConvParams) -> usize {
     let per_thread = (p.n as usize).div_ceil(rayon::current_num_threads().max(1));
-    let cap = COL_BLOCK_ELEMS / col_len(p).max(1);
-    per_thread.min(cap).max(1)
+    per_thread.min(block_cap(p)).max(1)
+}
+
+/// Images whose im2col columns fit in `COL_BLOCK_ELEMS` (at least one; any number for a
+/// pointwise conv, which has no columns).
+fn block_cap(p: &ConvParams) -> usize {
+    (COL_BLOCK_ELEMS / col_len(p).max(1)).max(1)
 }
 
 /// im2col of consecutive images (each `img_in` long in `x`) into consecutive row blocks of `col`.
@@ -299,8 +303,7 @@ pub fn backward_data_cpu<T: Real>(dy: &[T], w: &[T], dx: &mut [T], p: &ConvParam
 /// every boundary depends on the shape only, never on the thread count.
 pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvParams) {
     p.check("conv2d_backward_weight", x.len(), dw.len(), dy.len());
-    let cap = (COL_BLOCK_ELEMS / col_len(p).max(1)).max(1);
-    backward_weight_blocks(x, dy, dw, p, cap);
+    backward_weight_blocks(x, dy, dw, p, block_cap(p));
 }
 
 /// The weight gradient with at most `cap` images per GEMM.
@@ -775,8 +778,8 @@ mod tests {
 
     #[test]
     fn weight_gradient_blocks_sum_the_same() {
-        // Stacking images into one GEMM, or cutting a group into several, changes nothing but
-        // rounding: each pass against one image per GEMM.
+        // Stacking a group's images into one GEMM, or cutting it into several, changes nothing
+        // but rounding: the weight gradient at one image per GEMM against five.
         let p = ConvParams::new(5, 6, 6, 3, 4, 3, 2, 1);
         let x = uniform(10, p.x_len(), -1.0, 1.0);
         let dy = uniform(11, p.y_len(), -1.0, 1.0);
