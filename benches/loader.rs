@@ -9,19 +9,23 @@
 //!   decode + geometric     + both views' RandomResizedCrop to 224, bilinear (PIL's), flip
 //!   decode + full CPU      + both views' jitter, grayscale, blur, solarize, normalize to f32
 //! then decode and decode + geometric with zune-jpeg and libjpeg-turbo in turn (when libturbojpeg
-//! loads), then the full CPU row on every core (the loader's parallel rate), and `lewel pack` of the same
-//! files on every core: copying (each file still decoded once to check it) and with --max-side 256
-//! (decode, resize, re-encode).
+//! loads), then the full CPU row on every core (the loader's parallel rate), the training loader
+//! itself on every core (whole batches: the u8 crops of the GPU path, the normalized views of the
+//! CPU path) beside the same work as bare parallel loops, and `lewel pack` of the same files on
+//! every core: copying (each file still decoded once to check it) and with --max-side 256 (decode,
+//! resize, re-encode).
 //!
 //! Run: `cargo bench --bench loader`. Results: benches/README.md.
 
 use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
 use lewel::data::decode::{self, decode, JpegDecoder};
+use lewel::data::loader::{Loader, LoaderConfig, Samples};
 use lewel::data::pil::{self, Rgb8};
 use lewel::data::transforms;
 use lewel::rng::Rng;
 use rayon::prelude::*;
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Instant;
 
 const N: usize = 48;
@@ -205,7 +209,63 @@ fn main() {
         }
         Err(e) => println!("libjpeg-turbo rows skipped: {e}"),
     }
+    loader_rates(&files, cores);
     pack_rate(&files, cores);
+}
+
+/// The files as a dataset of 4 classes, decoded on demand.
+struct Files(Vec<Vec<u8>>);
+
+impl Samples for Files {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn label(&self, i: usize) -> usize {
+        i % 4
+    }
+    fn classes(&self) -> usize {
+        4
+    }
+    fn decode(&self, i: usize) -> Result<Rgb8, String> {
+        decode(&self.0[i]).map_err(|e| e.to_string())
+    }
+}
+
+/// The training loader on every core, whole batches of 16 from 4 copies of the files, against the
+/// same per-image work as a bare parallel loop: what assembling batches costs.
+fn loader_rates(files: &[Vec<u8>], cores: usize) {
+    let many: Vec<Vec<u8>> = (0..4).flat_map(|_| files.iter().cloned()).collect();
+    let n = many.len();
+    let data: Arc<dyn Samples> = Arc::new(Files(many.clone()));
+    println!("| {cores} threads, {n} images, batch 16 | images/s | bare loop | ratio |");
+    println!("|---|---|---|---|");
+    for (name, photometric, depth) in [
+        ("loader, u8 crops (GPU path)", false, 1),
+        ("loader, normalized views (CPU path)", true, 2),
+    ] {
+        let cfg = LoaderConfig {
+            batch: 16,
+            size: SIZE,
+            seed: 0,
+            threads: cores,
+            prefetch: 2,
+            world: 1,
+            rank: 0,
+            max_bad: 0.01,
+            photometric,
+        };
+        let l = Loader::new(data.clone(), cfg).expect("loader");
+        let (mut got, mut bare) = (0.0, 0.0);
+        for round in 0..2u64 {
+            let t = Instant::now();
+            for b in l.epoch(round, 0) {
+                l.recycle(black_box(b.expect("batch")));
+            }
+            got += (l.batches_per_epoch() * 16) as f64 / t.elapsed().as_secs_f64() / 2.0;
+            bare += rate(&many, depth, true) / 2.0;
+        }
+        println!("| {name} | {got:.0} | {bare:.0} | {:.2} |", got / bare);
+    }
 }
 
 /// `lewel pack` of the files (as an ImageFolder of 4 classes in a temp folder), files per second.

@@ -331,6 +331,10 @@ struct PretrainArgs {
     /// needs libturbojpeg.so.0, Debian/Ubuntu package libturbojpeg0).
     #[arg(long, value_name = "zune|libjpeg-turbo")]
     jpeg_decoder: Option<String>,
+    /// On a GPU, keep the loader's crops in ordinary (pageable) memory instead of page-locked
+    /// memory: the driver then stages each upload, and the trainer waits for it.
+    #[arg(long)]
+    no_pin_memory: bool,
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
@@ -381,6 +385,9 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     }
     if a.deterministic {
         c.deterministic = true;
+    }
+    if a.no_pin_memory {
+        c.pin_memory = false;
     }
     if a.stop_after == Some(0) {
         return Err(Error::user("--stop-after: must be at least 1"));

@@ -92,6 +92,9 @@ pub struct PretrainConfig {
     pub max_bad: f64,
     /// JPEG decoder: zune (pure Rust) or libjpeg-turbo (PIL's exact pixels; loaded at run time).
     pub jpeg_decoder: String,
+    /// On a GPU, the loader writes the crops into page-locked host memory (uploads are queued
+    /// DMAs, not staged by the driver).
+    pub pin_memory: bool,
 }
 
 /// The defaults are the built-in synthetic run, tuned to show learning in a few minutes on 2 CPU
@@ -135,6 +138,7 @@ impl Default for PretrainConfig {
             loader_threads: 0,
             max_bad: 0.01,
             jpeg_decoder: "zune".into(),
+            pin_memory: true,
         }
     }
 }
@@ -636,6 +640,11 @@ impl Engine {
             _c => format!("cpu f32 ({threads} threads)"))
     }
 
+    /// The CUDA context, on a GPU.
+    fn context(&self) -> Option<Arc<cudarc::driver::CudaContext>> {
+        on_gpu!(self, m => Some(m.gpu.ctx.clone()), _c => None)
+    }
+
     /// The host model (module handles and configs; its values are stale on a GPU until `host`).
     fn cpu(&self) -> &Lewel {
         on_gpu!(self, m => &m.host, c => c)
@@ -857,9 +866,13 @@ pub fn pretrain(
 
     let params = m.g.store.num_params();
     let (mut m, note) = Engine::open(m, choice, &cfg)?;
-    if let (TrainData::Real(l), false) = (&mut train, matches!(m, Engine::Cpu(_))) {
-        // On a GPU the loader makes the crops; jitter, blur, solarize and normalize run there.
+    if let (TrainData::Real(l), Some(ctx)) = (&mut train, m.context()) {
+        // On a GPU the loader makes the crops, in pinned memory; jitter, blur, solarize and
+        // normalize run there.
         l.cfg.photometric = false;
+        if cfg.pin_memory {
+            l.pin_memory(ctx);
+        }
     }
     let total = iters * cfg.epochs;
     let tty = std::io::stderr().is_terminal();
@@ -947,7 +960,12 @@ pub fn pretrain(
                     } else {
                         m.forward_backward(&b.view1, &b.view2, shape, &sc, cfg.batch_size)?
                     };
-                    (loss, b.wait_ms)
+                    let wait = b.wait_ms;
+                    if let TrainData::Real(l) = &train {
+                        // The copies from its crops are queued (done, even: the loss was read).
+                        l.recycle(b);
+                    }
+                    (loss, wait)
                 }
             };
             let loss = loss as f64;

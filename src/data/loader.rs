@@ -9,6 +9,10 @@
 //!   trainer blocks only when the loader is behind (the wait is measured per batch).
 //! - **Determinism**: a sample's views depend only on (seed, epoch, sample index, view), and a batch
 //!   is assembled slot by slot, so the batches are the same bit for bit on any number of threads.
+//! - **Host memory**: on a GPU the crops are written straight into page-locked (pinned) buffers,
+//!   so the copy to the device is a DMA the driver queues without staging it through memory of its
+//!   own; the trainer hands each batch back ([`Loader::recycle`]) once its copies are queued, and a
+//!   buffer is written again only after the event recorded behind its last copy (`CropBuf::write`).
 //! - **Bad samples**: a sample that cannot be read or decoded is replaced by the next readable one
 //!   in this rank's order for the epoch (so batch shapes never change), reported once with its
 //!   name, and counted. When more than `max_bad` of the samples seen (and more than 10) were bad,
@@ -18,11 +22,147 @@ use super::pil::{self, Rgb8};
 use super::transforms;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
+use cudarc::driver::{CudaContext, CudaStream, HostSlice, PinnedHostSlice, SyncOnDrop};
 use rayon::prelude::*;
 use std::collections::HashSet;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+/// Host memory holding one view's u8 crops of a batch (B, size, size, 3).
+pub enum CropBuf {
+    /// Ordinary memory (the CPU path, and tests).
+    Heap(Vec<u8>),
+    /// Page-locked memory of a CUDA context: copies from it are DMAs queued on the stream, and it
+    /// carries the event recorded behind the last copy that reads it.
+    Pinned(PinnedHostSlice<u8>),
+}
+
+impl CropBuf {
+    pub fn len(&self) -> usize {
+        match self {
+            CropBuf::Heap(v) => v.len(),
+            CropBuf::Pinned(p) => p.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, for writing: for pinned memory this first waits until every copy queued from it
+    /// has finished reading.
+    pub fn write(&mut self) -> Result<&mut [u8]> {
+        match self {
+            CropBuf::Heap(v) => Ok(v),
+            CropBuf::Pinned(p) => p
+                .as_mut_slice()
+                .map_err(|e| Error::Cuda(format!("waiting for a pinned crop buffer: {e}"))),
+        }
+    }
+
+    /// The bytes, for reading (waits like `write`). Pinned memory is allocated write-combined:
+    /// reading it from the CPU is slow, so only checks do.
+    pub fn read(&self) -> Result<&[u8]> {
+        match self {
+            CropBuf::Heap(v) => Ok(v),
+            CropBuf::Pinned(p) => p
+                .as_slice()
+                .map_err(|e| Error::Cuda(format!("waiting for a pinned crop buffer: {e}"))),
+        }
+    }
+
+    pub fn is_pinned(&self) -> bool {
+        matches!(self, CropBuf::Pinned(_))
+    }
+}
+
+impl std::fmt::Debug for CropBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.is_pinned() { "pinned" } else { "heap" };
+        write!(f, "CropBuf({kind}, {} bytes)", self.len())
+    }
+}
+
+/// Two buffers are equal when their bytes are (a buffer that cannot be read equals nothing).
+impl PartialEq for CropBuf {
+    fn eq(&self, other: &CropBuf) -> bool {
+        matches!((self.read(), other.read()), (Ok(a), Ok(b)) if a == b)
+    }
+}
+
+/// Copies go through cudarc's own paths: pageable memory is staged by the driver, pinned memory
+/// waits on and then records its event around the copy.
+impl HostSlice<u8> for CropBuf {
+    fn len(&self) -> usize {
+        CropBuf::len(self)
+    }
+    unsafe fn stream_synced_slice<'a>(
+        &'a self,
+        stream: &'a CudaStream,
+    ) -> (&'a [u8], SyncOnDrop<'a>) {
+        match self {
+            CropBuf::Heap(v) => v.stream_synced_slice(stream),
+            CropBuf::Pinned(p) => p.stream_synced_slice(stream),
+        }
+    }
+    unsafe fn stream_synced_mut_slice<'a>(
+        &'a mut self,
+        stream: &'a CudaStream,
+    ) -> (&'a mut [u8], SyncOnDrop<'a>) {
+        match self {
+            CropBuf::Heap(v) => v.stream_synced_mut_slice(stream),
+            CropBuf::Pinned(p) => p.stream_synced_mut_slice(stream),
+        }
+    }
+}
+
+/// Crop buffers handed back by the trainer, reused by later batches; new ones come from the
+/// pinned allocator once a GPU context is set, from the heap before.
+#[derive(Default)]
+struct BufPool {
+    free: Mutex<Vec<CropBuf>>,
+    pin: Mutex<Option<Arc<CudaContext>>>,
+    /// Buffers allocated so far.
+    made: std::sync::atomic::AtomicUsize,
+}
+
+impl BufPool {
+    fn take(&self, len: usize) -> Result<CropBuf> {
+        let pin = self.pin.lock().unwrap().clone();
+        {
+            let mut free = self.free.lock().unwrap();
+            if let Some(k) = free
+                .iter()
+                .position(|b| b.len() == len && b.is_pinned() == pin.is_some())
+            {
+                return Ok(free.swap_remove(k));
+            }
+        }
+        self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match pin {
+            None => Ok(CropBuf::Heap(vec![0; len])),
+            // Safety: the memory starts uninitialised; `build` writes every byte of it (every slot
+            // fills its whole range) before the batch leaves the loader.
+            Some(ctx) => unsafe { ctx.alloc_pinned::<u8>(len) }
+                .map(CropBuf::Pinned)
+                .map_err(|e| {
+                    Error::Cuda(format!(
+                        "allocating {} MiB of pinned host memory for the crops: {e}",
+                        len >> 20
+                    ))
+                }),
+        }
+    }
+
+    fn give(&self, b: CropBuf) {
+        let pinned = self.pin.lock().unwrap().is_some();
+        // Buffers of the other kind (made before the context was set) are dropped.
+        if !b.is_empty() && b.is_pinned() == pinned {
+            self.free.lock().unwrap().push(b);
+        }
+    }
+}
 
 /// A labeled set of images the loader can read.
 pub trait Samples: Send + Sync {
@@ -74,11 +214,12 @@ pub struct LoaderConfig {
 
 /// One batch: both views normalized, (B, size, size, 3) f32 each; or, when the photometric half
 /// is left to the GPU, both views' u8 crops (B, size, size, 3) and their parameters.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct Batch {
     pub view1: Vec<f32>,
     pub view2: Vec<f32>,
-    pub crops: [Vec<u8>; 2],
+    /// Empty where the views are normalized here.
+    pub crops: [CropBuf; 2],
     pub params: [Vec<transforms::ViewParams>; 2],
     pub labels: Vec<usize>,
     /// The sample each slot holds (a substitute where the scheduled one was bad).
@@ -104,6 +245,7 @@ pub struct Loader {
     samples: Arc<dyn Samples>,
     pool: Arc<rayon::ThreadPool>,
     tally: Arc<Mutex<Tally>>,
+    bufs: Arc<BufPool>,
 }
 
 /// The batches of one epoch, in order.
@@ -139,7 +281,26 @@ impl Loader {
             samples,
             pool: Arc::new(pool),
             tally: Default::default(),
+            bufs: Default::default(),
         })
+    }
+
+    /// From now on, crop buffers are page-locked memory of `ctx` (for `photometric: false`).
+    pub fn pin_memory(&self, ctx: Arc<CudaContext>) {
+        *self.bufs.pin.lock().unwrap() = Some(ctx);
+    }
+
+    /// Hands a used batch's crop buffers back for reuse. Call it once the copies from them are
+    /// queued: a pinned buffer is written again only after its last copy has finished.
+    pub fn recycle(&self, b: Batch) {
+        let [c0, c1] = b.crops;
+        self.bufs.give(c0);
+        self.bufs.give(c1);
+    }
+
+    /// Crop buffers allocated so far (reuse keeps this at the batches in flight).
+    pub fn buffers_made(&self) -> usize {
+        self.bufs.made.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Batches per epoch on this rank (drop_last).
@@ -160,11 +321,12 @@ impl Loader {
         let samples = self.samples.clone();
         let pool = self.pool.clone();
         let tally = self.tally.clone();
+        let bufs = self.bufs.clone();
         let n_batches = self.batches_per_epoch();
         let producer = std::thread::spawn(move || {
             let order = shard(samples.len(), cfg.seed, epoch, cfg.world, cfg.rank);
             for b in start..n_batches {
-                let batch = build(&*samples, &cfg, &pool, &tally, &order, epoch, b);
+                let batch = build(&*samples, &cfg, &pool, &tally, &bufs, &order, epoch, b);
                 let stop = batch.is_err();
                 if tx.send(batch).is_err() || stop {
                     return;
@@ -178,20 +340,23 @@ impl Loader {
     }
 }
 
-/// One slot: the first readable sample from position `pos` of the order on, its two views (whole,
-/// or the crops only) with their parameters, and the bad samples passed over.
-type Slot = (
-    usize,
-    [(Rgb8, transforms::ViewParams); 2],
-    Vec<(usize, String)>,
-);
+/// One slot once written: the sample it holds, both views' parameters, the bad samples passed over.
+type Slot = (usize, [transforms::ViewParams; 2], Vec<(usize, String)>);
 
+/// Where a slot's two views go: normalized f32, or the u8 crops.
+enum Out<'a> {
+    F32(&'a mut [f32], &'a mut [f32]),
+    U8(&'a mut [u8], &'a mut [u8]),
+}
+
+/// Fills `out` with the views of the first readable sample from position `pos` of the order on.
 fn slot(
     samples: &dyn Samples,
     cfg: &LoaderConfig,
     order: &[usize],
     epoch: u64,
     pos: usize,
+    out: Out,
 ) -> Slot {
     let mut bad = Vec::new();
     for k in 0..order.len() {
@@ -200,50 +365,84 @@ fn slot(
             Ok(img) => {
                 // A substitute (k > 0) gets views of its own, not a copy of its own slot's.
                 let key = epoch | (k as u64) << 40;
-                let views = [1u8, 2].map(|v| {
-                    let p = transforms::view_params(cfg.seed, key, i as u64, v, img.w, img.h);
-                    let mut x = transforms::geometric(&img, &p, cfg.size);
-                    if cfg.photometric {
-                        transforms::photometric(&mut x, &p);
+                let params = [1u8, 2]
+                    .map(|v| transforms::view_params(cfg.seed, key, i as u64, v, img.w, img.h));
+                let view = |p: &transforms::ViewParams| transforms::geometric(&img, p, cfg.size);
+                match out {
+                    Out::F32(o1, o2) => {
+                        for (p, o) in params.iter().zip([o1, o2]) {
+                            let mut x = view(p);
+                            transforms::photometric(&mut x, p);
+                            pil::normalize(&x, o);
+                        }
                     }
-                    (x, p)
-                });
-                return (i, views, bad);
+                    Out::U8(o1, o2) => {
+                        for (p, o) in params.iter().zip([o1, o2]) {
+                            o.copy_from_slice(&view(p).data);
+                        }
+                    }
+                }
+                return (i, params, bad);
             }
             Err(why) => bad.push((i, why)),
         }
     }
     // Every sample of the shard is bad: the caller's threshold stops the run first.
+    // Black views, normalized on either path.
     let blank = Rgb8::new(cfg.size, cfg.size, vec![0; cfg.size * cfg.size * 3]);
+    match out {
+        Out::F32(o1, o2) => [o1, o2].map(|o| pil::normalize(&blank, o)),
+        Out::U8(o1, o2) => [o1, o2].map(|o| o.copy_from_slice(&blank.data)),
+    };
     let p = transforms::view_params(cfg.seed, epoch, order[pos] as u64, 1, cfg.size, cfg.size);
-    (order[pos], [(blank.clone(), p), (blank, p)], bad)
+    (order[pos], [p, p], bad)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build(
     samples: &dyn Samples,
     cfg: &LoaderConfig,
     pool: &rayon::ThreadPool,
     tally: &Mutex<Tally>,
+    bufs: &BufPool,
     order: &[usize],
     epoch: u64,
     b: usize,
 ) -> Result<Batch> {
     let per = cfg.size * cfg.size * 3;
+    let n = cfg.batch * per;
+    let f = if cfg.photometric { n } else { 0 };
+    let (mut view1, mut view2) = (vec![0.0; f], vec![0.0; f]);
+    let mut crops = if cfg.photometric {
+        [CropBuf::Heap(Vec::new()), CropBuf::Heap(Vec::new())]
+    } else {
+        [bufs.take(n)?, bufs.take(n)?]
+    };
+    // Each slot writes its own range of the batch's buffers, on the worker that made its views.
+    let outs: Vec<Out> = if cfg.photometric {
+        view1
+            .chunks_mut(per)
+            .zip(view2.chunks_mut(per))
+            .map(|(a, b)| Out::F32(a, b))
+            .collect()
+    } else {
+        let [c1, c2] = &mut crops;
+        c1.write()?
+            .chunks_mut(per)
+            .zip(c2.write()?.chunks_mut(per))
+            .map(|(a, b)| Out::U8(a, b))
+            .collect()
+    };
     let slots: Vec<Slot> = pool.install(|| {
-        (b * cfg.batch..(b + 1) * cfg.batch)
-            .into_par_iter()
-            .map(|pos| slot(samples, cfg, order, epoch, pos))
+        outs.into_par_iter()
+            .enumerate()
+            .map(|(s, out)| slot(samples, cfg, order, epoch, b * cfg.batch + s, out))
             .collect()
     });
-    let (f, u) = if cfg.photometric {
-        (cfg.batch * per, 0)
-    } else {
-        (0, cfg.batch * per)
-    };
     let mut batch = Batch {
-        view1: vec![0.0; f],
-        view2: vec![0.0; f],
-        crops: [vec![0; u], vec![0; u]],
+        view1,
+        view2,
+        crops,
         params: [Vec::with_capacity(cfg.batch), Vec::with_capacity(cfg.batch)],
         labels: Vec::with_capacity(cfg.batch),
         indices: Vec::with_capacity(cfg.batch),
@@ -252,16 +451,7 @@ fn build(
         wait_ms: 0.0,
     };
     let mut t = tally.lock().unwrap();
-    for (s, (i, views, bad)) in slots.into_iter().enumerate() {
-        let r = s * per..(s + 1) * per;
-        let [(v1, p1), (v2, p2)] = views;
-        if cfg.photometric {
-            pil::normalize(&v1, &mut batch.view1[r.clone()]);
-            pil::normalize(&v2, &mut batch.view2[r]);
-        } else {
-            batch.crops[0][r.clone()].copy_from_slice(&v1.data);
-            batch.crops[1][r].copy_from_slice(&v2.data);
-        }
+    for (i, [p1, p2], bad) in slots {
         batch.params[0].push(p1);
         batch.params[1].push(p2);
         batch.labels.push(samples.label(i));
@@ -380,11 +570,55 @@ mod tests {
         assert_eq!(crops[0].params, one[0].params);
         assert!(crops[0].view1.is_empty());
         let per = 16 * 16 * 3;
-        let mut img = Rgb8::new(16, 16, crops[0].crops[1][per..2 * per].to_vec());
+        let mut img = Rgb8::new(
+            16,
+            16,
+            crops[0].crops[1].read().unwrap()[per..2 * per].to_vec(),
+        );
         transforms::photometric(&mut img, &crops[0].params[1][1]);
         let mut v = vec![0.0; per];
         pil::normalize(&img, &mut v);
         assert_eq!(v, one[0].view2[per..2 * per]);
+    }
+
+    #[test]
+    fn recycled_crop_buffers_give_the_same_batches() {
+        let data: Arc<dyn Samples> = Arc::new(Fake {
+            n: 120,
+            bad_every: 0,
+        });
+        let mut c = cfg(2);
+        c.photometric = false;
+        let fresh = run(&Loader::new(data.clone(), c.clone()).unwrap(), 1);
+        assert_eq!(fresh.len(), 15);
+        // Each batch handed back as the trainer does: later batches are written over the bytes of
+        // earlier ones, and every byte is written again.
+        let l = Loader::new(data, c).unwrap();
+        let mut reused = Vec::new();
+        for b in l.epoch(1, 0) {
+            let b = b.unwrap();
+            let copy = [0, 1].map(|v| CropBuf::Heap(b.crops[v].read().unwrap().to_vec()));
+            let (params, indices) = (b.params.clone(), b.indices.clone());
+            l.recycle(b);
+            reused.push((copy, params, indices));
+        }
+        for (f, (copy, params, indices)) in fresh.iter().zip(&reused) {
+            assert_eq!((&f.crops, &f.params, &f.indices), (copy, params, indices));
+        }
+        // Two buffers per batch in flight: the channel's 2, the one being built, the one in use.
+        let made = l.buffers_made();
+        assert!((2..=2 * 4).contains(&made), "{made} buffers for 15 batches");
+        // Views made here (photometric on the CPU) take no crop buffers.
+        let l = Loader::new(
+            Arc::new(Fake {
+                n: 40,
+                bad_every: 0,
+            }),
+            cfg(2),
+        )
+        .unwrap();
+        assert_eq!(run(&l, 0).len(), 5);
+        assert_eq!(l.buffers_made(), 0);
     }
 
     #[test]

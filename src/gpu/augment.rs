@@ -5,13 +5,14 @@
 
 use super::check::Row;
 use super::{blocks, grid_1d, need, run, DevMut, Gpu, GpuFloat};
+use crate::data::loader::CropBuf;
 use crate::data::pil::{self, Rgb8};
 use crate::data::transforms::{self, ViewParams};
 use crate::data::{MEAN, STD};
 use crate::error::Result;
 use crate::rng::Rng;
-use cudarc::driver::CudaSlice;
 use cudarc::driver::PushKernelArg;
+use cudarc::driver::{CudaSlice, HostSlice};
 
 /// Mirrored field for field by `struct AugParams` in kernels/augment.cu.
 #[repr(C)]
@@ -109,11 +110,13 @@ impl AugBuffers {
 }
 
 /// Uploads `crops` ((B, size, size, 3) u8) and their parameters, runs the photometric ops and
-/// writes the normalized views into `out` (B, size, size, 3) in T.
-pub fn photometric_cuda<T: GpuFloat>(
+/// writes the normalized views into `out` (B, size, size, 3) in T. From pinned memory
+/// (`CropBuf::Pinned`) the upload is a DMA queued on the stream and this returns without waiting
+/// for it; from pageable memory the driver first stages the bytes in memory of its own.
+pub fn photometric_cuda<T: GpuFloat, S: HostSlice<u8> + ?Sized>(
     g: &Gpu,
     bufs: &mut AugBuffers,
-    crops: &[u8],
+    crops: &S,
     params: &[AugParams],
     size: usize,
     out: &mut impl DevMut<T>,
@@ -132,7 +135,7 @@ pub fn photometric_cuda<T: GpuFloat>(
     let words: Vec<u32> = params.iter().flat_map(|p| p.words()).collect();
     let e = |e| g.err("augment upload", e);
     g.stream
-        .memcpy_htod(&crops[..n], &mut bufs.crops.slice_mut(..n))
+        .memcpy_htod(crops, &mut bufs.crops.slice_mut(..n))
         .map_err(e)?;
     g.stream
         .memcpy_htod(&words, &mut bufs.params.slice_mut(..words.len()))
@@ -196,24 +199,38 @@ pub fn check(g: &Gpu, seed: u64) -> Result<Vec<Row>> {
         params.push(AugParams::new(&p));
     }
     let mut bufs = AugBuffers::new(g, batch, size)?;
-    let f32_row = one::<f32>(g, &mut bufs, &crops, &params, size, &want)?;
-    let bf16_row = one::<half::bf16>(g, &mut bufs, &crops, &params, size, &want)?;
-    Ok(vec![f32_row, bf16_row])
+    let heap = CropBuf::Heap(crops);
+    // The loader's pinned buffers on the GPU path: the same bytes, uploaded by a queued DMA.
+    // Safety: every byte is written below before the copy reads it.
+    let mut pinned = CropBuf::Pinned(
+        unsafe { g.ctx.alloc_pinned::<u8>(heap.len()) }
+            .map_err(|e| g.err("augment check: pinned memory", e))?,
+    );
+    pinned.write()?.copy_from_slice(heap.read()?);
+    let mut rows = Vec::new();
+    for (crops, from) in [(&heap, ""), (&pinned, ", from pinned memory")] {
+        rows.push(one::<f32>(g, &mut bufs, crops, &params, size, &want, from)?);
+        rows.push(one::<half::bf16>(
+            g, &mut bufs, crops, &params, size, &want, from,
+        )?);
+    }
+    Ok(rows)
 }
 
 fn one<T: GpuFloat>(
     g: &Gpu,
     bufs: &mut AugBuffers,
-    crops: &[u8],
+    crops: &CropBuf,
     params: &[AugParams],
     size: usize,
     want: &[f32],
+    from: &str,
 ) -> Result<Row> {
     let mut out = g
         .stream
         .alloc_zeros::<T>(want.len())
         .map_err(|e| g.err("augment check", e))?;
-    photometric_cuda::<T>(g, bufs, crops, params, size, &mut out)?;
+    photometric_cuda::<T, _>(g, bufs, crops, params, size, &mut out)?;
     let got = g.download(&out)?;
     // The CPU's f32 rounded to T is what the kernel must store.
     let bad = got
@@ -222,7 +239,7 @@ fn one<T: GpuFloat>(
         .filter(|(a, b)| a.to_bits() != T::from_f32(**b).to_f32().to_bits())
         .count();
     Ok(Row {
-        op: "augment photometric (jitter, gray, blur, solarize, normalize)".into(),
+        op: format!("augment photometric (jitter, gray, blur, solarize, normalize){from}"),
         dtype: if T::DTYPE == crate::tensor::DType::F32 {
             "f32"
         } else {

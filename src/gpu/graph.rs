@@ -428,7 +428,7 @@ where
     pub fn input_crops(
         &mut self,
         shape: Shape,
-        crops: &[u8],
+        crops: &crate::data::loader::CropBuf,
         params: &[super::augment::AugParams],
         bufs: &mut super::augment::AugBuffers,
     ) -> Tensor {
@@ -437,7 +437,7 @@ where
             let i = t.slot as usize;
             let mut b = self.e.take(i);
             let n = shape.numel();
-            let r = super::augment::photometric_cuda::<E>(
+            let r = super::augment::photometric_cuda::<E, _>(
                 &self.gpu,
                 bufs,
                 crops,

@@ -8,6 +8,7 @@ use super::augment::{AugBuffers, AugParams};
 use super::graph::DevGraph;
 use super::{Gpu, GpuFloat};
 use crate::autograd::{BnMode, Tape};
+use crate::data::loader::CropBuf;
 use crate::error::Result;
 use crate::optim::{self, ExcludeRule, GpuLars};
 use crate::tensor::{Shape, Tensor};
@@ -75,7 +76,7 @@ where
     /// half of the augmentation runs here, on the GPU.
     pub fn forward_backward_crops(
         &mut self,
-        crops: [&[u8]; 2],
+        crops: [&CropBuf; 2],
         params: [&[AugParams]; 2],
         shape: Shape,
         sc: &StepConfig,
