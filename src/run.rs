@@ -197,7 +197,10 @@ impl PretrainConfig {
                 format!("expected auto, f32 or bf16, got '{}'", self.precision),
             );
         }
-        if self.epochs == 0 || self.warmup_epochs >= self.epochs {
+        if self.epochs == 0 {
+            return bad("epochs", "must be at least 1, got 0".into());
+        }
+        if self.warmup_epochs >= self.epochs {
             return bad(
                 "warmup-epochs",
                 format!(
@@ -1245,7 +1248,7 @@ mod tests {
             e.to_string().contains("c.toml") && e.to_string().contains("learning_rate"),
             "{e}"
         );
-        let cases: [(&str, PretrainConfig); 6] = [
+        let cases: [(&str, PretrainConfig); 8] = [
             (
                 "--lr",
                 PretrainConfig {
@@ -1285,6 +1288,22 @@ mod tests {
                 "--lars-exclude",
                 PretrainConfig {
                     lars_exclude: "old".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "--epochs",
+                PretrainConfig {
+                    epochs: 0,
+                    warmup_epochs: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "--warmup-epochs",
+                PretrainConfig {
+                    epochs: 3,
+                    warmup_epochs: 3,
                     ..Default::default()
                 },
             ),
