@@ -932,6 +932,9 @@ pub fn pretrain(
         log.bar = Some(bar);
     }
     let mut epochs_done = start_epoch;
+    // Bad samples met in the batches trained on by this process (the loader's own count runs
+    // ahead by the prefetched batches).
+    let mut skipped = 0usize;
     for epoch in start_epoch..cfg.epochs {
         let mut loss_sum = 0.0;
         let mut batches = match &train {
@@ -964,6 +967,7 @@ pub fn pretrain(
                         m.forward_backward(&b.view1, &b.view2, shape, &sc, cfg.batch_size)?
                     };
                     let wait = b.wait_ms;
+                    skipped += b.bad;
                     if let TrainData::Real(l) = &train {
                         // The copies from its crops are queued (done, even: the loss was read).
                         l.recycle(b);
@@ -972,10 +976,6 @@ pub fn pretrain(
                 }
             };
             let loss = loss as f64;
-            let skipped = match &train {
-                TrainData::Real(l) => l.counts().1,
-                TrainData::Synthetic => 0,
-            };
             if !loss.is_finite() {
                 return Err(Error::Other(format!(
                     "the loss became {loss} at step {k}: lower --lr"
