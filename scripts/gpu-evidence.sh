@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The GPU evidence of one sitting, in one call on a lent GPU machine (no Rust there: build here with
-# `cargo build --release` and carry target/release/lewel). From the repository root:
+# The GPU evidence of one sitting, in one call on a lent GPU machine (no Rust there). Build here and
+# strip the binary (52 MB with its debug info, 4.5 MB without; a carry holds 64 MiB with the tree):
 #
-#   bash scripts/gpu-evidence.sh            # on the device machine; logs and runs under $OUT
-#   DEVICE=cpu SMALL=1 bash scripts/gpu-evidence.sh   # a dry run of the script itself on a CPU
+#   cargo build --release && strip -o target/lewel-gpu target/release/lewel
+#   # device run, carry ["target/lewel-gpu"]:
+#   LEWEL=target/lewel-gpu bash scripts/gpu-evidence.sh   # logs and run folders under $OUT
+#   DEVICE=cpu SMALL=1 bash scripts/gpu-evidence.sh       # a dry run of the script on a CPU
+#
+# The binary needs glibc 2.34 (built on Debian 12); the device image's Python 3.12 suggests Ubuntu
+# 24.04 (glibc 2.39): not yet tried there.
 #
 # Steps, most wanted first, each under its own time limit and all within BUDGET seconds (default
 # 540, under the device tool's 600 s per call):
