@@ -3,7 +3,9 @@
 # strip the binary (52 MB with its debug info, 4.5 MB without; a carry holds 64 MiB with the tree):
 #
 #   cargo build --release && strip -o target/lewel-gpu target/release/lewel
-#   # device run, carry ["target/lewel-gpu"]:
+#   cargo bench --bench loader --no-run 2>&1 | grep -o 'target/release/deps/loader-[0-9a-f]*' |
+#     head -1 | xargs -I{} strip -o target/loader-bench {}
+#   # device run, carry ["target/lewel-gpu", "target/loader-bench"]:
 #   LEWEL=target/lewel-gpu bash scripts/gpu-evidence.sh   # logs and run folders under $OUT
 #   DEVICE=cpu SMALL=1 bash scripts/gpu-evidence.sh       # a dry run of the script on a CPU
 #
@@ -19,7 +21,9 @@
 #   4. an ImageFolder of photo-like 500x375 JPEGs with 1% corrupt and some odd files
 #      (scripts/make_jpeg_folder.py), then ResNet-50 on it for one epoch with the crops in pinned
 #      memory and again with --no-pin-memory (the step time and data wait of each);
-#   5. the built-in run in f32, 2 epochs.
+#   5. `cargo bench --bench loader` on that machine's CPU (when target/loader-bench was carried):
+#      decode and augmentation images/s per core there;
+#   6. the built-in run in f32, 2 epochs.
 # The last lines are a table of every step and run (scripts/metrics_summary.py).
 set -uo pipefail
 L=${LEWEL:-target/release/lewel}
@@ -67,6 +71,8 @@ step make-data 60 python3 scripts/make_jpeg_folder.py "$D" --classes "$classes" 
 common=(pretrain --data "$D" --device "$DEVICE" --arch "$arch" --image-size "$size" --batch-size "$batch" --epochs 1 --warmup-epochs 0 --log-every 5)
 step data-pinned 150 "$L" "${common[@]}" --out "$O/data-pinned"
 step data-pageable 120 "$L" "${common[@]}" --no-pin-memory --out "$O/data-pageable"
+B=${LOADER_BENCH:-target/loader-bench}
+[ -x "$B" ] && step loader-bench 150 "$B"
 [ "$DEVICE" = cpu ] || step syn-f32 90 "$L" pretrain --device "$DEVICE" --precision f32 --epochs 2 --warmup-epochs 1 --out "$O/syn-f32"
 
 echo
@@ -75,4 +81,5 @@ printf '%s\n' "${rows[@]}"
 [ -f "$O/nvidia-smi.csv" ] && cat "$O/nvidia-smi.csv"
 # lewel check: the rows that did not pass, and its count line.
 grep -vE " ok$" "$O/check.log" 2>/dev/null | tail -n 12
+[ -f "$O/loader-bench.log" ] && grep -E "^\|" "$O/loader-bench.log"
 python3 scripts/metrics_summary.py "$O"/syn-bf16 "$O"/data-pinned "$O"/data-pageable "$O"/syn-f32
