@@ -355,7 +355,6 @@ fn resize_rows_scalar(src: Window, w: usize, c: &Coeffs, flip: bool, out: &mut [
 }
 
 /// The vertical pass: `src` (rows of `row` bytes) to h rows, whole rows at a time.
-#[inline(always)]
 fn resize_cols_body(src: &[u8], row: usize, h: usize, c: &Coeffs, out: &mut [u8]) {
     let mut acc = vec![0i32; row];
     for yy in 0..h {
@@ -373,7 +372,7 @@ fn resize_cols_body(src: &[u8], row: usize, h: usize, c: &Coeffs, out: &mut [u8]
     }
 }
 
-/// The vertical pass, compiled for AVX2 when the CPU has it (the same integer arithmetic).
+/// The vertical pass, with AVX2 when the CPU has it (the same integer arithmetic).
 fn resize_cols(src: &[u8], row: usize, h: usize, c: &Coeffs, out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
     if avx2() {
@@ -389,6 +388,9 @@ mod x86 {
     use super::{Coeffs, Window, HALF, PRECISION_BITS};
     use std::arch::x86_64::*;
 
+    /// The vertical pass: per output row, 32 bytes at a time, the taps' rows widened to i32,
+    /// multiplied by their weights and summed in registers (the scalar pass's sums), then rounded,
+    /// clamped by the saturating packs and stored; the row's last bytes as the scalar pass.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn resize_cols_avx2(
         src: &[u8],
@@ -397,7 +399,43 @@ mod x86 {
         c: &Coeffs,
         out: &mut [u8],
     ) {
-        super::resize_cols_body(src, row, h, c, out)
+        assert!(out.len() >= h * row);
+        let half = _mm256_set1_epi32(HALF);
+        let widen = |p: *const u8| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+        for yy in 0..h {
+            let (s, n) = (c.start[yy], c.len[yy]);
+            let k = &c.k[yy * c.ksize..yy * c.ksize + n];
+            assert!((s + n) * row <= src.len());
+            let base = src.as_ptr().add(s * row);
+            let o = out.as_mut_ptr().add(yy * row);
+            let mut x = 0;
+            while x + 32 <= row {
+                let mut a = [half; 4];
+                for (t, &wt) in k.iter().enumerate() {
+                    // SAFETY: x + 32 <= row and s + n rows lie in src (asserted).
+                    let p = base.add(t * row + x);
+                    let w = _mm256_set1_epi32(wt);
+                    for (j, a) in a.iter_mut().enumerate() {
+                        *a = _mm256_add_epi32(*a, _mm256_mullo_epi32(widen(p.add(8 * j)), w));
+                    }
+                }
+                let a = a.map(|v| _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(v));
+                // packs work within 128-bit lanes: restore the order with one permute each.
+                let lo = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a[0], a[1]));
+                let hi = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a[2], a[3]));
+                let b = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi16(lo, hi));
+                // SAFETY: x + 32 <= row, and the output holds h rows (asserted).
+                _mm256_storeu_si256(o.add(x) as *mut __m256i, b);
+                x += 32;
+            }
+            for x in x..row {
+                let mut a = HALF;
+                for (t, &wt) in k.iter().enumerate() {
+                    a += src[(s + t) * row + x] as i32 * wt;
+                }
+                out[yy * row + x] = super::clip8(a);
+            }
+        }
     }
 
     /// Rows the horizontal pass computes together.
