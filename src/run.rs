@@ -971,6 +971,9 @@ pub fn pretrain(
                     if let TrainData::Real(l) = &train {
                         // The copies from its crops are queued (done, even: the loss was read).
                         l.recycle(b);
+                        if let Some(why) = l.take_pin_failure() {
+                            log.line(&format!("warning: {why}"));
+                        }
                     }
                     (loss, wait)
                 }

@@ -118,17 +118,20 @@ impl HostSlice<u8> for CropBuf {
 }
 
 /// Crop buffers handed back by the trainer, reused by later batches; new ones come from the
-/// pinned allocator once a GPU context is set, from the heap before.
+/// pinned allocator once a GPU context is set, from the heap before (and after pinned memory
+/// could not be had: the run goes on in pageable memory, and the reason is kept for a warning).
 #[derive(Default)]
 struct BufPool {
     free: Mutex<Vec<CropBuf>>,
     pin: Mutex<Option<Arc<CudaContext>>>,
+    /// Why pinned allocation failed, until the trainer takes it to warn.
+    pin_failure: Mutex<Option<String>>,
     /// Buffers allocated so far.
     made: std::sync::atomic::AtomicUsize,
 }
 
 impl BufPool {
-    fn take(&self, len: usize) -> Result<CropBuf> {
+    fn take(&self, len: usize) -> CropBuf {
         let pin = self.pin.lock().unwrap().clone();
         {
             let mut free = self.free.lock().unwrap();
@@ -136,23 +139,25 @@ impl BufPool {
                 .iter()
                 .position(|b| b.len() == len && b.is_pinned() == pin.is_some())
             {
-                return Ok(free.swap_remove(k));
+                return free.swap_remove(k);
             }
         }
         self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match pin {
-            None => Ok(CropBuf::Heap(vec![0; len])),
+        if let Some(ctx) = pin {
             // Safety: the memory starts uninitialised; `build` writes every byte of it (every slot
             // fills its whole range) before the batch leaves the loader.
-            Some(ctx) => unsafe { ctx.alloc_pinned::<u8>(len) }
-                .map(CropBuf::Pinned)
-                .map_err(|e| {
-                    Error::Cuda(format!(
-                        "allocating {} MiB of pinned host memory for the crops: {e}",
+            match unsafe { ctx.alloc_pinned::<u8>(len) } {
+                Ok(p) => return CropBuf::Pinned(p),
+                Err(e) => {
+                    *self.pin.lock().unwrap() = None;
+                    *self.pin_failure.lock().unwrap() = Some(format!(
+                        "allocating {} MiB of pinned host memory for the crops failed ({e}); the crops stay in pageable memory",
                         len >> 20
-                    ))
-                }),
+                    ));
+                }
+            }
         }
+        CropBuf::Heap(vec![0; len])
     }
 
     fn give(&self, b: CropBuf) {
@@ -298,6 +303,11 @@ impl Loader {
         self.bufs.give(c1);
     }
 
+    /// Why pinned memory could not be had, once (the loader went on with pageable memory).
+    pub fn take_pin_failure(&self) -> Option<String> {
+        self.bufs.pin_failure.lock().unwrap().take()
+    }
+
     /// Crop buffers allocated so far (reuse keeps this at the batches in flight).
     pub fn buffers_made(&self) -> usize {
         self.bufs.made.load(std::sync::atomic::Ordering::Relaxed)
@@ -416,7 +426,7 @@ fn build(
     let mut crops = if cfg.photometric {
         [CropBuf::Heap(Vec::new()), CropBuf::Heap(Vec::new())]
     } else {
-        [bufs.take(n)?, bufs.take(n)?]
+        [bufs.take(n), bufs.take(n)]
     };
     // Each slot writes its own range of the batch's buffers, on the worker that made its views.
     let outs: Vec<Out> = if cfg.photometric {
