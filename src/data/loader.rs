@@ -377,18 +377,17 @@ fn slot(
                 let key = epoch | (k as u64) << 40;
                 let params = [1u8, 2]
                     .map(|v| transforms::view_params(cfg.seed, key, i as u64, v, img.w, img.h));
-                let view = |p: &transforms::ViewParams| transforms::geometric(&img, p, cfg.size);
                 match out {
                     Out::F32(o1, o2) => {
                         for (p, o) in params.iter().zip([o1, o2]) {
-                            let mut x = view(p);
+                            let mut x = transforms::geometric(&img, p, cfg.size);
                             transforms::photometric(&mut x, p);
                             pil::normalize(&x, o);
                         }
                     }
                     Out::U8(o1, o2) => {
                         for (p, o) in params.iter().zip([o1, o2]) {
-                            o.copy_from_slice(&view(p).data);
+                            transforms::geometric_into(&img, p, cfg.size, o);
                         }
                     }
                 }

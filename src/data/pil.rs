@@ -118,12 +118,17 @@ pub fn solarize(img: &mut Rgb8) {
 
 /// Left-right flip.
 pub fn hflip(img: &mut Rgb8) {
-    let w = img.w;
-    for row in img.data.chunks_exact_mut(w * 3) {
-        for x in 0..w / 2 {
-            for c in 0..3 {
-                row.swap(x * 3 + c, (w - 1 - x) * 3 + c);
-            }
+    for row in img.data.chunks_exact_mut(img.w * 3) {
+        flip_row(row);
+    }
+}
+
+/// One row of RGB pixels mirrored in place.
+fn flip_row(row: &mut [u8]) {
+    let w = row.len() / 3;
+    for x in 0..w / 2 {
+        for c in 0..3 {
+            row.swap(x * 3 + c, (w - 1 - x) * 3 + c);
         }
     }
 }
@@ -537,14 +542,13 @@ mod x86 {
                     line.as_ptr()
                 };
             }
-            let mut orows: Vec<&mut [u8]> =
-                out[y * wb..(y + n) * wb].chunks_exact_mut(wb).collect();
             let mut xx = 0;
             // The saturating packs clamp to [0, 255], as clip8.
             while xx + 4 <= w {
                 let (a0, a1) = (pixel(rows, xx), pixel(rows, xx + 1));
                 let (a2, a3) = (pixel(rows, xx + 2), pixel(rows, xx + 3));
-                for (k, orow) in orows.iter_mut().enumerate() {
+                for k in 0..n {
+                    let orow = &mut out[(y + k) * wb..][..wb];
                     let b = _mm_packus_epi16(
                         _mm_packs_epi32(a0[k], a1[k]),
                         _mm_packs_epi32(a2[k], a3[k]),
@@ -563,7 +567,8 @@ mod x86 {
             for xx in xx..w {
                 let a = pixel(rows, xx);
                 let ox = if flip { w - 1 - xx } else { xx };
-                for (k, orow) in orows.iter_mut().enumerate() {
+                for k in 0..n {
+                    let orow = &mut out[(y + k) * wb..][..wb];
                     let p = _mm_packus_epi16(_mm_packs_epi32(a[k], a[k]), a[k]);
                     let px = (_mm_cvtsi128_si32(p) as u32).to_le_bytes();
                     orow[ox * 3..ox * 3 + 3].copy_from_slice(&px[..3]);
@@ -578,13 +583,31 @@ mod x86 {
 /// mirrored if `flip`, without copying the crop first.
 pub fn resized_crop(
     img: &Rgb8,
-    (top, left, h, w): (usize, usize, usize, usize),
+    rect: (usize, usize, usize, usize),
     (w_out, h_out): (usize, usize),
     flip: bool,
 ) -> Rgb8 {
+    let mut px = vec![0u8; w_out * h_out * 3];
+    resized_crop_into(img, rect, (w_out, h_out), flip, &mut px);
+    Rgb8::new(w_out, h_out, px)
+}
+
+/// `resized_crop` into `out` (h_out rows of w_out RGB pixels), e.g. straight into a batch.
+pub fn resized_crop_into(
+    img: &Rgb8,
+    (top, left, h, w): (usize, usize, usize, usize),
+    (w_out, h_out): (usize, usize),
+    flip: bool,
+    out: &mut [u8],
+) {
     assert!(
         top + h <= img.h && left + w <= img.w,
         "crop outside the image"
+    );
+    assert_eq!(
+        out.len(),
+        w_out * h_out * 3,
+        "resized_crop_into: output size"
     );
     let src = Window {
         data: &img.data,
@@ -594,23 +617,27 @@ pub fn resized_crop(
         w,
         h,
     };
-    let cur = if w_out != w {
-        let mut px = vec![0u8; w_out * h * 3];
-        resize_rows(src, w_out, &coeffs(w, w_out), flip, &mut px);
-        px
-    } else {
-        let mut c = crop(img, top, left, h, w);
-        if flip {
-            hflip(&mut c);
+    // The horizontal pass (or the crop's rows, when the width stays) goes straight to `out` when
+    // the height stays; else to a buffer the vertical pass reads.
+    let horizontal = |dst: &mut [u8]| {
+        if w_out != w {
+            resize_rows(src, w_out, &coeffs(w, w_out), flip, dst);
+            return;
         }
-        c.data
+        for (y, row) in dst.chunks_exact_mut(w * 3).enumerate() {
+            row.copy_from_slice(src.row(y));
+            if flip {
+                flip_row(row);
+            }
+        }
     };
     if h_out == h {
-        return Rgb8::new(w_out, h, cur);
+        horizontal(out);
+    } else {
+        let mut cur = vec![0u8; w_out * h * 3];
+        horizontal(&mut cur);
+        resize_cols(&cur, w_out * 3, h_out, &coeffs(h, h_out), out);
     }
-    let mut px = vec![0u8; w_out * h_out * 3];
-    resize_cols(&cur, w_out * 3, h_out, &coeffs(h, h_out), &mut px);
-    Rgb8::new(w_out, h_out, px)
 }
 
 /// `img.resize((w, h), Image.BILINEAR)`.
@@ -888,6 +915,27 @@ pub(crate) mod tests {
         let top = round_half_even((h - 32) as f64 / 2.0) as usize;
         let left = round_half_even((w - 32) as f64 / 2.0) as usize;
         same("eval", &crop(&r, top, left, 32, 32), &fx.img("eval"));
+    }
+
+    #[test]
+    fn a_crop_kept_at_its_size_is_the_crop_itself() {
+        // resized_crop's path without a horizontal resize: the window's rows, mirrored if flip.
+        let mut r = crate::rng::Rng::new(4);
+        let img = Rgb8::new(
+            23,
+            17,
+            (0..23 * 17 * 3).map(|_| r.below(256) as u8).collect(),
+        );
+        for flip in [false, true] {
+            let mut want = crop(&img, 3, 5, 11, 9);
+            if flip {
+                hflip(&mut want);
+            }
+            assert_eq!(resized_crop(&img, (3, 5, 11, 9), (9, 11), flip), want);
+            let mut into = vec![7u8; 9 * 11 * 3];
+            resized_crop_into(&img, (3, 5, 11, 9), (9, 11), flip, &mut into);
+            assert_eq!(into, want.data);
+        }
     }
 
     #[test]

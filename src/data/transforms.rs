@@ -154,6 +154,12 @@ pub fn geometric(img: &Rgb8, p: &ViewParams, size: usize) -> Rgb8 {
     pil::resized_crop(img, (c.top, c.left, c.h, c.w), (size, size), p.flip)
 }
 
+/// `geometric` into `out` ((size, size, 3) u8), e.g. a slot of a batch's crop buffer.
+pub fn geometric_into(img: &Rgb8, p: &ViewParams, size: usize, out: &mut [u8]) {
+    let c = p.crop;
+    pil::resized_crop_into(img, (c.top, c.left, c.h, c.w), (size, size), p.flip, out)
+}
+
 /// Jitter (in its drawn order), grayscale, blur, solarize; in place, on u8.
 pub fn photometric(img: &mut Rgb8, p: &ViewParams) {
     if let Some(j) = &p.jitter {
