@@ -40,6 +40,19 @@ impl Owned {
             bytes: v.to_le_bytes().to_vec(),
         }
     }
+    pub fn i64(shape: Vec<usize>, v: &[i64]) -> Owned {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            v.len(),
+            "Owned::i64: shape {shape:?} vs {} values",
+            v.len()
+        );
+        Owned {
+            dtype: Dtype::I64,
+            shape,
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
     pub fn to_f32(&self) -> Option<Vec<f32>> {
         (self.dtype == Dtype::F32).then(|| {
             self.bytes
@@ -57,10 +70,32 @@ impl Owned {
 /// Named tensors in name order.
 pub type Tensors = BTreeMap<String, Owned>;
 
-/// Reads a whole safetensors file. Errors name the file.
+/// The metadata key of the CRC32 that every file we write carries over its tensors, so a damaged
+/// file is caught however it is named or wherever it was copied.
+pub const CRC_KEY: &str = "lewel_crc32";
+
+/// CRC32 over the tensors in name order: each name, dtype, shape and bytes.
+fn tensors_crc(t: &Tensors) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for (name, o) in t {
+        h.update(name.as_bytes());
+        h.update(format!("{:?}{:?}", o.dtype, o.shape).as_bytes());
+        h.update(&o.bytes);
+    }
+    h.finalize()
+}
+
+/// Reads a whole safetensors file, checking its CRC when it carries one. Errors name the file.
 pub fn read_file(path: &Path) -> Result<Tensors> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes)
+    read_bytes(&bytes, path)
+}
+
+/// A safetensors file's tensors from its bytes (`path` names it in errors).
+pub fn read_bytes(bytes: &[u8], path: &Path) -> Result<Tensors> {
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::user(format!("{}: not a safetensors file ({e})", path.display())))?;
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::user(format!("{}: not a safetensors file ({e})", path.display())))?;
     let mut out = Tensors::new();
     for (name, view) in st.tensors() {
@@ -73,6 +108,15 @@ pub fn read_file(path: &Path) -> Result<Tensors> {
             },
         );
     }
+    if let Some(want) = meta.metadata().as_ref().and_then(|m| m.get(CRC_KEY)) {
+        let got = format!("{:08x}", tensors_crc(&out));
+        if &got != want {
+            return Err(Error::user(format!(
+                "{}: CRC32 {got}, the file says {want}: the file is damaged",
+                path.display()
+            )));
+        }
+    }
     Ok(out)
 }
 
@@ -82,6 +126,8 @@ pub fn write_file_atomic(
     tensors: &Tensors,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
+    let mut metadata = metadata.unwrap_or_default();
+    metadata.insert(CRC_KEY.to_string(), format!("{:08x}", tensors_crc(tensors)));
     let views = tensors
         .iter()
         .map(|(n, t)| {
@@ -92,7 +138,7 @@ pub fn write_file_atomic(
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::tensor::serialize(views, metadata)
+    let bytes = safetensors::tensor::serialize(views, Some(metadata))
         .map_err(|e| Error::Other(format!("serializing {}: {e}", path.display())))?;
     write_bytes_atomic(path, &bytes)
 }
