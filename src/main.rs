@@ -71,20 +71,29 @@ struct ShowArgs {
 }
 
 fn data_show(a: ShowArgs) -> Result<()> {
-    if a.count == 0 || a.size < 8 {
-        return Err(Error::user("--count: at least 1, and --size at least 8"));
+    if !(1..=10_000).contains(&a.count) {
+        return Err(Error::user(format!(
+            "--count: must lie in [1, 10000], got {}",
+            a.count
+        )));
+    }
+    if !(32..=1024).contains(&a.size) {
+        return Err(Error::user(format!(
+            "--size: must lie in [32, 1024], got {}",
+            a.size
+        )));
     }
     lewel::data::decode::set_jpeg_decoder(a.jpeg_decoder.parse()?)?;
     let samples = lewel::data::open_samples(&a.path)?;
     let grid = lewel::data::show::grid(&*samples, a.count, a.size, a.seed);
-    lewel::data::show::write_png(&grid, &a.out)?;
-    println!(
-        "{}: {} samples, each as decoded, view 1, view 2 ({}x{} px)",
+    lewel::data::show::write_png(&grid.image, &a.out)?;
+    say(&format!(
+        "{}: {} samples, columns: original, view 1, view 2 ({}x{} px)",
         a.out.display(),
-        (grid.h - 4) / (a.size + 4),
-        grid.w,
-        grid.h
-    );
+        grid.rows,
+        grid.image.w,
+        grid.image.h
+    ));
     Ok(())
 }
 
@@ -113,7 +122,7 @@ fn pack(a: PackArgs) -> Result<()> {
         progress: true,
     };
     let s = lewel::data::pack::pack(&a.src, &a.out, &o)?;
-    println!("{}", s.report(&a.out));
+    say(&s.report(&a.out));
     Ok(())
 }
 
@@ -157,10 +166,13 @@ struct StepArgs {
     /// EMA momentum of this iteration.
     #[arg(long, default_value_t = 0.98, allow_negative_numbers = true)]
     ema_m: f64,
+    /// Heads of the LEWEL alignment maps.
     #[arg(long, default_value_t = 4)]
     lewel_num_heads: usize,
+    /// Weight of the global (BYOL) loss; 1 gives BYOL.
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     lewel_loss_weight: f64,
+    /// Scale of the alignment logits.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     lewel_scale: f32,
     /// current (the official code) or released-log (the older rule of the released 100-epoch log).
@@ -222,60 +234,95 @@ fn step(a: StepArgs) -> Result<()> {
         a.lewel_scale,
         a.lewel_loss_weight,
     )?;
-    println!(
+    say(&format!(
         "step | {} | loss {loss:.6} | wrote {}",
         method.name(),
         a.out.display()
-    );
+    ));
     Ok(())
 }
 
-/// Flags of `lewel pretrain`; each overrides the config file, which overrides the defaults.
+/// A finite number (NaN and infinities are refused at parsing, naming the flag).
+fn finite_f64(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => Err(format!("expected a finite number, got {v}")),
+        Err(e) => Err(format!("expected a number ({e})")),
+    }
+}
+
+fn finite_f32(s: &str) -> std::result::Result<f32, String> {
+    finite_f64(s).and_then(|v| {
+        let f = v as f32;
+        if f.is_finite() {
+            Ok(f)
+        } else {
+            Err(format!("expected a finite 32-bit number, got {v}"))
+        }
+    })
+}
+
+/// Flags of `lewel pretrain`; each overrides the config file, which overrides the defaults. The
+/// defaults shown in `--help` are read from `PretrainConfig::default()` (`with_defaults`).
 #[derive(clap::Args, Default)]
 struct PretrainArgs {
-    /// A TOML file with any of the settings below (underscored names: batch_size = 64).
+    /// A TOML file with any of the settings below (underscored names: batch_size = 64). [default: none]
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Continue a run from its folder (or its checkpoint.json); its saved config is used.
+    /// Continue the run in this folder (or its checkpoint.json). With --epochs N it is extended (or
+    /// shortened) to N epochs; settings that define what is trained cannot change. [default: none]
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Stop after this many epochs are done (resume later with --resume).
+    /// Start over in an --out folder that holds a run: its config, metrics and checkpoints are
+    /// deleted first (nothing else there is touched).
+    #[arg(long)]
+    force: bool,
+    /// Check the settings, the data and the device, print the run's first line, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Stop after this many epochs are done (resume later with --resume). [default: none]
     #[arg(long)]
     stop_after: Option<usize>,
     /// resnet50, resnet18 or tiny (ResNet-50 at 1/8 width).
     #[arg(long)]
     arch: Option<String>,
-    /// lewel-b-eman (EMAN, the default) or lewel-b.
+    /// lewel-b-eman (EMAN) or lewel-b (SyncBN-style target in train mode).
     #[arg(long)]
     method: Option<String>,
+    /// Training epochs.
     #[arg(long)]
     epochs: Option<usize>,
+    /// Epochs of linear lr warmup, per iteration. [default: 2, or --epochs - 1 when that is less]
     #[arg(long)]
     warmup_epochs: Option<usize>,
     /// Total batch per iteration.
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Absolute learning rate for the total batch.
-    #[arg(long, allow_negative_numbers = true)]
+    /// Absolute learning rate for the total batch (no automatic scaling).
+    #[arg(long, allow_negative_numbers = true, value_parser = finite_f64)]
     lr: Option<f64>,
     /// Weight decay.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true, value_parser = finite_f64)]
     wd: Option<f64>,
-    /// Initial EMA momentum.
-    #[arg(long, allow_negative_numbers = true)]
+    /// Initial EMA momentum m0 (it rises to 1 on a cosine).
+    #[arg(long, allow_negative_numbers = true, value_parser = finite_f64)]
     enc_m: Option<f64>,
+    /// Heads of the LEWEL alignment maps.
     #[arg(long)]
     lewel_num_heads: Option<usize>,
-    #[arg(long, allow_negative_numbers = true)]
+    /// Weight of the global (BYOL) loss; 1 gives BYOL.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite_f64)]
     lewel_loss_weight: Option<f64>,
-    #[arg(long, allow_negative_numbers = true)]
+    /// Scale of the alignment logits.
+    #[arg(long, allow_negative_numbers = true, value_parser = finite_f32)]
     lewel_scale: Option<f32>,
-    /// current or released-log.
+    /// LARS exclusion rule: current (the official code) or released-log.
     #[arg(long)]
     lars_exclude: Option<String>,
-    /// Samples per BN statistics group (emulates per-GPU BN).
+    /// Samples per BN statistics group (emulates per-GPU BN); 0: the whole batch.
     #[arg(long)]
     bn_group: Option<usize>,
+    /// Seed of the weights, the data order and the augmentation.
     #[arg(long)]
     seed: Option<u64>,
     /// auto, cpu, cuda or cuda:N.
@@ -287,7 +334,7 @@ struct PretrainArgs {
     /// Only deterministic cuDNN algorithms: a rerun on the same GPU is bitwise identical.
     #[arg(long)]
     deterministic: bool,
-    /// Side of the training views in pixels (default: 48 on the synthetic set, 224 with --data).
+    /// Side of the training views in pixels. [default: 48 on the synthetic set, 224 with --data]
     #[arg(long)]
     image_size: Option<usize>,
     /// Images in the synthetic training split.
@@ -299,36 +346,44 @@ struct PretrainArgs {
     /// Neighbours of the kNN monitor.
     #[arg(long)]
     knn_k: Option<usize>,
-    /// Memory images of the kNN monitor (the first of the training split); 0: all of it.
+    /// Synthetic set: memory images of the kNN monitor (the first of the training split); 0: all.
     #[arg(long)]
     knn_memory: Option<usize>,
+    /// Log a step line every N steps (and at the end of each epoch).
     #[arg(long)]
     log_every: Option<usize>,
-    /// The run folder: config.toml, metrics.jsonl, checkpoints.
+    /// Checkpoints kept in the run folder (the newest).
+    #[arg(long)]
+    keep: Option<usize>,
+    /// The run folder: config.toml, metrics.jsonl, checkpoints, lewel.lock.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Training images: an ImageFolder root (or the folder holding its train/) or a file made by
-    /// `lewel pack`. Without it: the built-in synthetic dataset.
+    /// `lewel pack`. [default: none: the built-in synthetic dataset]
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Labeled images of the kNN monitor (ImageFolder or packed); default: the val/ folder beside
-    /// the data's train/.
+    /// Labeled images of the kNN monitor's queries (ImageFolder or packed). [default: the val/
+    /// folder beside the data's train/; none: the monitor is off]
     #[arg(long)]
     val_data: Option<PathBuf>,
     /// kNN monitor on real data: memory images per class (the first of each class).
     #[arg(long)]
     knn_memory_per_class: Option<usize>,
-    /// kNN monitor on real data: query images per class (the first of each class).
+    /// kNN monitor on real data: query images per class (the first of each class of --val-data).
     #[arg(long)]
     knn_query_per_class: Option<usize>,
+    /// kNN monitor on real data: disjoint (memory from --data, queries from --val-data) or official
+    /// (both from --val-data, the memory inside the queries, as the official monitor and its logs).
+    #[arg(long)]
+    knn_protocol: Option<String>,
     /// Threads decoding and augmenting real data; 0: one per core.
     #[arg(long)]
     loader_threads: Option<usize>,
     /// Stop when more than this fraction of the samples read could not be decoded.
-    #[arg(long)]
+    #[arg(long, value_parser = finite_f64)]
     max_bad: Option<f64>,
-    /// JPEG decoder: zune (pure Rust, the default) or libjpeg-turbo (PIL's pixels exactly, faster;
-    /// needs libturbojpeg.so.0, Debian/Ubuntu package libturbojpeg0).
+    /// JPEG decoder: zune (pure Rust) or libjpeg-turbo (PIL's pixels exactly, faster; needs
+    /// libturbojpeg.so.0, Debian/Ubuntu package libturbojpeg0).
     #[arg(long, value_name = "zune|libjpeg-turbo")]
     jpeg_decoder: Option<String>,
     /// On a GPU, keep the loader's crops in ordinary (pageable) memory instead of page-locked
@@ -337,73 +392,142 @@ struct PretrainArgs {
     no_pin_memory: bool,
 }
 
+impl PretrainArgs {
+    /// The settings given, by config key: the config file's, then the flags' over them.
+    fn given(&self) -> Result<run::Given> {
+        let mut g = match &self.config {
+            Some(p) => PretrainConfig::given_from_toml(p)?,
+            None => run::Given::new(),
+        };
+        macro_rules! put {
+            ($($f:ident),*) => { $(
+                if let Some(v) = &self.$f {
+                    let v = serde_json::to_value(v)
+                        .map_err(|e| Error::user(format!("--{}: {e}", stringify!($f))))?;
+                    g.insert(stringify!($f).to_string(), v);
+                }
+            )* };
+        }
+        put!(
+            arch,
+            method,
+            epochs,
+            warmup_epochs,
+            batch_size,
+            lr,
+            wd,
+            enc_m,
+            lewel_num_heads,
+            lewel_loss_weight,
+            lewel_scale
+        );
+        put!(
+            lars_exclude,
+            bn_group,
+            seed,
+            device,
+            precision,
+            image_size,
+            train_len,
+            val_len,
+            knn_k,
+            knn_memory,
+            log_every,
+            keep,
+            out,
+            data,
+            val_data
+        );
+        put!(
+            knn_memory_per_class,
+            knn_query_per_class,
+            knn_protocol,
+            loader_threads,
+            max_bad,
+            jpeg_decoder
+        );
+        if self.deterministic {
+            g.insert("deterministic".into(), true.into());
+        }
+        if self.no_pin_memory {
+            g.insert("pin_memory".into(), false.into());
+        }
+        Ok(g)
+    }
+}
+
+/// `[default: ...]` after the help of every `pretrain` flag that is a config key, read from the
+/// defaults themselves; `[default: off]` after switches.
+fn with_defaults(cmd: clap::Command) -> clap::Command {
+    let defaults = PretrainConfig::default().to_given();
+    cmd.mut_subcommand("pretrain", |sc| {
+        let ids: Vec<String> = sc.get_arguments().map(|a| a.get_id().to_string()).collect();
+        ids.into_iter().fold(sc, |sc, id| {
+            let d = defaults.get(&id).cloned();
+            sc.mut_arg(&id, |a| {
+                let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if help.contains("[default:") {
+                    return a;
+                }
+                let shown = match (&d, a.get_action()) {
+                    (_, clap::ArgAction::SetTrue) => "off".to_string(),
+                    (Some(serde_json::Value::String(s)), _) => s.clone(),
+                    (Some(v), _) => v.to_string(),
+                    (None, _) => return a,
+                };
+                a.help(format!("{help} [default: {shown}]"))
+            })
+        })
+    })
+}
+
+/// A line on stdout; a closed stdout (`lewel ... | head`) is not an error.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// A value of a summary, or "-" when there is none.
+fn or_dash(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map_or("-".to_string(), f)
+}
+
 fn pretrain(a: PretrainArgs) -> Result<()> {
-    let mut c = match &a.config {
-        Some(p) => PretrainConfig::from_toml(p)?,
-        None => PretrainConfig::default(),
-    };
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
-    }
-    set!(
-        arch,
-        method,
-        epochs,
-        warmup_epochs,
-        batch_size,
-        lr,
-        wd,
-        enc_m,
-        lewel_num_heads,
-        lewel_loss_weight,
-        lewel_scale
-    );
-    set!(
-        lars_exclude,
-        bn_group,
-        seed,
-        device,
-        image_size,
-        train_len,
-        val_len,
-        knn_k,
-        knn_memory,
-        log_every,
-        out,
-        precision,
-        knn_memory_per_class,
-        knn_query_per_class,
-        loader_threads,
-        max_bad,
-        jpeg_decoder
-    );
-    if a.data.is_some() {
-        c.data = a.data.clone();
-    }
-    if a.val_data.is_some() {
-        c.val_data = a.val_data.clone();
-    }
-    if a.deterministic {
-        c.deterministic = true;
-    }
-    if a.no_pin_memory {
-        c.pin_memory = false;
-    }
     if a.stop_after == Some(0) {
         return Err(Error::user("--stop-after: must be at least 1"));
     }
-    let s = run::pretrain(&c, a.resume.as_deref(), a.stop_after)?;
-    println!(
-        "done | {} epochs, {} steps in {:.1} s | loss {:.4} -> {:.4} | kNN accuracy {:.2}% at init -> {:.2}% ({:+.2} points)",
+    let given = a.given()?;
+    let opts = run::RunOptions {
+        stop_after: a.stop_after,
+        force: a.force,
+        dry_run: a.dry_run,
+    };
+    let s = match &a.resume {
+        Some(r) => {
+            if a.force {
+                return Err(Error::user(
+                    "--force: starts a new run over an old one; it does not go with --resume",
+                ));
+            }
+            run::resume(r, &given, &opts)?
+        }
+        None => run::pretrain(&PretrainConfig::from_given(&given)?, &opts)?,
+    };
+    if a.dry_run {
+        return Ok(());
+    }
+    let gain = s.knn_init.zip(s.knn_final).map(|(i, f)| f - i);
+    say(&format!(
+        "done | {} epochs, {} steps in {:.1} s | loss {} -> {} | kNN accuracy {} at init -> {} ({} points)",
         s.epochs_done,
         s.steps,
         s.seconds,
-        s.first_loss,
-        s.last_loss,
-        s.knn_init.unwrap_or(f64::NAN),
-        s.knn_final.unwrap_or(f64::NAN),
-        s.knn_final.unwrap_or(f64::NAN) - s.knn_init.unwrap_or(f64::NAN)
-    );
+        or_dash(s.first_loss, |v| format!("{v:.4}")),
+        or_dash(s.last_loss, |v| format!("{v:.4}")),
+        or_dash(s.knn_init, |v| format!("{v:.2}%")),
+        or_dash(s.knn_final, |v| format!("{v:.2}%")),
+        or_dash(gain, |v| format!("{v:+.2}")),
+    ));
     Ok(())
 }
 
@@ -412,10 +536,16 @@ struct EmbedArgs {
     /// A run folder, its checkpoint.json, a LEWEL state or an exported backbone (.safetensors).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// `images`: float32 NCHW (N, 3, H, W), already normalized.
+    /// An image file, a folder of images (sorted by name), an ImageFolder or a `lewel pack` file
+    /// (then `labels` are written too), each put through the eval transform: resize the shorter
+    /// side to size * 256 / 224 (PIL bilinear), center crop, ImageNet mean/std. Or a safetensors
+    /// holding `images`, float32 NCHW (N, 3, H, W), already normalized (used as it is).
     #[arg(long)]
     images: PathBuf,
-    /// Output: `features`, float32 (N, C).
+    /// Side of the center crop for image files.
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    /// Output: `features`, float32 (N, C), pooled, not normalized; `labels` (i64) for labeled sets.
     #[arg(long)]
     out: PathBuf,
 }
@@ -432,17 +562,30 @@ struct ExportArgs {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        None => pretrain(PretrainArgs::default()),
+        None => {
+            // No command is a usage error: nothing was done.
+            eprint!("{USAGE}");
+            std::process::exit(2)
+        }
         Some(Cmd::Export(a)) => {
             let n = run::export(&a.checkpoint, &a.out)?;
-            println!("wrote {} ({n} tensors, torchvision names)", a.out.display());
+            say(&format!(
+                "wrote {} ({n} tensors, torchvision names)",
+                a.out.display()
+            ));
             Ok(())
         }
         Some(Cmd::Pretrain(a)) => pretrain(a),
         Some(Cmd::Step(a)) => step(a),
         Some(Cmd::Embed(a)) => {
-            let (n, c) = run::embed(&a.checkpoint, &a.images, &a.out)?;
-            println!("wrote {} ({n} x {c} features)", a.out.display());
+            let e = run::embed(&a.checkpoint, &a.images, &a.out, a.image_size)?;
+            say(&format!(
+                "wrote {} ({} x {} features{})",
+                a.out.display(),
+                e.n,
+                e.dim,
+                if e.labeled { " and labels" } else { "" }
+            ));
             Ok(())
         }
         Some(Cmd::Info) => {
@@ -461,7 +604,9 @@ fn check(a: CheckArgs) -> Result<()> {
         _ => return Err(Error::user("--device: lewel check needs cuda or cuda:N")),
     };
     let g = std::rc::Rc::new(lewel::gpu::Gpu::new(ordinal, true).map_err(|e| match e {
-        Error::Cuda(m) => Error::user(m),
+        Error::Cuda(m) => Error::user(format!(
+            "lewel check: cannot open cuda:{ordinal}: {m}. `lewel info` shows what was found; without a GPU, run the checks on the software GPU: bash scripts/emu-env.sh target/release/lewel check (a C++ compiler is all it needs; see the README)"
+        )),
         e => e,
     })?);
     println!(
@@ -489,8 +634,42 @@ fn check(a: CheckArgs) -> Result<()> {
     Ok(())
 }
 
+/// What `lewel` with no command prints.
+const USAGE: &str = "\
+lewel: LEWEL self-supervised pretraining of ResNet-50, on CUDA or the CPU
+
+  lewel pretrain                      the built-in demo: a small model learns a synthetic set
+                                      (about 4 minutes on 2 CPU cores; kNN accuracy rises)
+  lewel pretrain --data /imagenet     real images (see lewel pretrain --help)
+  lewel pretrain --resume runs/lewel  continue (or extend with --epochs N) a run
+  lewel info                          the GPU and CUDA libraries found
+  lewel --help                        every command
+";
+
 fn main() {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = with_defaults(Cli::command())
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit()
+            }
+            // Bad input is one line on stderr (clap's first line and its tip, if any), exit 2.
+            let text = e.render().to_string();
+            let mut lines = text.lines();
+            let mut msg = lines.next().unwrap_or("").trim().to_string();
+            if let Some(tip) = lines.find_map(|l| l.trim().strip_prefix("tip: ")) {
+                msg = format!("{msg} ({tip})");
+            }
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg).to_string();
+            eprintln!("lewel: error: {msg}");
+            std::process::exit(2)
+        }
+    };
     if let Err(e) = run(cli) {
         eprintln!("lewel: error: {e}");
         std::process::exit(e.exit_code());

@@ -41,7 +41,9 @@ pub struct PretrainConfig {
     pub arch: String,
     pub method: String,
     pub epochs: usize,
-    pub warmup_epochs: usize,
+    /// Linear-warmup epochs; none: 2, or fewer when the run is shorter (`warmup()`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_epochs: Option<usize>,
     /// Total batch per iteration.
     pub batch_size: usize,
     /// Absolute learning rate for the total batch.
@@ -62,8 +64,9 @@ pub struct PretrainConfig {
     pub precision: String,
     /// Only deterministic cuDNN algorithms: a rerun is bitwise identical on the same GPU.
     pub deterministic: bool,
-    /// Side of the training views in pixels; 0: 48 on the synthetic set, 224 on real data.
-    pub image_size: usize,
+    /// Side of the training views in pixels; none: 48 on the synthetic set, 224 on real data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<usize>,
     pub train_len: usize,
     pub val_len: usize,
     pub knn_k: usize,
@@ -82,10 +85,15 @@ pub struct PretrainConfig {
     /// the data's train/, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_data: Option<PathBuf>,
-    /// kNN monitor on real data: the first this many images per class of the val set are the
-    /// memory, the first `knn_query_per_class` the queries (LEWEL_SPEC 10: 5 and 25).
+    /// kNN monitor on real data: memory images per class (the first of each class of the training
+    /// set, or of the val set under the official protocol) and query images per class (the first of
+    /// each class of the val set). LEWEL_SPEC 6: 5 and 25.
     pub knn_memory_per_class: usize,
     pub knn_query_per_class: usize,
+    /// kNN monitor on real data: `disjoint` (memory from the training set, queries from the val
+    /// set) or `official` (both from the val set, the memory inside the queries, as the official
+    /// monitor and its logs).
+    pub knn_protocol: String,
     /// Threads decoding and augmenting real data; 0: one per core.
     pub loader_threads: usize,
     /// Stop when more than this fraction of the samples read could not be decoded.
@@ -109,7 +117,7 @@ impl Default for PretrainConfig {
             arch: "tiny".into(),
             method: "lewel-b-eman".into(),
             epochs: 12,
-            warmup_epochs: 2,
+            warmup_epochs: None,
             batch_size: 64,
             lr: 1.0,
             wd: 1.5e-6,
@@ -123,7 +131,7 @@ impl Default for PretrainConfig {
             device: "auto".into(),
             precision: "auto".into(),
             deterministic: false,
-            image_size: 0,
+            image_size: None,
             train_len: 4000,
             val_len: 1000,
             knn_k: 20,
@@ -135,6 +143,7 @@ impl Default for PretrainConfig {
             val_data: None,
             knn_memory_per_class: 5,
             knn_query_per_class: 25,
+            knn_protocol: "disjoint".into(),
             loader_threads: 0,
             max_bad: 0.01,
             jpeg_decoder: "zune".into(),
@@ -146,33 +155,120 @@ impl Default for PretrainConfig {
 /// Side of the rendered synthetic images the views are cropped from.
 const SOURCE_SIZE: usize = 80;
 
+/// Warmup epochs when none are given (LEWEL's scripts use 10 of 100-200; this is the built-in run's).
+const DEFAULT_WARMUP: usize = 2;
+
+/// Largest values a run accepts: beyond them a setting is a typo, and an allocation sized by it
+/// would fail without a clear message.
+const MAX_EPOCHS: usize = 100_000;
+const MAX_BATCH: usize = 65_536;
+const MAX_SYNTHETIC: usize = 10_000_000;
+const MAX_THREADS: usize = 1024;
+
+/// Settings the user gave, by config key (a config file's, then the flags'): a fresh run takes them
+/// over the defaults; a resumed run checks them against its saved config.
+pub type Given = serde_json::Map<String, serde_json::Value>;
+
+/// Settings a resumed run may change: how it runs and what it reports, not what it trains. The
+/// epochs extend (or shorten) the plan; every other setting is the run's own.
+const CHANGEABLE_ON_RESUME: [&str; 14] = [
+    "epochs",
+    "device",
+    "precision",
+    "deterministic",
+    "log_every",
+    "keep",
+    "loader_threads",
+    "max_bad",
+    "pin_memory",
+    "knn_k",
+    "knn_memory",
+    "knn_memory_per_class",
+    "knn_query_per_class",
+    "val_data",
+];
+
+/// The flag of a config key (`batch_size` -> `--batch-size`).
+fn flag(key: &str) -> String {
+    format!("--{}", key.replace('_', "-"))
+}
+
 impl PretrainConfig {
-    /// Reads a TOML config; unknown keys are errors naming the file.
+    /// Reads a TOML config; unknown keys and wrong types are errors naming the file and line.
     pub fn from_toml(path: &Path) -> Result<PretrainConfig> {
+        Self::from_given(&Self::given_from_toml(path)?)
+    }
+
+    /// The settings a TOML config file gives, checked (unknown keys, types) against the config.
+    pub fn given_from_toml(path: &Path) -> Result<Given> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| {
+        let at = |e: toml::de::Error| {
             let line = e
                 .span()
                 .map_or(0, |s| text[..s.start].matches('\n').count() + 1);
             Error::user(format!("{} line {line}: {}", path.display(), e.message()))
-        })
+        };
+        toml::from_str::<PretrainConfig>(&text).map_err(at)?;
+        let table: toml::Table = toml::from_str(&text).map_err(at)?;
+        match serde_json::to_value(table) {
+            Ok(serde_json::Value::Object(m)) => Ok(m),
+            _ => Err(Error::user(format!(
+                "{}: not a table of settings",
+                path.display()
+            ))),
+        }
+    }
+
+    /// The defaults with the given settings over them.
+    pub fn from_given(given: &Given) -> Result<PretrainConfig> {
+        let mut v = Self::default().to_given();
+        v.extend(given.clone());
+        serde_json::from_value(serde_json::Value::Object(v))
+            .map_err(|e| Error::user(format!("config: {e}")))
+    }
+
+    /// Every setting of this config, by key.
+    pub fn to_given(&self) -> Given {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => unreachable!("a config serializes to a map"),
+        }
+    }
+
+    /// Side of the training views: the one given, else 48 on the synthetic set and 224 on real data.
+    pub fn size(&self) -> usize {
+        self.image_size
+            .unwrap_or(if self.data.is_some() { 224 } else { 48 })
+    }
+
+    /// Warmup epochs: the ones given, else 2 clamped below the epochs (a short run is never blocked
+    /// by a default it did not set).
+    pub fn warmup(&self) -> usize {
+        self.warmup_epochs
+            .unwrap_or(DEFAULT_WARMUP.min(self.epochs.saturating_sub(1)))
     }
 
     /// The config with its automatic values made explicit (as written into the run folder).
     pub fn resolved(&self) -> PretrainConfig {
         let mut c = self.clone();
-        if c.image_size == 0 {
-            c.image_size = if c.data.is_some() { 224 } else { 48 };
-        }
+        c.image_size = Some(self.size());
+        c.warmup_epochs = Some(self.warmup());
         c
     }
 
-    /// Checks every value (automatic ones resolved first); one line naming the flag on error.
-    pub fn validate(&self) -> Result<(LewelConfig, StepConfig)> {
-        self.resolved().check()
+    /// What the automatic values became, for the run's first line (empty when nothing to say).
+    fn auto_notes(&self) -> String {
+        match self.warmup_epochs {
+            None if self.warmup() < DEFAULT_WARMUP => format!(
+                " (the default {DEFAULT_WARMUP} clamped below --epochs {})",
+                self.epochs
+            ),
+            _ => String::new(),
+        }
     }
 
-    fn check(&self) -> Result<(LewelConfig, StepConfig)> {
+    /// Checks every value; one line naming the flag on error.
+    pub fn validate(&self) -> Result<(LewelConfig, StepConfig)> {
         let bad = |flag: &str, what: String| Err(Error::user(format!("--{flag}: {what}")));
         let arch: Arch = self.arch.parse()?;
         let method: Method = self.method.parse()?;
@@ -197,25 +293,54 @@ impl PretrainConfig {
                 format!("expected auto, f32 or bf16, got '{}'", self.precision),
             );
         }
-        if self.epochs == 0 {
-            return bad("epochs", "must be at least 1, got 0".into());
+        if !["disjoint", "official"].contains(&self.knn_protocol.as_str()) {
+            return bad(
+                "knn-protocol",
+                format!("expected disjoint or official, got '{}'", self.knn_protocol),
+            );
         }
-        if self.warmup_epochs >= self.epochs {
+        self.device.parse::<DeviceChoice>()?;
+        if !(1..=MAX_EPOCHS).contains(&self.epochs) {
+            return bad(
+                "epochs",
+                format!("must lie in [1, {MAX_EPOCHS}], got {}", self.epochs),
+            );
+        }
+        if self.warmup() >= self.epochs {
             return bad(
                 "warmup-epochs",
-                format!(
-                    "{} must be below --epochs {}",
-                    self.warmup_epochs, self.epochs
-                ),
+                format!("{} must be below --epochs {}", self.warmup(), self.epochs),
             );
         }
         let synthetic = self.data.is_none();
-        if self.batch_size < 2 || (synthetic && self.batch_size > self.train_len) {
+        if synthetic && !(2..=MAX_SYNTHETIC).contains(&self.train_len) {
+            return bad(
+                "train-len",
+                format!("must lie in [2, {MAX_SYNTHETIC}], got {}", self.train_len),
+            );
+        }
+        if synthetic && !(1..=MAX_SYNTHETIC).contains(&self.val_len) {
+            return bad(
+                "val-len",
+                format!("must lie in [1, {MAX_SYNTHETIC}], got {}", self.val_len),
+            );
+        }
+        let max_batch = if synthetic {
+            self.train_len.min(MAX_BATCH)
+        } else {
+            MAX_BATCH
+        };
+        if !(2..=max_batch).contains(&self.batch_size) {
+            let what = if synthetic {
+                format!(" (the training images: --train-len {})", self.train_len)
+            } else {
+                String::new()
+            };
             return bad(
                 "batch-size",
                 format!(
-                    "must lie in [2, {}] (the training images), got {}",
-                    self.train_len, self.batch_size
+                    "must lie in [2, {max_batch}]{what}, got {}",
+                    self.batch_size
                 ),
             );
         }
@@ -231,10 +356,10 @@ impl PretrainConfig {
             );
         }
         let max_size = if synthetic { SOURCE_SIZE } else { 1024 };
-        if self.image_size < 32 || self.image_size > max_size {
+        if !(32..=max_size).contains(&self.size()) {
             return bad(
                 "image-size",
-                format!("must lie in [32, {max_size}], got {}", self.image_size),
+                format!("must lie in [32, {max_size}], got {}", self.size()),
             );
         }
         if !(0.0..=1.0).contains(&self.max_bad) {
@@ -243,16 +368,37 @@ impl PretrainConfig {
                 format!("must lie in [0, 1], got {}", self.max_bad),
             );
         }
-        if !synthetic && (self.knn_memory_per_class == 0 || self.knn_query_per_class == 0) {
+        if self.knn_memory_per_class == 0 {
             return bad(
                 "knn-memory-per-class",
-                "the kNN monitor needs at least one memory and one query image per class".into(),
+                "the kNN monitor needs at least one memory image per class, got 0".into(),
             );
         }
-        if self.knn_k == 0 || self.val_len == 0 {
+        if self.knn_query_per_class == 0 {
             return bad(
-                "knn-k",
-                "the kNN monitor needs k >= 1 and a validation split".into(),
+                "knn-query-per-class",
+                "the kNN monitor needs at least one query image per class, got 0".into(),
+            );
+        }
+        if self.knn_k == 0 {
+            return bad("knn-k", "must be at least 1, got 0".into());
+        }
+        if self.log_every == 0 {
+            return bad("log-every", "must be at least 1, got 0".into());
+        }
+        if self.keep == 0 {
+            return bad(
+                "keep",
+                "must be at least 1 (checkpoints kept), got 0".into(),
+            );
+        }
+        if self.loader_threads > MAX_THREADS {
+            return bad(
+                "loader-threads",
+                format!(
+                    "must lie in [0, {MAX_THREADS}] (0: one per core), got {}",
+                    self.loader_threads
+                ),
             );
         }
         let exclude = ExcludeRule::from_flag(&self.lars_exclude, method == Method::LewelBEman)?;
@@ -277,6 +423,99 @@ impl PretrainConfig {
         };
         Ok((lc, sc))
     }
+
+    /// A resumed run's config: the saved one with the settings given now. Settings that define
+    /// what is trained cannot change (all of them are listed in one error); the epochs may grow or
+    /// shrink, re-planning the schedule. Returns the config and a line naming what changed.
+    fn for_resume(saved: &PretrainConfig, given: &Given) -> Result<(PretrainConfig, String)> {
+        let mut cfg = saved.to_given();
+        let (mut refused, mut changed) = (Vec::new(), Vec::new());
+        for (key, value) in given {
+            let mut value = value.clone();
+            if matches!(key.as_str(), "data" | "val_data" | "out") {
+                if let Some(p) = value.as_str() {
+                    value = serde_json::Value::from(absolute(Path::new(p)).display().to_string());
+                }
+            }
+            let old = cfg.get(key).cloned().unwrap_or(serde_json::Value::Null);
+            if old == value {
+                continue;
+            }
+            let show = |v: &serde_json::Value| match v {
+                serde_json::Value::Null => "none".to_string(),
+                serde_json::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            let line = format!("{} {} -> {}", flag(key), show(&old), show(&value));
+            if CHANGEABLE_ON_RESUME.contains(&key.as_str()) {
+                changed.push(line);
+                cfg.insert(key.clone(), value);
+            } else {
+                refused.push(line);
+            }
+        }
+        if !refused.is_empty() {
+            return Err(Error::user(format!(
+                "--resume: these settings are fixed by the run and cannot change when it resumes: {}; start a new run (--out) to change them",
+                refused.join(", ")
+            )));
+        }
+        let cfg = Self::from_given(&cfg)?;
+        let note = if changed.is_empty() {
+            String::new()
+        } else {
+            format!(" | changed on resume: {}", changed.join(", "))
+        };
+        Ok((cfg, note))
+    }
+}
+
+/// An absolute form of a path (relative to the current directory), so a saved config works from
+/// any directory; symlinks are kept as given.
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The shape of the schedule: iterations per epoch (counted from the data the loop reads: one
+/// place computes it), epochs, warmup epochs. LEWEL_SPEC 4.3 (lr) and 3.3 (EMA momentum).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub iters: usize,
+    pub epochs: usize,
+    pub warmup: usize,
+}
+
+impl Plan {
+    pub fn new(cfg: &PretrainConfig, iters: usize) -> Plan {
+        Plan {
+            iters,
+            epochs: cfg.epochs,
+            warmup: cfg.warmup(),
+        }
+    }
+
+    /// Iterations of the whole run.
+    pub fn total(&self) -> usize {
+        self.iters * self.epochs
+    }
+
+    /// The learning rate and EMA momentum of step k (0-based) into `sc`.
+    pub fn set_step(&self, cfg: &PretrainConfig, sc: &mut StepConfig, k: usize) {
+        sc.lars.lr = optim::lr_at(
+            cfg.lr,
+            k / self.iters,
+            k % self.iters,
+            self.iters,
+            self.warmup,
+            self.epochs,
+        );
+        sc.ema_m = optim::ema_momentum(cfg.enc_m, k, self.total());
+    }
+}
+
+/// Iterations per epoch of the built-in set (one rank, drop_last).
+pub fn synthetic_iters(cfg: &PretrainConfig) -> usize {
+    cfg.train_len / cfg.batch_size
 }
 
 /// The end of a run.
@@ -285,9 +524,11 @@ pub struct Summary {
     /// kNN accuracy at init and at the end (none: the monitor was off).
     pub knn_init: Option<f64>,
     pub knn_final: Option<f64>,
-    pub first_loss: f64,
-    pub last_loss: f64,
+    /// Loss of the run's first and last steps (none: no step was taken).
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
     pub epochs_done: usize,
+    /// Steps taken by this invocation.
     pub steps: usize,
     pub seconds: f64,
 }
@@ -306,17 +547,17 @@ pub struct Manifest {
     /// kNN accuracy at init and after the last epoch (none: the monitor was off).
     pub knn_init: Option<f64>,
     pub knn_last: Option<f64>,
-    pub first_loss: f64,
+    pub first_loss: Option<f64>,
     /// How the data order and augmentation resume: no generator state is needed.
     pub rng: String,
     pub config: PretrainConfig,
 }
 
-/// The data of step k (0-based) of a run: a DistributedSampler-style shuffle per epoch from the
-/// seed (one rank, drop_last), then two augmented views of each sample.
+/// The data of step k (0-based) of a run on the built-in set: a DistributedSampler-style shuffle
+/// per epoch from the seed (one rank, drop_last), then two augmented views of each sample.
 pub(crate) fn views_for_step(cfg: &PretrainConfig, k: usize) -> (Vec<f32>, Vec<f32>, Shape) {
     let data = Synthetic::new(cfg.seed, SOURCE_SIZE, cfg.train_len, cfg.val_len);
-    let iters = cfg.train_len / cfg.batch_size;
+    let iters = synthetic_iters(cfg);
     let (epoch, i) = (k / iters, k % iters);
     let mut order: Vec<usize> = (0..cfg.train_len).collect();
     let mut r = Rng::keyed(&[cfg.seed, 0x5a3, epoch as u64]);
@@ -324,24 +565,10 @@ pub(crate) fn views_for_step(cfg: &PretrainConfig, k: usize) -> (Vec<f32>, Vec<f
         order.swap(j, r.below(j as u64 + 1) as usize);
     }
     let idx = &order[i * cfg.batch_size..][..cfg.batch_size];
-    let (v1, v2) = views_batch(&data, cfg.seed, epoch, idx, cfg.image_size);
-    let shape = Shape::new(&[cfg.batch_size, cfg.image_size, cfg.image_size, 3]);
+    let size = cfg.size();
+    let (v1, v2) = views_batch(&data, cfg.seed, epoch, idx, size);
+    let shape = Shape::new(&[cfg.batch_size, size, size, 3]);
     (v1, v2, shape)
-}
-
-/// The learning rate and EMA momentum of step k (0-based) into `sc`.
-pub(crate) fn schedule_step(cfg: &PretrainConfig, sc: &mut StepConfig, k: usize) {
-    let iters = cfg.train_len / cfg.batch_size;
-    let total = iters * cfg.epochs;
-    sc.lars.lr = optim::lr_at(
-        cfg.lr,
-        k / iters,
-        k % iters,
-        iters,
-        cfg.warmup_epochs,
-        cfg.epochs,
-    );
-    sc.ema_m = optim::ema_momentum(cfg.enc_m, k, total);
 }
 
 fn views_batch(
@@ -402,11 +629,10 @@ fn features(
 /// The kNN monitor's labeled images.
 enum KnnData {
     Synthetic(Synthetic),
-    /// Real images: memory and query indices (the first few per class, LEWEL_SPEC 10).
+    /// Real images: the memory and the queries, each a set and its indices (LEWEL_SPEC 6).
     Real {
-        samples: Arc<dyn Samples>,
-        memory: Vec<usize>,
-        query: Vec<usize>,
+        memory: (Arc<dyn Samples>, Vec<usize>),
+        query: (Arc<dyn Samples>, Vec<usize>),
         classes: usize,
     },
     /// No labeled set: the monitor is off.
@@ -426,10 +652,28 @@ fn first_per_class(samples: &dyn Samples, per_class: usize) -> Vec<usize> {
 }
 
 impl KnnData {
-    fn open(cfg: &PretrainConfig) -> Result<(KnnData, String)> {
-        let Some(data) = &cfg.data else {
+    /// The monitor's data, its part of the run's first line, and warnings. `train`: the training
+    /// set (real data), where the disjoint protocol takes its memory.
+    fn open(
+        cfg: &PretrainConfig,
+        train: Option<&Arc<dyn Samples>>,
+    ) -> Result<(KnnData, String, Vec<String>)> {
+        let mut warnings = Vec::new();
+        let mut clamp = |memory: usize| {
+            if cfg.knn_k > memory {
+                warnings.push(format!(
+                    "--knn-k {} exceeds the {memory} kNN memory images: using k = {memory} (a vote over the whole memory predicts its most common class)",
+                    cfg.knn_k
+                ));
+            }
+        };
+        let (Some(data), Some(train)) = (&cfg.data, train) else {
             let d = Synthetic::new(cfg.seed, SOURCE_SIZE, cfg.train_len, cfg.val_len);
-            return Ok((KnnData::Synthetic(d), String::new()));
+            clamp(match cfg.knn_memory {
+                0 => d.train_len,
+                n => n.min(d.train_len),
+            });
+            return Ok((KnnData::Synthetic(d), String::new(), warnings));
         };
         let val = match &cfg.val_data {
             Some(v) => Some(v.clone()),
@@ -438,28 +682,48 @@ impl KnnData {
         let Some(val) = val else {
             return Ok((
                 KnnData::Off,
-                " | kNN monitor off (no --val-data)".to_string(),
+                " | kNN monitor off (no --val-data, no val/ beside train/)".to_string(),
+                warnings,
             ));
         };
-        let samples = crate::data::open_samples(&val).ctx("--val-data")?;
-        let memory = first_per_class(&*samples, cfg.knn_memory_per_class);
-        let query = first_per_class(&*samples, cfg.knn_query_per_class);
+        let vs = crate::data::open_samples(&val).ctx("--val-data")?;
+        let official = cfg.knn_protocol == "official";
+        let (mem_set, what) = if official {
+            (
+                vs.clone(),
+                "official protocol: memory and queries from val, the memory inside the queries",
+            )
+        } else {
+            if vs.classes() != train.classes() || vs.class_names() != train.class_names() {
+                return Err(Error::user(format!(
+                    "--val-data {}: its {} classes are not the {} classes of --data {}; the kNN memory comes from --data and the queries from --val-data, so both need the same class folders (or use --knn-protocol official)",
+                    val.display(),
+                    vs.classes(),
+                    train.classes(),
+                    data.display()
+                )));
+            }
+            (train.clone(), "memory from --data, queries from --val-data")
+        };
+        let memory = first_per_class(&*mem_set, cfg.knn_memory_per_class);
+        let query = first_per_class(&*vs, cfg.knn_query_per_class);
+        clamp(memory.len());
         let note = format!(
-            " | kNN {} ({} memory, {} queries, {} classes)",
+            " | kNN {} ({} memory, {} queries, {} classes; {what})",
             val.display(),
             memory.len(),
             query.len(),
-            samples.classes()
+            vs.classes()
         );
-        let classes = samples.classes();
+        let classes = vs.classes();
         Ok((
             KnnData::Real {
-                samples,
-                memory,
-                query,
+                memory: (mem_set, memory),
+                query: (vs, query),
                 classes,
             },
             note,
+            warnings,
         ))
     }
 }
@@ -467,7 +731,7 @@ impl KnnData {
 /// kNN accuracy (%) of the online backbone's features; None when the monitor is off.
 fn knn_monitor(m: &mut Engine, data: &KnnData, cfg: &PretrainConfig) -> Result<Option<f64>> {
     let c = m.cpu().cfg.arch.out_channels();
-    let size = cfg.image_size;
+    let size = cfg.size();
     let ((mem, ml), (q, ql), classes) = match data {
         KnnData::Off => return Ok(None),
         KnnData::Synthetic(d) => {
@@ -490,16 +754,14 @@ fn knn_monitor(m: &mut Engine, data: &KnnData, cfg: &PretrainConfig) -> Result<O
             )
         }
         KnnData::Real {
-            samples,
             memory,
             query,
             classes,
         } => {
             // The eval transform at this size: the 256 -> 224 ratio of the recipe.
             let resize = (size * 256).div_ceil(224);
-            let item = |idx: &[usize]| {
-                let idx = idx.to_vec();
-                let samples = samples.clone();
+            let item = |(samples, idx): &(Arc<dyn Samples>, Vec<usize>)| {
+                let (samples, idx) = (samples.clone(), idx.clone());
                 move |k: usize| {
                     let i = idx[k];
                     let img = samples.decode(i).ok()?;
@@ -510,8 +772,8 @@ fn knn_monitor(m: &mut Engine, data: &KnnData, cfg: &PretrainConfig) -> Result<O
                 }
             };
             (
-                features(m, memory.len(), size, &item(memory))?,
-                features(m, query.len(), size, &item(query))?,
+                features(m, memory.1.len(), size, &item(memory))?,
+                features(m, query.1.len(), size, &item(query))?,
                 *classes,
             )
         }
@@ -528,15 +790,22 @@ enum TrainData {
     Real(Loader),
 }
 
+/// What `TrainData::open` gives: the data, its iterations per epoch, its part of the run's first
+/// line, and the training images (real data).
+type Opened = (TrainData, usize, String, Option<Arc<dyn Samples>>);
+
 impl TrainData {
-    /// The data, its iterations per epoch, and its part of the run's first line.
-    fn open(cfg: &PretrainConfig) -> Result<(TrainData, usize, String)> {
+    /// The data, its iterations per epoch (the one place they are counted), its part of the run's
+    /// first line, and the training images (real data).
+    fn open(cfg: &PretrainConfig) -> Result<Opened> {
         let Some(path) = &cfg.data else {
             let what = format!(
                 "synthetic {} train / {} val, {}px",
-                cfg.train_len, cfg.val_len, cfg.image_size
+                cfg.train_len,
+                cfg.val_len,
+                cfg.size()
             );
-            return Ok((TrainData::Synthetic, cfg.train_len / cfg.batch_size, what));
+            return Ok((TrainData::Synthetic, synthetic_iters(cfg), what, None));
         };
         let samples = crate::data::open_samples(path).ctx("--data")?;
         let n = samples.len();
@@ -555,14 +824,14 @@ impl TrainData {
             "{} ({n} images, {} classes), {}px, {threads} loader threads, JPEG decoder {}",
             path.display(),
             samples.classes(),
-            cfg.image_size,
+            cfg.size(),
             cfg.jpeg_decoder
         );
         let loader = Loader::new(
-            samples,
+            samples.clone(),
             LoaderConfig {
                 batch: cfg.batch_size,
-                size: cfg.image_size,
+                size: cfg.size(),
                 seed: cfg.seed,
                 threads,
                 prefetch: 2,
@@ -573,7 +842,7 @@ impl TrainData {
             },
         )?;
         let iters = loader.batches_per_epoch();
-        Ok((TrainData::Real(loader), iters, what))
+        Ok((TrainData::Real(loader), iters, what, Some(samples)))
     }
 }
 
@@ -621,7 +890,12 @@ impl Engine {
                 let note = format!("{e}; training on the CPU");
                 return Ok((Engine::Cpu(Box::new(m)), Some(note)));
             }
-            Err(Error::Cuda(m)) => return Err(Error::user(m)),
+            Err(Error::Cuda(m)) => {
+                return Err(Error::user(format!(
+                    "--device {}: {m}; `lewel info` shows what was found; --device cpu trains on the CPU",
+                    cfg.device
+                )))
+            }
             Err(e) => return Err(e),
         };
         let batch = cfg.batch_size;
@@ -729,20 +1003,36 @@ fn oom(e: Error, batch: usize) -> Error {
     }
 }
 
+/// Where a run reports: log and step lines on stdout, warnings on stderr (above the progress bar,
+/// which draws on stderr when it is a terminal), metrics into metrics.jsonl.
 struct Log {
-    jsonl: std::fs::File,
+    jsonl: Option<std::fs::File>,
     bar: Option<indicatif::ProgressBar>,
 }
 
 impl Log {
-    fn line(&self, s: &str) {
+    fn print(&self, f: impl FnOnce()) {
         match &self.bar {
-            Some(b) => b.println(s),
-            None => eprintln!("{s}"),
+            Some(b) => b.suspend(f),
+            None => f(),
         }
     }
+    fn line(&self, s: &str) {
+        // A closed stdout (`lewel pretrain | head`) must not stop the run.
+        self.print(|| {
+            let _ = writeln!(std::io::stdout(), "{s}");
+        })
+    }
+    fn warn(&self, s: &str) {
+        self.print(|| {
+            let _ = writeln!(std::io::stderr(), "warning: {s}");
+        })
+    }
     fn json(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.jsonl, "{v}").map_err(|e| Error::io("metrics.jsonl", e))
+        match &mut self.jsonl {
+            Some(f) => writeln!(f, "{v}").map_err(|e| Error::io("metrics.jsonl", e)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -813,38 +1103,202 @@ pub fn read_manifest(path: &Path) -> Result<(PathBuf, Manifest)> {
     Ok((dir, man))
 }
 
-/// Runs (or resumes) pretraining. `stop_after`: stop once this many epochs are done (an interruption
-/// on purpose; the run resumes with `resume`).
-pub fn pretrain(
-    cfg: &PretrainConfig,
-    resume: Option<&Path>,
-    stop_after: Option<usize>,
-) -> Result<Summary> {
-    let t0 = Instant::now();
-    let (cfg, man) = match resume {
-        // The run continues in the folder that holds the manifest, wherever its config says it was.
-        Some(p) => {
-            let (dir, man) = read_manifest(p).ctx("--resume")?;
-            (
-                PretrainConfig {
-                    out: dir,
-                    ..man.config.clone()
-                },
-                Some(man),
+/// How a run is started, beside its config.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Stop once this many epochs are done (an interruption on purpose: resume continues it).
+    pub stop_after: Option<usize>,
+    /// Start over in a folder that holds a run: its config, metrics and checkpoints are deleted
+    /// first (nothing else in the folder is touched).
+    pub force: bool,
+    /// Check everything and print the run's first line, then stop: nothing is written.
+    pub dry_run: bool,
+}
+
+/// The lock file of a run folder: held (flock) for the run's life, it holds the pid.
+const LOCK: &str = "lewel.lock";
+
+/// The exclusive lock on a run folder, released when dropped (and by the kernel when the process
+/// dies, however it dies).
+struct RunLock(#[allow(dead_code)] std::fs::File);
+
+impl RunLock {
+    /// Takes the folder's lock, or says which process holds it.
+    fn acquire(dir: &Path) -> Result<RunLock> {
+        let p = dir.join(LOCK);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        match f.try_lock() {
+            Ok(()) => {
+                f.set_len(0).map_err(|e| Error::io(&p, e))?;
+                writeln!(f, "{}", std::process::id()).map_err(|e| Error::io(&p, e))?;
+                Ok(RunLock(f))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Err(held(dir, &p)),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&p, e)),
+        }
+    }
+
+    /// Fails, naming the holder, when another process holds the folder's lock; takes nothing.
+    fn probe(dir: &Path) -> Result<()> {
+        let p = dir.join(LOCK);
+        let Ok(f) = std::fs::File::open(&p) else {
+            return Ok(());
+        };
+        match f.try_lock_shared() {
+            Err(std::fs::TryLockError::WouldBlock) => Err(held(dir, &p)),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn held(dir: &Path, lock: &Path) -> Error {
+    let pid = std::fs::read_to_string(lock)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .map_or("pid unknown".to_string(), |p| format!("pid {p}"));
+    Error::user(format!(
+        "{}: another lewel run ({pid}) is using this folder; wait for it to end, or choose another --out",
+        dir.display()
+    ))
+}
+
+/// The files of a run in `dir` (what --force deletes): config, metrics, manifest, checkpoints.
+fn run_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            matches!(n, "config.toml" | "metrics.jsonl" | "checkpoint.json")
+                || ((n.starts_with("checkpoint_") || n.starts_with("optimizer_"))
+                    && n.ends_with(".safetensors"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A new run may start in `dir`: it holds no run, or `force` says to start over.
+fn check_new_folder(dir: &Path, force: bool) -> Result<()> {
+    let files = run_files(dir);
+    if files.is_empty() || force {
+        return Ok(());
+    }
+    let d = dir.display();
+    let what = match read_manifest(dir) {
+        Ok((_, man)) => format!(
+            "holds a run ({} of {} epochs done); continue it with --resume {d} (with --epochs N to extend it)",
+            man.epoch, man.config.epochs
+        ),
+        Err(_) if dir.join("checkpoint.json").exists() => {
+            "holds a run whose checkpoint cannot be read".to_string()
+        }
+        Err(_) => {
+            let names: Vec<String> = files
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect();
+            format!(
+                "holds a run that stopped before its first checkpoint ({})",
+                names.join(", ")
             )
         }
-        None => (cfg.clone(), None),
     };
-    let cfg = cfg.resolved();
+    Err(Error::user(format!(
+        "--out {d}: {what}; start over with --force (deletes its config, metrics and checkpoints), or choose another --out"
+    )))
+}
+
+/// Starts a new run in `cfg.out`. A folder that holds a run is refused unless `opts.force`.
+pub fn pretrain(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
+    let mut c = cfg.clone();
+    // Saved absolute, so a resume works from any directory.
+    c.out = absolute(&c.out);
+    c.data = c.data.as_deref().map(absolute);
+    c.val_data = c.val_data.as_deref().map(absolute);
+    let notes = c.auto_notes();
+    let c = c.resolved();
+    RunLock::probe(&c.out)?;
+    check_new_folder(&c.out, opts.force)?;
+    run(c, None, notes, String::new(), opts)
+}
+
+/// Continues the run in `path` (a run folder or its checkpoint.json) with the settings `given`
+/// now: `epochs` extends (or shortens) it, re-planning the schedule; settings that define what is
+/// trained are refused if they differ from the run's.
+pub fn resume(path: &Path, given: &Given, opts: &RunOptions) -> Result<Summary> {
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let p = path.display();
+    if !path.exists() {
+        return Err(Error::user(format!("--resume {p}: no such run folder")));
+    }
+    if path.is_dir() && !dir.join("checkpoint.json").exists() {
+        return Err(Error::user(if run_files(&dir).is_empty() {
+            format!("--resume {p}: not a lewel run folder (no checkpoint.json)")
+        } else {
+            format!(
+                "--resume {p}: the run stopped before its first checkpoint (written at the end of each epoch), so there is nothing to resume; start it again with --out {p} --force"
+            )
+        }));
+    }
+    RunLock::probe(&dir)?;
+    let (dir, man) = read_manifest(path).ctx("--resume")?;
+    let (mut cfg, mut notes) = PretrainConfig::for_resume(&man.config, given)?;
+    cfg.out = absolute(&dir);
+    if cfg.epochs <= man.epoch {
+        return Err(Error::user(if given.contains_key("epochs") {
+            format!(
+                "--epochs {}: the run in {p} has done {} epochs; to extend it pass more",
+                cfg.epochs, man.epoch
+            )
+        } else {
+            format!(
+                "--resume {p}: the run is complete ({} of {} epochs); pass --epochs N with N > {} to extend it",
+                man.epoch, cfg.epochs, man.epoch
+            )
+        }));
+    }
+    if cfg.epochs != man.config.epochs {
+        notes += &format!(
+            " | re-planned from {} to {} epochs: the cosine lr and the EMA momentum follow the new plan from epoch {} on",
+            man.config.epochs,
+            cfg.epochs,
+            man.epoch + 1
+        );
+    }
+    run(cfg, Some(man), String::new(), notes, opts)
+}
+
+/// The run: `man` is the checkpoint it resumes from. Everything is checked and opened before the
+/// folder is written.
+fn run(
+    cfg: PretrainConfig,
+    man: Option<Manifest>,
+    warmup_note: String,
+    notes: String,
+    opts: &RunOptions,
+) -> Result<Summary> {
+    let t0 = Instant::now();
     let (lc, mut sc) = cfg.validate()?;
     let choice = cfg.device.parse::<DeviceChoice>()?;
-    // The data first: a bad path stops the run before anything is written.
     crate::data::decode::set_jpeg_decoder(cfg.jpeg_decoder.parse()?)?;
-    let (mut train, iters, data_line) = TrainData::open(&cfg)?;
-    let (knn_data, knn_line) = KnnData::open(&cfg)?;
-    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
-    let toml_text = toml::to_string(&cfg).map_err(|e| Error::Other(format!("config: {e}")))?;
-    checkpoint::write_bytes_atomic(&cfg.out.join("config.toml"), toml_text.as_bytes())?;
+    let (mut train, iters, data_line, train_samples) = TrainData::open(&cfg)?;
+    let plan = Plan::new(&cfg, iters);
+    let (knn_data, knn_line, warnings) = KnnData::open(&cfg, train_samples.as_ref())?;
 
     let mut m = Lewel::new(lc, cfg.seed);
     let mut start_epoch = 0;
@@ -869,6 +1323,61 @@ pub fn pretrain(
 
     let params = m.g.store.num_params();
     let (mut m, note) = Engine::open(m, choice, &cfg)?;
+    let mut log = Log {
+        jsonl: None,
+        bar: None,
+    };
+    for w in note.iter().chain(&warnings) {
+        log.warn(w);
+    }
+    log.line(&format!(
+        "lewel pretrain | {} {} | {params} params | device {} | {data_line}{knn_line} | batch {} | {} epochs x {iters} iters = {} steps, warmup {}{} | lr {} wd {} m0 {} | out {}{notes}",
+        cfg.method,
+        lc.arch.name(),
+        m.describe(),
+        cfg.batch_size,
+        cfg.epochs,
+        plan.total(),
+        plan.warmup,
+        warmup_note,
+        cfg.lr,
+        cfg.wd,
+        cfg.enc_m,
+        cfg.out.display()
+    ));
+    if opts.dry_run {
+        log.line("dry run: everything checked, nothing written");
+        return Ok(Summary {
+            knn_init: man.as_ref().and_then(|m| m.knn_init),
+            knn_final: man.as_ref().and_then(|m| m.knn_last),
+            first_loss: None,
+            last_loss: None,
+            epochs_done: start_epoch,
+            steps: 0,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+    }
+
+    // Everything is checked: from here on the run folder is written, under its lock.
+    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+    let _lock = RunLock::acquire(&cfg.out)?;
+    if man.is_none() {
+        // Again under the lock: another run may have started here since the first look.
+        check_new_folder(&cfg.out, opts.force)?;
+        for f in run_files(&cfg.out) {
+            std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+        }
+    }
+    let toml_text = toml::to_string(&cfg).map_err(|e| Error::Other(format!("config: {e}")))?;
+    checkpoint::write_bytes_atomic(&cfg.out.join("config.toml"), toml_text.as_bytes())?;
+    let metrics = cfg.out.join("metrics.jsonl");
+    log.jsonl = Some(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics)
+            .map_err(|e| Error::io(&metrics, e))?,
+    );
     if let (TrainData::Real(l), Some(ctx)) = (&mut train, m.context()) {
         // On a GPU the loader makes the crops, in pinned memory; jitter, blur, solarize and
         // normalize run there.
@@ -877,35 +1386,15 @@ pub fn pretrain(
             l.pin_memory(ctx);
         }
     }
-    let total = iters * cfg.epochs;
+    let total = plan.total();
     let tty = std::io::stderr().is_terminal();
-    let jsonl = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cfg.out.join("metrics.jsonl"))
-        .map_err(|e| Error::io(cfg.out.join("metrics.jsonl"), e))?;
-    let mut log = Log { jsonl, bar: None };
-    if let Some(n) = note {
-        log.line(&format!("warning: {n}"));
-    }
-    log.line(&format!(
-        "lewel pretrain | {} {} | {params} params | device {} | {data_line}{knn_line} | batch {} | {} epochs x {iters} iters | lr {} wd {} m0 {} | out {}",
-        cfg.method,
-        lc.arch.name(),
-        m.describe(),
-        cfg.batch_size,
-        cfg.epochs,
-        cfg.lr,
-        cfg.wd,
-        cfg.enc_m,
-        cfg.out.display()
-    ));
     let (knn_init, mut first_loss) = match &man {
         Some(man) => {
             log.line(&format!(
-                "resumed from {} at epoch {}",
+                "resumed from {} at epoch {} of {}",
                 cfg.out.join(&man.weights).display(),
-                man.epoch
+                man.epoch,
+                cfg.epochs
             ));
             (man.knn_init, man.first_loss)
         }
@@ -915,11 +1404,11 @@ pub fn pretrain(
                 log.line(&format!("knn | epoch 0 | acc {a:.2}%"));
                 log.json(serde_json::json!({"epoch": 0, "knn_acc": a}))?;
             }
-            (acc, f64::NAN)
+            (acc, None)
         }
     };
     let mut knn_last = man.as_ref().map_or(knn_init, |m| m.knn_last);
-    let mut last_loss = f64::NAN;
+    let mut last_loss = None;
     if tty {
         let bar =
             indicatif::ProgressBar::new(total as u64).with_position((start_epoch * iters) as u64);
@@ -944,7 +1433,7 @@ pub fn pretrain(
         for i in 0..iters {
             let ts = Instant::now();
             let k = epoch * iters + i;
-            schedule_step(&cfg, &mut sc, k);
+            plan.set_step(&cfg, &mut sc, k);
             let (loss, data_ms) = match &mut batches {
                 None => {
                     let (v1, v2, shape) = views_for_step(&cfg, k);
@@ -957,9 +1446,9 @@ pub fn pretrain(
                         .next()
                         .ok_or_else(|| Error::Other("the loader stopped early".into()))??;
                     for (j, why) in &b.new_bad {
-                        log.line(&format!("warning: skipped sample {j}: {why}"));
+                        log.warn(&format!("skipped sample {j}: {why}"));
                     }
-                    let s = cfg.image_size;
+                    let s = cfg.size();
                     let shape = Shape::new(&[cfg.batch_size, s, s, 3]);
                     let loss = if b.view1.is_empty() {
                         m.forward_backward_crops(&b, shape, &sc, cfg.batch_size)?
@@ -972,7 +1461,7 @@ pub fn pretrain(
                         // The copies from its crops are queued (done, even: the loss was read).
                         l.recycle(b);
                         if let Some(why) = l.take_pin_failure() {
-                            log.line(&format!("warning: {why}"));
+                            log.warn(&why);
                         }
                     }
                     (loss, wait)
@@ -986,12 +1475,12 @@ pub fn pretrain(
             }
             m.update(&sc)?;
             if let Some(why) = m.take_find_failure() {
-                log.line(&format!("warning: benchmarking cuDNN algorithms failed ({why}); using cuDNN's heuristic choice"));
+                log.warn(&format!(
+                    "benchmarking cuDNN algorithms failed ({why}); using cuDNN's heuristic choice"
+                ));
             }
-            if first_loss.is_nan() {
-                first_loss = loss;
-            }
-            last_loss = loss;
+            first_loss.get_or_insert(loss);
+            last_loss = Some(loss);
             loss_sum += loss;
             let ms = ts.elapsed().as_secs_f64() * 1e3;
             let ips = cfg.batch_size as f64 / (ms / 1e3);
@@ -1036,7 +1525,7 @@ pub fn pretrain(
             config: cfg.clone(),
         };
         save(m.host()?, &cfg.out, &mut mf)?;
-        if stop_after == Some(epochs_done) {
+        if opts.stop_after == Some(epochs_done) {
             break;
         }
     }
@@ -1049,7 +1538,7 @@ pub fn pretrain(
         first_loss,
         last_loss,
         epochs_done,
-        steps: epochs_done * iters,
+        steps: (epochs_done - start_epoch) * iters,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -1083,9 +1572,123 @@ pub fn export(checkpoint_path: &Path, out: &Path) -> Result<usize> {
     Ok(bb.len())
 }
 
-/// `lewel embed`: pooled backbone features (eval-mode BN, not normalized) of `images` (float32 NCHW,
-/// normalized) from a LEWEL state (its online backbone), a run folder, or an exported backbone.
-pub fn embed(checkpoint_path: &Path, images: &Path, out: &Path) -> Result<(usize, usize)> {
+/// Images `lewel embed` reads: normalized tensors, or image files put through the eval transform.
+enum EmbedInput {
+    /// `images`, float32 NCHW (N, 3, H, W), already normalized.
+    Tensor {
+        v: Vec<f32>,
+        n: usize,
+        h: usize,
+        w: usize,
+    },
+    /// An ImageFolder or a packed file (labeled).
+    Set(crate::data::source::Source),
+    /// Image files, in this order.
+    Files(Vec<PathBuf>),
+}
+
+impl EmbedInput {
+    fn open(path: &Path) -> Result<EmbedInput> {
+        let p = path.display();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| Error::io(path, e))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|f| {
+                    f.is_file()
+                        && f.file_name()
+                            .is_some_and(crate::data::folder::has_image_extension)
+                })
+                .collect();
+            if files.is_empty() {
+                // No images directly inside: an ImageFolder (class folders) or nothing.
+                return Ok(EmbedInput::Set(crate::data::source::Source::open(path)?));
+            }
+            files.sort();
+            return Ok(EmbedInput::Files(files));
+        }
+        if crate::data::pack::has_magic(path) {
+            return Ok(EmbedInput::Set(crate::data::source::Source::open(path)?));
+        }
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if crate::data::decode::sniff(&bytes) != crate::data::decode::Format::Unknown {
+            return Ok(EmbedInput::Files(vec![path.to_path_buf()]));
+        }
+        let it = checkpoint::read_bytes(&bytes, path).map_err(|_| {
+            Error::user(format!(
+                "--images {p}: expected an image file, a folder of images, an ImageFolder, a file made by `lewel pack`, or a safetensors with a float32 NCHW tensor 'images'"
+            ))
+        })?;
+        let im = it
+            .get("images")
+            .ok_or_else(|| Error::user(format!("{p}: no tensor 'images'")))?;
+        let v = im
+            .to_f32()
+            .ok_or_else(|| Error::user(format!("{p}: images is {:?}, expected F32", im.dtype)))?;
+        if im.shape.len() != 4 || im.shape[1] != 3 || im.shape[2] < 32 || im.shape[3] < 32 {
+            return Err(Error::user(format!(
+                "{p}: images has shape {:?}, expected (N, 3, H >= 32, W >= 32)",
+                im.shape
+            )));
+        }
+        Ok(EmbedInput::Tensor {
+            v,
+            n: im.shape[0],
+            h: im.shape[2],
+            w: im.shape[3],
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            EmbedInput::Tensor { n, .. } => *n,
+            EmbedInput::Set(s) => s.len(),
+            EmbedInput::Files(f) => f.len(),
+        }
+    }
+
+    /// Image i as the network's NHWC input (h, w): normalized, through the eval transform for files.
+    fn item(&self, i: usize, size: usize) -> Result<(Vec<f32>, usize, usize)> {
+        let img = match self {
+            EmbedInput::Tensor { v, h, w, .. } => {
+                let one = &v[i * 3 * h * w..][..3 * h * w];
+                return Ok((crate::train::nchw_to_nhwc(one, 1, 3, *h, *w), *h, *w));
+            }
+            EmbedInput::Set(s) => s.decode(i).map_err(|e| Error::user(e.to_string()))?,
+            EmbedInput::Files(f) => {
+                let b = std::fs::read(&f[i]).map_err(|e| Error::io(&f[i], e))?;
+                crate::data::decode::decode(&b)
+                    .map_err(|e| Error::user(format!("{}: {e}", f[i].display())))?
+            }
+        };
+        let v = transforms::eval_view(&img, (size * 256).div_ceil(224), size);
+        let mut out = vec![0.0; size * size * 3];
+        pil::normalize(&v, &mut out);
+        Ok((out, size, size))
+    }
+}
+
+/// What `lewel embed` wrote.
+pub struct Embedded {
+    pub n: usize,
+    pub dim: usize,
+    /// Whether `labels` were written (an ImageFolder or a packed file).
+    pub labeled: bool,
+}
+
+/// `lewel embed`: pooled backbone features (eval-mode BN, not normalized) from a LEWEL state (its
+/// online backbone), a run folder, or an exported backbone. `images`: image files, a folder of
+/// them, an ImageFolder or packed file (then `labels` too), each through the eval transform
+/// (resize the shorter side to size * 256 / 224, center crop `size`, ImageNet mean/std); or a
+/// safetensors of float32 NCHW `images`, already normalized.
+pub fn embed(checkpoint_path: &Path, images: &Path, out: &Path, size: usize) -> Result<Embedded> {
+    if !(32..=1024).contains(&size) {
+        return Err(Error::user(format!(
+            "--image-size: must lie in [32, 1024], got {size}"
+        )));
+    }
     let weights = weights_file(checkpoint_path)?;
     let what = weights.display().to_string();
     let t = checkpoint::read_file(&weights)?;
@@ -1098,33 +1701,20 @@ pub fn embed(checkpoint_path: &Path, images: &Path, out: &Path) -> Result<(usize
     let mut s = crate::memory::ParamStore::new();
     let net = crate::model::resnet::ResNet::build(&mut s, prefix, arch, &mut Rng::new(0));
     checkpoint::load_store(&mut s, &t, &what)?;
-    let it = checkpoint::read_file(images)?;
-    let im = it
-        .get("images")
-        .ok_or_else(|| Error::user(format!("{}: no tensor 'images'", images.display())))?;
-    let v = im.to_f32().ok_or_else(|| {
-        Error::user(format!(
-            "{}: images is {:?}, expected F32",
-            images.display(),
-            im.dtype
-        ))
-    })?;
-    if im.shape.len() != 4 || im.shape[1] != 3 || im.shape[2] < 32 || im.shape[3] < 32 {
-        return Err(Error::user(format!(
-            "{}: images has shape {:?}, expected (N, 3, H >= 32, W >= 32)",
-            images.display(),
-            im.shape
-        )));
-    }
-    let (n, h, w) = (im.shape[0], im.shape[2], im.shape[3]);
+    let input = EmbedInput::open(images)?;
+    let n = input.len();
     let c = arch.out_channels();
     let mut g = crate::autograd::Graph::new(s);
     g.set_recording(false);
     let mut feats = Vec::with_capacity(n * c);
-    let img_len = 3 * h * w;
     for start in (0..n).step_by(64) {
         let b = (n - start).min(64);
-        let x = crate::train::nchw_to_nhwc(&v[start * img_len..][..b * img_len], b, 3, h, w);
+        let items = (start..start + b)
+            .into_par_iter()
+            .map(|i| input.item(i, size))
+            .collect::<Result<Vec<_>>>()?;
+        let (h, w) = (items[0].1, items[0].2);
+        let x: Vec<f32> = items.into_iter().flat_map(|(v, _, _)| v).collect();
         g.reset();
         let x = g.input(Shape::new(&[b, h, w, 3]), &x);
         let f = net.forward(&mut g, x, crate::autograd::BnMode::Eval);
@@ -1133,8 +1723,39 @@ pub fn embed(checkpoint_path: &Path, images: &Path, out: &Path) -> Result<(usize
     }
     let mut o = Tensors::new();
     o.insert("features".into(), Owned::f32(vec![n, c], &feats));
-    checkpoint::write_file_atomic(out, &o, None)?;
-    Ok((n, c))
+    let labeled = matches!(input, EmbedInput::Set(_));
+    if let EmbedInput::Set(set) = &input {
+        let labels: Vec<i64> = (0..n).map(|i| set.label(i) as i64).collect();
+        o.insert("labels".into(), Owned::i64(vec![n], &labels));
+    }
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("checkpoint".to_string(), what);
+    if !matches!(input, EmbedInput::Tensor { .. }) {
+        meta.insert(
+            "transform".to_string(),
+            format!(
+                "resize {} (shorter side, PIL bilinear), center crop {size}, ImageNet mean/std",
+                (size * 256).div_ceil(224)
+            ),
+        );
+    }
+    if let EmbedInput::Files(f) = &input {
+        let names: Vec<String> = f.iter().map(|p| p.display().to_string()).collect();
+        meta.insert(
+            "files".to_string(),
+            serde_json::to_string(&names).unwrap_or_default(),
+        );
+    }
+    checkpoint::write_file_atomic(out, &o, Some(meta))?;
+    Ok(Embedded { n, dim: c, labeled })
+}
+
+#[cfg(test)]
+pub(crate) fn stop(epochs: usize) -> RunOptions {
+    RunOptions {
+        stop_after: Some(epochs),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -1144,11 +1765,11 @@ mod tests {
     fn small(out: PathBuf) -> PretrainConfig {
         PretrainConfig {
             epochs: 2,
-            warmup_epochs: 1,
+            warmup_epochs: Some(1),
             batch_size: 16,
             train_len: 64,
             val_len: 40,
-            image_size: 32,
+            image_size: Some(32),
             log_every: 1000,
             device: "cpu".into(),
             out,
@@ -1176,18 +1797,18 @@ mod tests {
     #[test]
     fn resume_after_an_interruption_is_exact() {
         let (a, b) = (tmp("full"), tmp("split"));
-        let full = pretrain(&small(a.clone()), None, None).unwrap();
-        let first = pretrain(&small(b.clone()), None, Some(1)).unwrap();
+        let full = pretrain(&small(a.clone()), &RunOptions::default()).unwrap();
+        let first = pretrain(&small(b.clone()), &stop(1)).unwrap();
         assert_eq!(first.epochs_done, 1);
         assert!(b.join("checkpoint_0001.safetensors").exists());
-        let resumed = pretrain(&PretrainConfig::default(), Some(&b), None).unwrap();
+        let resumed = resume(&b, &Given::new(), &RunOptions::default()).unwrap();
         assert_eq!(
             (
                 resumed.knn_final,
-                resumed.last_loss.to_bits(),
+                resumed.last_loss.map(f64::to_bits),
                 resumed.epochs_done
             ),
-            (full.knn_final, full.last_loss.to_bits(), 2)
+            (full.knn_final, full.last_loss.map(f64::to_bits), 2)
         );
         let wa = std::fs::read(a.join("checkpoint_0002.safetensors")).unwrap();
         let wb = std::fs::read(b.join("checkpoint_0002.safetensors")).unwrap();
@@ -1224,8 +1845,9 @@ mod tests {
         let ip = a.join("images.safetensors");
         checkpoint::write_file_atomic(&ip, &it, None).unwrap();
         let (f1, f2) = (a.join("f1.safetensors"), a.join("f2.safetensors"));
-        assert_eq!(embed(&a, &ip, &f1).unwrap(), (3, 256));
-        embed(&ex, &ip, &f2).unwrap();
+        let e = embed(&a, &ip, &f1, 224).unwrap();
+        assert_eq!((e.n, e.dim, e.labeled), (3, 256, false));
+        embed(&ex, &ip, &f2, 224).unwrap();
         let (v1, v2) = (
             checkpoint::read_file(&f1).unwrap(),
             checkpoint::read_file(&f2).unwrap(),
@@ -1298,7 +1920,7 @@ mod tests {
                 "--epochs",
                 PretrainConfig {
                     epochs: 0,
-                    warmup_epochs: 0,
+                    warmup_epochs: Some(0),
                     ..Default::default()
                 },
             ),
@@ -1306,7 +1928,7 @@ mod tests {
                 "--warmup-epochs",
                 PretrainConfig {
                     epochs: 3,
-                    warmup_epochs: 3,
+                    warmup_epochs: Some(3),
                     ..Default::default()
                 },
             ),
@@ -1318,7 +1940,7 @@ mod tests {
                 "{flag}: {e}"
             );
         }
-        let e = pretrain(&PretrainConfig::default(), Some(&d.join("nothing")), None).unwrap_err();
+        let e = resume(&d.join("nothing"), &Given::new(), &RunOptions::default()).unwrap_err();
         assert!(
             e.to_string().contains("--resume") && e.exit_code() == 2,
             "{e}"
@@ -1374,25 +1996,25 @@ mod real_data_tests {
         let cfg = |out: &str| PretrainConfig {
             data: Some(d.join("train")),
             epochs: 2,
-            warmup_epochs: 1,
+            warmup_epochs: Some(1),
             batch_size: 64,
-            image_size: 32,
+            image_size: Some(32),
             log_every: 1000,
             device: "cpu".into(),
             knn_k: 3,
             out: d.join(out),
             ..Default::default()
         };
-        let full = pretrain(&cfg("full"), None, None).unwrap();
+        let full = pretrain(&cfg("full"), &RunOptions::default()).unwrap();
         assert!(
             full.knn_init.is_some(),
             "val/ beside train/ feeds the monitor"
         );
-        pretrain(&cfg("split"), None, Some(1)).unwrap();
-        let resumed = pretrain(&PretrainConfig::default(), Some(&d.join("split")), None).unwrap();
+        pretrain(&cfg("split"), &stop(1)).unwrap();
+        let resumed = resume(&d.join("split"), &Given::new(), &RunOptions::default()).unwrap();
         assert_eq!(
-            (resumed.knn_final, resumed.last_loss.to_bits()),
-            (full.knn_final, full.last_loss.to_bits())
+            (resumed.knn_final, resumed.last_loss.map(f64::to_bits)),
+            (full.knn_final, full.last_loss.map(f64::to_bits))
         );
         let w = |r: &str| std::fs::read(d.join(r).join("checkpoint_0002.safetensors")).unwrap();
         assert!(w("full") == w("split"), "weights after resume differ");
@@ -1407,16 +2029,16 @@ mod real_data_tests {
         let cfg = PretrainConfig {
             data: Some(d.clone()),
             epochs: 2,
-            warmup_epochs: 1,
+            warmup_epochs: Some(1),
             batch_size: 32,
-            image_size: 32,
+            image_size: Some(32),
             log_every: 1000,
             device: "cpu".into(),
             loader_threads: 2,
             out: d.join("run"),
             ..Default::default()
         };
-        let s = pretrain(&cfg, None, None).unwrap();
+        let s = pretrain(&cfg, &RunOptions::default()).unwrap();
         assert_eq!(s.epochs_done, 2);
         assert!(s.knn_init.is_none(), "no val/: the monitor is off");
         let last: serde_json::Value = std::fs::read_to_string(d.join("run/metrics.jsonl"))
@@ -1430,6 +2052,335 @@ mod real_data_tests {
         let skipped = last["skipped"].as_u64().unwrap();
         assert!((3..=12).contains(&skipped), "skipped {skipped}");
         assert!(last["data_ms"].as_f64().is_some());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// An ImageFolder of `classes` x `per_class` generated 40x32 JPEGs (noise keyed by `seed`).
+    fn folder(root: &Path, classes: &[&str], per_class: usize, seed: u64) {
+        for (c, class) in classes.iter().enumerate() {
+            let dir = root.join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..per_class {
+                let (w, h) = (40, 32);
+                let mut r = Rng::keyed(&[seed, c as u64, i as u64]);
+                let data = (0..w * h * 3).map(|_| r.below(256) as u8).collect();
+                let jpg = encode_jpeg(&RgbImage { w, h, data }, 90).unwrap();
+                std::fs::write(dir.join(format!("img{i:03}.jpg")), jpg).unwrap();
+            }
+        }
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("lewel-real-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    /// 2 classes x 20 images: 40 samples, 5 iterations per epoch at batch 8.
+    fn small_real(d: &Path, out: &str) -> PretrainConfig {
+        if !d.join("train").exists() {
+            folder(&d.join("train"), &["cat", "dog"], 20, 1);
+        }
+        PretrainConfig {
+            data: Some(d.join("train")),
+            epochs: 3,
+            warmup_epochs: Some(1),
+            batch_size: 8,
+            image_size: Some(32),
+            log_every: 1000,
+            device: "cpu".into(),
+            loader_threads: 1,
+            out: d.join(out),
+            ..Default::default()
+        }
+    }
+
+    fn step_lines(dir: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("step").is_some())
+            .collect()
+    }
+
+    /// LEWEL_SPEC 4.3, written out here rather than taken from optim.rs: step k (0-based) of a run
+    /// of `e` epochs of `i` iterations, `w` of them warmup.
+    fn spec_lr(base: f64, k: usize, i: usize, w: usize, e: usize) -> f64 {
+        let epoch = k / i;
+        if epoch < w {
+            base * (k + 1) as f64 / (w * i) as f64
+        } else {
+            let t = (epoch - w) as f64 / (e - w) as f64;
+            base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+        }
+    }
+
+    /// LEWEL_SPEC 3.3: m_k = 1 - (1 - m0) (cos(pi k / K) + 1) / 2.
+    fn spec_m(m0: f64, k: usize, total: usize) -> f64 {
+        1.0 - (1.0 - m0) * ((std::f64::consts::PI * k as f64 / total as f64).cos() + 1.0) / 2.0
+    }
+
+    /// Each step's lr and EMA momentum in metrics.jsonl against the spec's formulas for a plan of
+    /// `epochs` x `iters`, from step `from` (1-based) on.
+    fn assert_schedule(
+        lines: &[serde_json::Value],
+        cfg: &PretrainConfig,
+        iters: usize,
+        epochs: usize,
+        from: usize,
+    ) {
+        for v in lines
+            .iter()
+            .filter(|v| v["step"].as_u64().unwrap() as usize >= from)
+        {
+            let k = v["step"].as_u64().unwrap() as usize - 1;
+            let (lr, m) = (v["lr"].as_f64().unwrap(), v["ema_m"].as_f64().unwrap());
+            let want_lr = spec_lr(cfg.lr, k, iters, cfg.warmup(), epochs);
+            let want_m = spec_m(cfg.enc_m, k, iters * epochs);
+            assert!(
+                (lr - want_lr).abs() <= 1e-12 * want_lr.abs().max(1.0)
+                    && (m - want_m).abs() <= 1e-12,
+                "step {}: lr {lr} m {m}, the spec says lr {want_lr} m {want_m} ({epochs} epochs x {iters} iters)",
+                k + 1
+            );
+        }
+    }
+
+    /// On real data the schedule is sized by the data: I = floor(N / B) iterations per epoch
+    /// (40 images at batch 8: 5), whatever --train-len says.
+    #[test]
+    fn schedule_on_real_data_is_sized_by_the_data() {
+        let d = tmp("schedule");
+        let cfg = small_real(&d, "run");
+        let s = pretrain(&cfg, &RunOptions::default()).unwrap();
+        assert_eq!((s.epochs_done, s.steps), (3, 15));
+        let lines = step_lines(&d.join("run"));
+        assert_eq!(lines.len(), 15, "3 epochs x 5 iterations");
+        assert_schedule(&lines, &cfg, 5, 3, 1);
+        // Warmup reaches the base lr at the end of epoch 1; the last epoch is not zero.
+        assert_eq!(lines[4]["lr"].as_f64(), Some(cfg.lr));
+        assert!(lines[14]["lr"].as_f64().unwrap() > 0.0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A finished run is extended by --resume with more --epochs: the steps already taken keep
+    /// their schedule, the new ones follow the plan over the new total; a complete run without
+    /// more epochs, or fewer epochs than done, is refused.
+    #[test]
+    fn resume_extends_a_finished_run() {
+        let d = tmp("extend");
+        let mut cfg = small_real(&d, "run");
+        cfg.epochs = 2;
+        pretrain(&cfg, &RunOptions::default()).unwrap();
+        let run = d.join("run");
+        let e = resume(&run, &Given::new(), &RunOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("complete (2 of 2 epochs)") && e.contains("--epochs N"),
+            "{e}"
+        );
+        let mut g = Given::new();
+        g.insert("epochs".into(), 2.into());
+        let e = resume(&run, &g, &RunOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--epochs 2:"), "{e}");
+        g.insert("epochs".into(), 3.into());
+        let s = resume(&run, &g, &RunOptions::default()).unwrap();
+        assert_eq!((s.epochs_done, s.steps), (3, 5));
+        let lines = step_lines(&run);
+        assert_eq!(lines.len(), 15);
+        assert_schedule(&lines[..10], &cfg, 5, 2, 1);
+        assert_schedule(&lines, &cfg, 5, 3, 11);
+        let saved = PretrainConfig::from_toml(&run.join("config.toml")).unwrap();
+        assert_eq!(saved.epochs, 3, "config.toml says the new plan");
+        assert!(run.join("checkpoint_0003.safetensors").exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Settings that define what is trained cannot change on resume: all of them are named in one
+    /// error, old and new value; nothing is written.
+    #[test]
+    fn resume_refuses_changed_training_settings() {
+        let d = tmp("refuse");
+        let mut cfg = small_real(&d, "run");
+        cfg.epochs = 1;
+        cfg.warmup_epochs = None;
+        pretrain(&cfg, &RunOptions::default()).unwrap();
+        let run = d.join("run");
+        let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+        let mut g = Given::new();
+        g.insert("epochs".into(), 2.into());
+        g.insert("batch_size".into(), 16.into());
+        g.insert("arch".into(), "resnet50".into());
+        g.insert("lr".into(), 1.0.into()); // the same value: not a change
+        let e = resume(&run, &g, &RunOptions::default()).unwrap_err();
+        assert!(matches!(e, Error::User(_)));
+        let e = e.to_string();
+        assert!(
+            e.contains("--batch-size 8 -> 16")
+                && e.contains("--arch tiny -> resnet50")
+                && !e.contains("--lr"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// --out on a folder holding a run is refused (naming --resume and --force) and nothing in it
+    /// changes; --force starts over (the old metrics and checkpoints are gone).
+    #[test]
+    fn a_run_folder_is_never_clobbered() {
+        let d = tmp("clobber");
+        let mut cfg = small_real(&d, "run");
+        cfg.epochs = 1;
+        cfg.warmup_epochs = None;
+        pretrain(&cfg, &RunOptions::default()).unwrap();
+        let run = d.join("run");
+        let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+        let e = pretrain(&cfg, &RunOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--resume") && e.contains("--force") && e.contains("holds a run"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
+        std::fs::write(run.join("notes.txt"), "mine").unwrap();
+        std::fs::write(run.join("checkpoint_0009.safetensors"), "stale").unwrap();
+        let force = RunOptions {
+            force: true,
+            ..Default::default()
+        };
+        pretrain(&cfg, &force).unwrap();
+        assert_eq!(step_lines(&run).len(), 5, "one run's metrics, not two");
+        assert!(!run.join("checkpoint_0009.safetensors").exists());
+        assert_eq!(
+            std::fs::read_to_string(run.join("notes.txt")).unwrap(),
+            "mine"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// While a run holds a folder's lock, a second run there fails at once naming the holder's
+    /// pid, and so does a resume of it.
+    #[test]
+    fn a_locked_run_folder_is_refused() {
+        let d = tmp("lock");
+        let cfg = small_real(&d, "run");
+        std::fs::create_dir_all(&cfg.out).unwrap();
+        let lock = RunLock::acquire(&cfg.out).unwrap();
+        let pid = format!("pid {}", std::process::id());
+        let e = pretrain(&cfg, &RunOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another lewel run") && e.contains(&pid), "{e}");
+        assert!(!cfg.out.join("config.toml").exists(), "nothing written");
+        drop(lock);
+        let mut c1 = cfg.clone();
+        c1.epochs = 1;
+        c1.warmup_epochs = None;
+        pretrain(&c1, &RunOptions::default()).unwrap();
+        let _lock = RunLock::acquire(&cfg.out).unwrap();
+        let mut g = Given::new();
+        g.insert("epochs".into(), 2.into());
+        let e = resume(&cfg.out, &g, &RunOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&pid), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A run that stopped before its first checkpoint: resume says so in plain words, and a new
+    /// run there is refused until --force.
+    #[test]
+    fn a_run_stopped_before_its_first_checkpoint_says_so() {
+        let d = tmp("early");
+        let cfg = small_real(&d, "run");
+        std::fs::create_dir_all(&cfg.out).unwrap();
+        std::fs::write(cfg.out.join("config.toml"), "epochs = 3\n").unwrap();
+        std::fs::write(cfg.out.join("metrics.jsonl"), "").unwrap();
+        let e = resume(&cfg.out, &Given::new(), &RunOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("stopped before its first checkpoint") && e.contains("--force"),
+            "{e}"
+        );
+        let e = pretrain(&cfg, &RunOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stopped before its first checkpoint"), "{e}");
+        let e = resume(&d.join("nowhere"), &Given::new(), &RunOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such run folder"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// The kNN monitor on real data: under the official protocol the memory is inside the queries,
+    /// so k = 1 finds every query itself (100%); the disjoint protocol's memory comes from the
+    /// training set, so it cannot. Class folders that differ are refused under disjoint.
+    #[test]
+    fn knn_protocols_on_real_data() {
+        let d = tmp("knn");
+        folder(&d.join("val"), &["cat", "dog"], 6, 2);
+        let mut cfg = small_real(&d, "official");
+        cfg.epochs = 1;
+        cfg.warmup_epochs = None;
+        cfg.knn_k = 1;
+        cfg.knn_memory_per_class = 6;
+        cfg.knn_query_per_class = 6;
+        cfg.knn_protocol = "official".into();
+        let s = pretrain(&cfg, &RunOptions::default()).unwrap();
+        assert_eq!(s.knn_init, Some(100.0));
+        cfg.knn_protocol = "disjoint".into();
+        cfg.out = d.join("disjoint");
+        let (data, line, warnings) =
+            KnnData::open(&cfg, TrainData::open(&cfg).unwrap().3.as_ref()).unwrap();
+        assert!(
+            line.contains("memory from --data") && warnings.is_empty(),
+            "{line}"
+        );
+        let KnnData::Real { memory, query, .. } = &data else {
+            panic!("real data gives a real monitor")
+        };
+        assert_eq!((memory.1.len(), query.1.len()), (12, 12));
+        let train_names = memory.0.class_names();
+        assert_eq!(
+            train_names,
+            Some(vec!["cat".to_string(), "dog".to_string()])
+        );
+        assert!(
+            !Arc::ptr_eq(&memory.0, &query.0),
+            "memory and queries from different sets"
+        );
+        // k above the memory is clamped, with a warning.
+        cfg.knn_k = 20;
+        cfg.knn_memory_per_class = 2;
+        let (_, _, warnings) =
+            KnnData::open(&cfg, TrainData::open(&cfg).unwrap().3.as_ref()).unwrap();
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("--knn-k 20 exceeds the 4 kNN memory images")),
+            "{warnings:?}"
+        );
+        // Different class folders: refused under disjoint, accepted under official.
+        folder(&d.join("val2"), &["cat", "emu"], 2, 3);
+        cfg.val_data = Some(d.join("val2"));
+        let e = KnnData::open(&cfg, TrainData::open(&cfg).unwrap().3.as_ref())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.starts_with("--val-data") && e.contains("--knn-protocol official"),
+            "{e}"
+        );
+        cfg.knn_protocol = "official".into();
+        assert!(KnnData::open(&cfg, TrainData::open(&cfg).unwrap().3.as_ref()).is_ok());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

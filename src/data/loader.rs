@@ -178,6 +178,11 @@ pub trait Samples: Send + Sync {
     fn label(&self, i: usize) -> usize;
     /// Number of classes (labels lie in 0..classes).
     fn classes(&self) -> usize;
+    /// The class names (folder names), where the set has them: two sets with the same names
+    /// label alike.
+    fn class_names(&self) -> Option<Vec<String>> {
+        None
+    }
     /// Sample i decoded to RGB, or why not (naming the file).
     fn decode(&self, i: usize) -> std::result::Result<Rgb8, String>;
 }

@@ -34,6 +34,9 @@ impl loader::Samples for source::Source {
     fn classes(&self) -> usize {
         self.class_names().len()
     }
+    fn class_names(&self) -> Option<Vec<String>> {
+        Some(source::Source::class_names(self).to_vec())
+    }
     fn decode(&self, i: usize) -> std::result::Result<pil::Rgb8, String> {
         source::Source::decode(self, i).map_err(|e| e.to_string())
     }

@@ -193,9 +193,10 @@ fn loss_curve(g: &Rc<Gpu>, rows: &mut Vec<Row>) -> Result<()> {
     let mut cpu = Lewel::new(lc, cfg.seed);
     let mut gpu = GpuLewel::<half::bf16>::new(Lewel::new(lc, cfg.seed), g.clone())?;
     let (mut lcpu, mut lgpu) = (Vec::new(), Vec::new());
+    let plan = crate::run::Plan::new(&cfg, crate::run::synthetic_iters(&cfg));
     for k in 0..20 {
         let (v1, v2, shape) = crate::run::views_for_step(&cfg, k);
-        crate::run::schedule_step(&cfg, &mut sc, k);
+        plan.set_step(&cfg, &mut sc, k);
         lcpu.push(cpu.forward_backward(&v1, &v2, shape, &sc));
         cpu.update(&sc);
         lgpu.push(gpu.forward_backward(&v1, &v2, shape, &sc)?);

@@ -216,25 +216,23 @@ impl Gpu {
     pub fn new(ordinal: usize, deterministic: bool) -> Result<Gpu> {
         let probe = crate::device::probe();
         if let Err(e) = &probe.driver {
-            return Err(Error::Cuda(format!(
-                "--device cuda: {e}; install the NVIDIA driver or use --device cpu"
-            )));
+            return Err(Error::Cuda(format!("no NVIDIA driver ({e})")));
         }
         let Some(g) = probe.gpus.get(ordinal) else {
             return Err(Error::Cuda(format!(
-                "--device cuda:{ordinal}: {} GPU(s) found",
+                "there is no GPU {ordinal}: {} GPU(s) found",
                 probe.gpus.len()
             )));
         };
         if g.1 < (7, 5) {
             return Err(Error::Cuda(format!(
-                "--device cuda:{ordinal}: {} has compute capability {}.{}; lewel needs 7.5 or newer",
+                "GPU {ordinal}, {}, has compute capability {}.{}; lewel needs 7.5 or newer",
                 g.0, g.1 .0, g.1 .1
             )));
         }
         for (lib, found) in &probe.libraries {
             if let (Err(e), true) = (found, *lib != "NCCL") {
-                return Err(Error::Cuda(format!("--device cuda: {e}")));
+                return Err(Error::Cuda(e.clone()));
             }
         }
         let cuda = |what: &str, e: String| Error::Cuda(format!("{what}: {e}"));

@@ -1,0 +1,467 @@
+//! The `lewel` binary as a user meets it: exit codes, what goes to stdout and stderr, bad input,
+//! run folders, resume, embed. Each test runs the built binary in its own temporary folder.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn lewel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lewel"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lewel-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().unwrap();
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+/// A bad-input exit: code 2, one line on stderr, no panic, nothing on stdout.
+fn assert_bad(r: &(i32, String, String), names: &str) {
+    let (code, out, err) = r;
+    assert_eq!(*code, 2, "exit code; stderr: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert!(out.is_empty(), "stdout: {out}");
+    assert!(err.contains(names), "stderr should name {names}: {err}");
+}
+
+/// Noise JPEGs, 40x32: `dir/<class>/img<i>.jpg`, or flat in `dir` when `classes` is empty.
+fn images(dir: &Path, classes: &[&str], per_class: usize) {
+    let mut seed = 1u32;
+    let mut noise = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        (seed >> 24) as u8
+    };
+    let groups: Vec<PathBuf> = if classes.is_empty() {
+        vec![dir.to_path_buf()]
+    } else {
+        classes.iter().map(|c| dir.join(c)).collect()
+    };
+    for g in groups {
+        std::fs::create_dir_all(&g).unwrap();
+        for i in 0..per_class {
+            let (w, h) = (40u16, 32u16);
+            let px: Vec<u8> = (0..w as usize * h as usize * 3).map(|_| noise()).collect();
+            let mut jpg = Vec::new();
+            jpeg_encoder::Encoder::new(&mut jpg, 90)
+                .encode(&px, w, h, jpeg_encoder::ColorType::Rgb)
+                .unwrap();
+            std::fs::write(g.join(format!("img{i:03}.jpg")), jpg).unwrap();
+        }
+    }
+}
+
+#[test]
+fn bare_lewel_prints_usage_and_trains_nothing() {
+    let d = tmp("bare");
+    let r = run(lewel().current_dir(&d));
+    assert_bad(&r, "lewel pretrain");
+    assert!(!d.join("runs").exists(), "bare lewel started a run");
+}
+
+/// Every flag of `pretrain --help` shows its default.
+#[test]
+fn every_pretrain_flag_shows_its_default() {
+    let (code, out, _) = run(lewel().args(["pretrain", "--help"]));
+    assert_eq!(code, 0);
+    // Options are blocks: a line starting with "  -" or "      --", then help lines.
+    let mut blocks: Vec<String> = Vec::new();
+    for line in out.lines() {
+        let t = line.trim_start();
+        if t.starts_with("--") || t.starts_with("-h") {
+            blocks.push(line.to_string());
+        } else if let Some(b) = blocks.last_mut() {
+            b.push_str(line);
+        }
+    }
+    assert!(blocks.len() > 35, "{} options found", blocks.len());
+    for b in blocks.iter().filter(|b| !b.contains("--help")) {
+        assert!(b.contains("[default: "), "no default shown: {b}");
+    }
+}
+
+/// Every value flag of pretrain, given odd values: exit 0 (a dry run) or 2 (one clear line), never
+/// a panic, and nothing written.
+#[test]
+fn no_flag_value_panics() {
+    let d = tmp("fuzz");
+    let out = d.join("run");
+    let flags = [
+        "--epochs",
+        "--warmup-epochs",
+        "--batch-size",
+        "--lr",
+        "--wd",
+        "--enc-m",
+        "--lewel-num-heads",
+        "--lewel-loss-weight",
+        "--lewel-scale",
+        "--lars-exclude",
+        "--bn-group",
+        "--seed",
+        "--device",
+        "--precision",
+        "--image-size",
+        "--train-len",
+        "--val-len",
+        "--knn-k",
+        "--knn-memory",
+        "--log-every",
+        "--keep",
+        "--knn-memory-per-class",
+        "--knn-query-per-class",
+        "--knn-protocol",
+        "--loader-threads",
+        "--max-bad",
+        "--jpeg-decoder",
+        "--arch",
+        "--method",
+        "--stop-after",
+        "--data",
+        "--val-data",
+        "--config",
+        "--resume",
+    ];
+    let values = [
+        "0",
+        "1",
+        "-1",
+        "abc",
+        "",
+        "1e400",
+        "nan",
+        "99999999999999999999",
+        "4294967297",
+        "3",
+    ];
+    for f in flags {
+        for v in values {
+            let arg = format!("{f}={v}");
+            let (code, stdout, err) = run(lewel().args([
+                "pretrain",
+                "--dry-run",
+                "--train-len",
+                "64",
+                "--val-len",
+                "16",
+                "--batch-size",
+                "16",
+                "--out",
+                out.to_str().unwrap(),
+                &arg,
+            ]));
+            assert!(
+                code == 0 || code == 2,
+                "{arg}: exit {code}\n{stdout}\n{err}"
+            );
+            assert!(!err.contains("panicked"), "{arg}: {err}");
+            if code == 2 {
+                assert_eq!(err.trim().lines().count(), 1, "{arg}: one line: {err}");
+            } else {
+                assert!(stdout.contains("dry run"), "{arg}: {stdout}");
+            }
+            assert!(!out.exists(), "{arg}: the dry run wrote {}", out.display());
+        }
+    }
+}
+
+#[test]
+fn bad_flags_name_themselves_and_write_nothing() {
+    let d = tmp("bad");
+    let out = d.join("run");
+    let o = out.to_str().unwrap();
+    for (args, names) in [
+        (vec!["--log-every", "0"], "--log-every"),
+        (vec!["--image-size", "0"], "--image-size"),
+        (vec!["--val-len", "0"], "--val-len"),
+        (vec!["--device", "cuda:7"], "cuda:7"),
+        (
+            vec!["--precision", "bf16", "--device", "cpu"],
+            "--precision",
+        ),
+        (vec!["--knn-protocol", "leaky"], "--knn-protocol"),
+        (vec!["--data", "/nonexistent/imgs"], "/nonexistent/imgs"),
+        (vec!["--resume", "/nonexistent/run"], "/nonexistent/run"),
+    ] {
+        let mut a = vec!["pretrain", "--train-len", "64", "--out", o];
+        a.extend(args.iter().copied());
+        let r = run(lewel().args(&a));
+        // A machine with a GPU 7 (or the software GPU) may accept cuda:7: skip that case there.
+        if names == "cuda:7" && r.0 == 0 {
+            continue;
+        }
+        assert_bad(&r, names);
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+    let r = run(lewel().args(["data", "show", ".", "--size", "0", "--out", o]));
+    assert_bad(&r, "--size");
+    let r = run(lewel().args(["data", "show", ".", "--count", "0", "--out", o]));
+    assert_bad(&r, "--count");
+}
+
+/// `lewel check` with no GPU says why it cannot run and where to go: the software GPU and `lewel
+/// info`. (On a machine with a GPU, or under the software GPU, it runs instead: skipped.)
+#[test]
+fn check_without_a_gpu_says_what_to_do() {
+    let r = run(lewel().arg("check").env("LD_LIBRARY_PATH", "/nonexistent"));
+    if r.0 == 0 {
+        eprintln!("a GPU is here: skipped");
+        return;
+    }
+    assert_bad(&r, "emu-env.sh");
+    assert!(r.2.contains("lewel info"), "{}", r.2);
+}
+
+/// A short real-data run from the CLI: step lines on stdout, warnings on stderr, absent values
+/// as "-", paths saved absolute (resume works from another directory), a run folder refused
+/// while it holds a run, then extended by --resume --epochs.
+#[test]
+fn a_real_data_run_from_the_cli() {
+    let d = tmp("real");
+    images(&d.join("imgs"), &["cat", "dog"], 12);
+    let common = [
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+        "--log-every",
+        "1",
+        "--loader-threads",
+        "1",
+        "--device",
+        "cpu",
+    ];
+    let (code, out, err) = run(lewel()
+        .current_dir(&d)
+        .args([
+            "pretrain", "--data", "imgs", "--epochs", "1", "--out", "run",
+        ])
+        .args(common));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("step 1/3 |") && out.contains("step 3/3 |"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warmup 0 (the default 2 clamped below --epochs 1)"),
+        "{out}"
+    );
+    // No val/: the monitor is off, its values print as "-".
+    assert!(out.contains("kNN monitor off"), "{out}");
+    let summary = out.lines().last().unwrap();
+    assert!(summary.contains(" -"), "absent values as -: {summary}");
+    assert!(!out.contains("NaN") && !out.contains("None"), "{out}");
+    assert!(!err.contains("step "), "step lines go to stdout: {err}");
+    let config = std::fs::read_to_string(d.join("run/config.toml")).unwrap();
+    let abs = std::fs::canonicalize(d.join("imgs")).unwrap();
+    assert!(
+        config.contains(&format!("data = \"{}\"", abs.display())),
+        "{config}"
+    );
+
+    // The folder holds a run: refused, naming --resume.
+    let r = run(lewel()
+        .current_dir(&d)
+        .args([
+            "pretrain", "--data", "imgs", "--epochs", "1", "--out", "run",
+        ])
+        .args(common));
+    assert_bad(&r, "--resume");
+
+    // Extended from another directory: the saved paths are absolute.
+    let run_dir = d.join("run");
+    let (code, out, err) = run(lewel().current_dir("/").args([
+        "pretrain",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--epochs",
+        "2",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("re-planned from 1 to 2 epochs") && out.contains("step 6/6 |"),
+        "{out}"
+    );
+    // A flag that defines what is trained is refused on resume.
+    let r = run(lewel().args([
+        "pretrain",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+    ]));
+    assert_bad(&r, "--batch-size 8 -> 16");
+    // k above the kNN memory: a warning, on stderr.
+    images(&d.join("val"), &["cat", "dog"], 3);
+    let (code, out, err) = run(lewel()
+        .current_dir(&d)
+        .args([
+            "pretrain",
+            "--data",
+            "imgs",
+            "--val-data",
+            "val",
+            "--knn-memory-per-class",
+            "2",
+            "--epochs",
+            "1",
+            "--out",
+            "run2",
+        ])
+        .args(common));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("warning: --knn-k 20 exceeds the 4 kNN memory images"),
+        "{err}"
+    );
+    assert!(out.contains("knn | epoch 1 |"), "{out}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// A second run on a folder in use fails at once, naming the holder's pid.
+#[test]
+fn a_second_run_on_a_busy_folder_names_the_first() {
+    let d = tmp("busy");
+    let out = d.join("run");
+    let mut first = lewel()
+        .args(["pretrain", "--device", "cpu", "--epochs", "50", "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = out.join("lewel.lock");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&lock).map_or(true, |s| s.trim().is_empty()) {
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "the first run never took its lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let r = run(lewel()
+        .args(["pretrain", "--device", "cpu", "--force", "--out"])
+        .arg(&out));
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_bad(&r, &format!("pid {}", first.id()));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// `lewel embed` takes an image file, a folder of images or an ImageFolder (with labels): the
+/// same images give the same features. A checkpoint with a flipped bit is refused as damaged.
+#[test]
+fn embed_takes_images_and_checkpoints_are_verified() {
+    let d = tmp("embed");
+    images(&d.join("set"), &["a", "b"], 2);
+    let (code, _, err) = run(lewel().current_dir(&d).args([
+        "pretrain",
+        "--data",
+        "set",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        "run",
+    ]));
+    assert_eq!(code, 0, "{err}");
+    // The same four images, flat.
+    std::fs::create_dir_all(d.join("flat")).unwrap();
+    for (c, i) in [("a", 0), ("a", 1), ("b", 0), ("b", 1)] {
+        std::fs::copy(
+            d.join(format!("set/{c}/img{i:03}.jpg")),
+            d.join(format!("flat/{c}{i}.jpg")),
+        )
+        .unwrap();
+    }
+    let embed = |input: &str, out: &str| {
+        let (code, stdout, err) = run(lewel().current_dir(&d).args([
+            "embed",
+            "--checkpoint",
+            "run",
+            "--images",
+            input,
+            "--out",
+            out,
+            "--image-size",
+            "32",
+        ]));
+        assert_eq!(code, 0, "{input}: {err}");
+        let bytes = std::fs::read(d.join(out)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let f = st.tensor("features").unwrap();
+        let feats: Vec<f32> = f
+            .data()
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let labels = st.tensor("labels").ok().map(|t| {
+            t.data()
+                .chunks(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect::<Vec<_>>()
+        });
+        (f.shape().to_vec(), feats, labels, stdout)
+    };
+    let (shape, set, labels, _) = embed("set", "set.safetensors");
+    assert_eq!(shape[0], 4);
+    assert_eq!(labels, Some(vec![0, 0, 1, 1]));
+    let (_, flat, no_labels, _) = embed("flat", "flat.safetensors");
+    assert_eq!(no_labels, None);
+    assert_eq!(
+        set, flat,
+        "an ImageFolder and a flat folder of the same images"
+    );
+    let (one_shape, one, _, _) = embed("flat/b0.jpg", "one.safetensors");
+    assert_eq!(one_shape[0], 1);
+    assert_eq!(one[..], flat[2 * shape[1]..3 * shape[1]]);
+
+    // One flipped bit in the data of a checkpoint: refused however it is named.
+    let ck = std::fs::read_dir(d.join("run"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("checkpoint_")
+        })
+        .unwrap();
+    let mut bytes = std::fs::read(&ck).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 1;
+    let bad = d.join("renamed.safetensors");
+    std::fs::write(&bad, bytes).unwrap();
+    let r = run(lewel()
+        .args(["export", "--checkpoint"])
+        .arg(&bad)
+        .arg("--out")
+        .arg(d.join("out.safetensors")));
+    assert_bad(&r, "damaged");
+    assert!(!d.join("out.safetensors").exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}
