@@ -659,11 +659,17 @@ impl KnnData {
         train: Option<&Arc<dyn Samples>>,
     ) -> Result<(KnnData, String, Vec<String>)> {
         let mut warnings = Vec::new();
+        // A vote over the whole memory predicts its most common class for every query (ties: the
+        // smallest class index), whatever the features: the accuracy says nothing.
         let mut clamp = |memory: usize| {
-            if cfg.knn_k > memory {
+            let k = cfg.knn_k;
+            if k > memory {
                 warnings.push(format!(
-                    "--knn-k {} exceeds the {memory} kNN memory images: using k = {memory} (a vote over the whole memory predicts its most common class)",
-                    cfg.knn_k
+                    "--knn-k {k} exceeds the {memory} kNN memory images: using k = {memory}, a vote over the whole memory, which predicts its most common class for every query; lower --knn-k or raise the memory"
+                ));
+            } else if k == memory {
+                warnings.push(format!(
+                    "--knn-k {k} equals the {memory} kNN memory images: a vote over the whole memory predicts its most common class for every query; lower --knn-k or raise the memory"
                 ));
             }
         };
@@ -2366,6 +2372,15 @@ mod real_data_tests {
             warnings
                 .iter()
                 .any(|w| w.contains("--knn-k 20 exceeds the 4 kNN memory images")),
+            "{warnings:?}"
+        );
+        cfg.knn_k = 4;
+        let (_, _, warnings) =
+            KnnData::open(&cfg, TrainData::open(&cfg).unwrap().3.as_ref()).unwrap();
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("--knn-k 4 equals the 4 kNN memory images")),
             "{warnings:?}"
         );
         // Different class folders: refused under disjoint, accepted under official.

@@ -111,7 +111,12 @@ pub fn grid(samples: &dyn Samples, count: usize, size: usize, seed: u64) -> Grid
             }
         }
         // The caption on the original's bottom margin band (gray where the image is fitted).
+        // "#index class" where it fits, else the class alone (the more telling half), cut.
         let chars = size / (8 * scale);
+        let caption = match caption.split_once(' ') {
+            Some((_, class)) if caption.chars().count() > chars => class,
+            _ => caption.as_str(),
+        };
         let text: String = caption.chars().take(chars).collect();
         let y0 = header + r * (size + GAP) + size - 8 * scale - 1;
         draw_text(&mut out, GAP + 1, y0, &text, scale, [255, 230, 120]);
