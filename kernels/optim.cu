@@ -1,7 +1,10 @@
 // LARS and EMA/EMAN over the flat f32 buffers (src/optim.rs has the rules). The flat buffer is cut
 // into chunks that never cross a tensor; a chunk table (tensor, start, length) built once on the host
-// drives every launch. Updates run in f64 and round once, as the CPU reference does, so one step
-// matches it to the last bit where the norms do.
+// drives every launch. Updates run in f64 and round once, as the CPU reference does. NVRTC contracts
+// a * b + c into one FMA unless told otherwise, which the CPU (src/optim.rs) never does: every f64
+// operation of lars_trust, lars_update and ema_update is written with a `_rn` intrinsic, so each
+// product and sum is rounded on its own and a step matches the CPU to the last bit where the norms
+// do (the norms are float block sums, in another order than the CPU's f64 sums).
 //   lars_norms:  a block per chunk: sum w^2 and sum g^2 of the chunk (fixed-order block reduction)
 //   lars_trust:  a thread per tensor: sums its chunks in order; scale = lr (excluded) or lr * tau,
 //                tau = eta |w| / (|g| + wd |w|) (0 when |w| = 0 or the denominator is 0)
@@ -44,9 +47,9 @@ extern "C" __global__ void lars_trust(const float* partial, const int* tensor_fi
         }
         pn = sqrt(pn);
         gn = sqrt(gn);
-        double denom = gn + wd * pn;
-        double tau = (pn > 0.0 && denom > 0.0) ? eta * pn / denom : 0.0;
-        scale[t] = lr * tau;
+        double denom = __dadd_rn(gn, __dmul_rn(wd, pn));
+        double tau = (pn > 0.0 && denom > 0.0) ? __ddiv_rn(__dmul_rn(eta, pn), denom) : 0.0;
+        scale[t] = __dmul_rn(lr, tau);
         wdv[t] = wd;
     }
 }
@@ -60,13 +63,14 @@ extern "C" __global__ void lars_update(float* w, const float* g, float* buf, con
     double sc = scale[t], wd = wdv[t];
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         u64 j = s + i;
-        double u = sc * ((double)g[j] + wd * (double)w[j]);
-        double nb = momentum * (double)buf[j] + u;
+        double u = __dmul_rn(sc, __dadd_rn((double)g[j], __dmul_rn(wd, (double)w[j])));
+        double nb = __dadd_rn(__dmul_rn(momentum, (double)buf[j]), u);
         buf[j] = (float)nb;
-        w[j] = (float)((double)w[j] - nb);
+        w[j] = (float)__dsub_rn((double)w[j], nb);
     }
 }
 
 extern "C" __global__ void ema_update(float* target, const float* online, u64 n, double m) {
-    FOR_EACH(i, n) target[i] = (float)(m * (double)target[i] + (1.0 - m) * (double)online[i]);
+    double r = __dsub_rn(1.0, m);
+    FOR_EACH(i, n) target[i] = (float)__dadd_rn(__dmul_rn(m, (double)target[i]), __dmul_rn(r, (double)online[i]));
 }

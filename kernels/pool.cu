@@ -35,7 +35,8 @@ __device__ void maxpool_fwd(const T* x, T* y, unsigned char* arg, PoolParams p) 
                 int iw = ow * p.stride - p.pad + kx;
                 if (iw < 0 || iw >= p.w_in) continue;
                 float v = ld(x, (((u64)n * p.h_in + ih) * p.w_in + iw) * p.c + c);
-                if (v > best) {
+                // NaN propagates (the last NaN of the window wins), as on the CPU and in PyTorch.
+                if (v > best || isnan(v)) {
                     best = v;
                     bi = ky * p.k + kx;
                 }

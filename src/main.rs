@@ -328,7 +328,7 @@ struct PretrainArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long)]
     device: Option<String>,
-    /// Activation storage on the GPU: auto (bf16 on a GPU, f32 on the CPU), f32 or bf16.
+    /// Activation storage on the GPU: auto (bf16 on a GPU of compute capability 8.0 or newer, else f32), f32 or bf16.
     #[arg(long)]
     precision: Option<String>,
     /// Only deterministic cuDNN algorithms: a rerun on the same GPU is bitwise identical.

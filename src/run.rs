@@ -60,7 +60,7 @@ pub struct PretrainConfig {
     pub bn_group: usize,
     pub seed: u64,
     pub device: String,
-    /// Storage dtype of activations on the GPU: auto (bf16 on a GPU, f32 on the CPU), f32 or bf16.
+    /// Storage dtype of activations on the GPU: auto (bf16 on a GPU of compute capability 8.0 or newer, else f32), f32 or bf16.
     pub precision: String,
     /// Only deterministic cuDNN algorithms: a rerun is bitwise identical on the same GPU.
     pub deterministic: bool,
@@ -905,7 +905,15 @@ impl Engine {
             Err(e) => return Err(e),
         };
         let batch = cfg.batch_size;
-        let e = if precision == "f32" {
+        // bf16 GEMMs and convolutions need compute capability 8.0 (cuBLAS CUDA_R_16BF, cuDNN).
+        let bf16_ok = gpu.cc >= (8, 0);
+        if precision == "bf16" && !bf16_ok {
+            return Err(Error::user(format!(
+                "--precision bf16: {} has compute capability {}.{}; bf16 needs 8.0 or newer: use --precision auto or f32",
+                gpu.name, gpu.cc.0, gpu.cc.1
+            )));
+        }
+        let e = if precision == "f32" || !bf16_ok {
             Engine::F32(Box::new(GpuLewel::new(m, gpu).map_err(|e| oom(e, batch))?))
         } else {
             Engine::Bf16(Box::new(GpuLewel::new(m, gpu).map_err(|e| oom(e, batch))?))

@@ -81,3 +81,40 @@ fn a_compile_error_names_the_file() {
         "{e}"
     );
 }
+
+/// The CPU rounds each product and sum of the LARS and EMA updates (src/optim.rs); NVRTC would
+/// contract them into FMAs unless the kernels say otherwise. The PTX of optim.cu's f64 updates
+/// must hold no `fma.rn.f64` (the float norms may use FMA: their order differs from the CPU's
+/// anyway).
+#[test]
+fn optimizer_updates_round_each_operation_as_the_cpu() {
+    if let Err(e) = nvrtc::version() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but NVRTC cannot be loaded: {e}");
+        }
+        eprintln!("SKIPPED optimizer_updates_round_each_operation_as_the_cpu: {e}");
+        return;
+    }
+    let src = nvrtc::SOURCES
+        .iter()
+        .find(|(f, _)| *f == "optim.cu")
+        .unwrap()
+        .1;
+    let ptx = nvrtc::ptx("optim.cu", src, (9, 0)).unwrap();
+    // Each kernel's body: from its `.entry` to the next one.
+    for k in ["lars_trust", "lars_update", "ema_update"] {
+        let at = ptx
+            .find(&format!(".entry {k}("))
+            .unwrap_or_else(|| panic!("{k} not in the PTX"));
+        let body = &ptx[at..];
+        let body = &body[..body[1..].find(".entry").map_or(body.len(), |e| e + 1)];
+        assert!(
+            body.contains("mul.rn.f64") || body.contains("mul.f64"),
+            "{k}: no f64 multiply found; the PTX changed shape"
+        );
+        assert!(
+            !body.contains("fma.rn.f64"),
+            "{k}: NVRTC contracted a multiply-add into fma.rn.f64"
+        );
+    }
+}

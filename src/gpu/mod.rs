@@ -244,9 +244,19 @@ impl Gpu {
         let mut modules = HashMap::new();
         for (file, src) in nvrtc::SOURCES {
             let c = nvrtc::cubin_cached(file, src, cc)?;
-            let m = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin))
-                .map_err(|e| cuda(&format!("loading kernels/{file}"), format!("{e:?}")))?;
+            let from_cache = c.cached;
+            let m = match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin)) {
+                Ok(m) => m,
+                // A cached CUBIN the driver refuses (damaged, or from another toolchain) is
+                // compiled again, once.
+                Err(_) if from_cache => {
+                    nvrtc::forget(file, src, cc);
+                    let c = nvrtc::cubin_cached(file, src, cc)?;
+                    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin))
+                        .map_err(|e| cuda(&format!("loading kernels/{file}"), format!("{e:?}")))?
+                }
+                Err(e) => return Err(cuda(&format!("loading kernels/{file}"), format!("{e:?}"))),
+            };
             modules.insert(*file, m);
         }
         let k = Kernels::load(&modules)?;
@@ -320,6 +330,10 @@ impl Gpu {
         let h: Vec<T> = self
             .stream
             .clone_dtoh(&d.view())
+            .map_err(|e| self.err("download", e))?;
+        // The copy into pageable memory is queued on the stream: wait for it before reading.
+        self.stream
+            .synchronize()
             .map_err(|e| self.err("download", e))?;
         Ok(h.into_iter().map(T::to_f32).collect())
     }

@@ -32,6 +32,8 @@ pub struct Compiled {
     pub log: String,
     /// Empty when the CUBIN came from the cache.
     pub kernels: Vec<KernelReport>,
+    /// Read from the on-disk cache rather than compiled.
+    pub cached: bool,
 }
 
 /// NVRTC's version, or a sentence saying it cannot be loaded.
@@ -82,16 +84,7 @@ pub fn compile(file: &str, src: &str, arch: (i32, i32)) -> Result<Compiled> {
         },
         "nvrtcCreateProgram",
     )?;
-    let opts: Vec<CString> = [
-        format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
-        "--std=c++17".into(),
-        "--ptxas-options=-v".into(),
-        "--ptxas-options=--warn-on-spills".into(),
-        "-lineinfo".into(),
-    ]
-    .iter()
-    .map(|s| c(s))
-    .collect();
+    let opts: Vec<CString> = options(arch).iter().map(|s| c(s)).collect();
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
     // SAFETY: prog is valid; the option strings outlive the call.
     let r = unsafe { sys::nvrtcCompileProgram(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr()) };
@@ -119,7 +112,82 @@ pub fn compile(file: &str, src: &str, arch: (i32, i32)) -> Result<Compiled> {
                 cubin,
                 kernels: parse_ptxas(&log),
                 log,
+                cached: false,
             })
+        })
+    };
+    // SAFETY: prog was created above and is not used after this.
+    unsafe { sys::nvrtcDestroyProgram(&mut prog) };
+    out
+}
+
+/// NVRTC's options for `sm_<major><minor>`: part of the cache key, since they change the code.
+pub fn options(arch: (i32, i32)) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
+        "--std=c++17".into(),
+        "--ptxas-options=-v".into(),
+        "--ptxas-options=--warn-on-spills".into(),
+        "-lineinfo".into(),
+    ]
+}
+
+/// The PTX of one source for `compute_<major><minor>`, with the same language options as
+/// `compile`: for tests that read the generated instructions (no FMA where the CPU rounds twice).
+pub fn ptx(file: &str, src: &str, arch: (i32, i32)) -> Result<String> {
+    version()?;
+    let c = |s: &str| CString::new(s).expect("no NUL in kernel sources");
+    let (src_c, name_c) = (c(src), c(file));
+    let (hdr_c, hdr_name_c) = (c(COMMON_CUH), c("common.cuh"));
+    let headers = [hdr_c.as_ptr()];
+    let header_names = [hdr_name_c.as_ptr()];
+    let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
+    // SAFETY: all pointers outlive the call; NVRTC copies the strings.
+    check(
+        unsafe {
+            sys::nvrtcCreateProgram(
+                &mut prog,
+                src_c.as_ptr(),
+                name_c.as_ptr(),
+                1,
+                headers.as_ptr(),
+                header_names.as_ptr(),
+            )
+        },
+        "nvrtcCreateProgram",
+    )?;
+    let opts: Vec<CString> = [
+        format!("--gpu-architecture=compute_{}{}", arch.0, arch.1),
+        "--std=c++17".into(),
+    ]
+    .iter()
+    .map(|s| c(s))
+    .collect();
+    let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+    // SAFETY: prog is valid; the option strings outlive the call.
+    let r = unsafe { sys::nvrtcCompileProgram(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr()) };
+    let out = if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        Err(Error::Cuda(format!(
+            "NVRTC could not compile kernels/{file} ({r:?}):\n{}",
+            program_log(prog)
+        )))
+    } else {
+        let mut size = 0usize;
+        // SAFETY: prog compiled; the buffer is sized by NVRTC's own answer.
+        check(
+            unsafe { sys::nvrtcGetPTXSize(prog, &mut size) },
+            "nvrtcGetPTXSize",
+        )
+        .and_then(|_| {
+            let mut buf = vec![0 as c_char; size.max(1)];
+            check(
+                unsafe { sys::nvrtcGetPTX(prog, buf.as_mut_ptr()) },
+                "nvrtcGetPTX",
+            )?;
+            // SAFETY: NVRTC wrote a NUL-terminated string into the buffer.
+            Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }
+                .to_string_lossy()
+                .into_owned())
         })
     };
     // SAFETY: prog was created above and is not used after this.
@@ -185,30 +253,44 @@ pub fn cache_dir() -> Option<PathBuf> {
     Some(base.join("kernels"))
 }
 
-/// 64-bit FNV-1a of the shared header and the source: the cache key's source part.
-pub fn source_hash(src: &str) -> u64 {
+/// 64-bit FNV-1a of the shared header, the source and the compile options for `arch`: the cache
+/// key's source part (a changed option compiles anew).
+pub fn source_hash(src: &str, arch: (i32, i32)) -> u64 {
+    let opts = options(arch).join("\n");
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in COMMON_CUH.bytes().chain([0u8]).chain(src.bytes()) {
+    for b in COMMON_CUH
+        .bytes()
+        .chain([0u8])
+        .chain(src.bytes())
+        .chain([0u8])
+        .chain(opts.bytes())
+    {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
 }
 
-/// CUBIN of one source for `arch`, from the cache when an entry for (source hash, arch, NVRTC
-/// version) exists, else compiled and stored. A cache that cannot be written is skipped silently:
-/// it only costs compile time.
-pub fn cubin_cached(file: &str, src: &str, arch: (i32, i32)) -> Result<Compiled> {
+/// The cache file of one source for `arch` (none: no cache folder).
+pub fn cache_path(file: &str, src: &str, arch: (i32, i32)) -> Result<Option<PathBuf>> {
     let (va, vb) = version()?;
     let stem = file.trim_end_matches(".cu");
-    let path = cache_dir().map(|d| {
+    Ok(cache_dir().map(|d| {
         d.join(format!(
             "{stem}-{:016x}-sm{}{}-nvrtc{va}.{vb}.cubin",
-            source_hash(src),
+            source_hash(src, arch),
             arch.0,
             arch.1
         ))
-    });
+    }))
+}
+
+/// CUBIN of one source for `arch`, from the cache when an entry for (source and options hash,
+/// arch, NVRTC version) exists, else compiled and stored. A cache that cannot be written is skipped
+/// silently: it only costs compile time. `Compiled::kernels` is empty for a cached CUBIN; a caller
+/// whose load of it fails calls `forget` and compiles again.
+pub fn cubin_cached(file: &str, src: &str, arch: (i32, i32)) -> Result<Compiled> {
+    let path = cache_path(file, src, arch)?;
     if let Some(p) = &path {
         if let Ok(cubin) = std::fs::read(p) {
             if !cubin.is_empty() {
@@ -217,6 +299,7 @@ pub fn cubin_cached(file: &str, src: &str, arch: (i32, i32)) -> Result<Compiled>
                     cubin,
                     log: String::new(),
                     kernels: Vec::new(),
+                    cached: true,
                 });
             }
         }
@@ -232,6 +315,14 @@ pub fn cubin_cached(file: &str, src: &str, arch: (i32, i32)) -> Result<Compiled>
         }
     }
     Ok(c)
+}
+
+/// Deletes the cache entry of one source (a CUBIN the driver refused: damaged, or from a
+/// different toolchain).
+pub fn forget(file: &str, src: &str, arch: (i32, i32)) {
+    if let Ok(Some(p)) = cache_path(file, src, arch) {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 #[cfg(test)]

@@ -346,6 +346,13 @@ pub fn forward_train_cuda<T: GpuFloat>(
     (mean, rstd): (&mut impl DevMut<f32>, &mut impl DevMut<f32>),
 ) -> crate::Result<()> {
     let (n, c, gc) = sizes(p);
+    // As on the CPU: a group of one row has no variance (PyTorch refuses it too).
+    if p.group_rows <= 1 {
+        return Err(crate::Error::Other(format!(
+            "batchnorm::forward_train_cuda: need more than 1 value per channel, got {} rows per group",
+            p.group_rows
+        )));
+    }
     need(
         "batchnorm::forward_train_cuda",
         &[
