@@ -134,6 +134,13 @@ struct CheckArgs {
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Only the op table: skip the whole training steps and the loss curve.
+    #[arg(long)]
+    ops_only: bool,
+    /// Write one line per op-table output to this file: its name and a hash of the GPU's bytes
+    /// (runs under different thread schedules of the software GPU must give equal files).
+    #[arg(long)]
+    digests: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -615,7 +622,16 @@ fn check(a: CheckArgs) -> Result<()> {
     );
     let t = std::time::Instant::now();
     let mut rows = lewel::gpu::check::run_ops(&g, a.seed)?;
-    rows.extend(lewel::gpu::check_step::run_steps(&g, a.seed)?);
+    if let Some(p) = &a.digests {
+        let text: String = lewel::gpu::check::digests()
+            .iter()
+            .map(|(name, h)| format!("{name} {h:016x}\n"))
+            .collect();
+        lewel::checkpoint::write_bytes_atomic(p, text.as_bytes())?;
+    }
+    if !a.ops_only {
+        rows.extend(lewel::gpu::check_step::run_steps(&g, a.seed)?);
+    }
     print!("{}", lewel::gpu::check::table(&rows));
     if let Some(why) = g.find_failure.borrow().as_ref() {
         println!(

@@ -21,6 +21,29 @@ const SENT: f32 = 1024.0;
 const TAIL: usize = 64;
 const SENT_CHANGED: &str = "wrote past its end (sentinel changed)";
 
+thread_local! {
+    /// (row name, hash of the GPU output's bytes) of every compared output, in table order.
+    static DIGESTS: std::cell::RefCell<Vec<(String, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The digests of the outputs compared since the last call (`lewel check --digests`): the same
+/// kernels on the same inputs give the same bytes, whatever order the threads ran in.
+pub fn digests() -> Vec<(String, u64)> {
+    DIGESTS.with(|d| std::mem::take(&mut *d.borrow_mut()))
+}
+
+/// 64-bit FNV-1a of the values' bits (with the sentinel tail).
+fn digest(name: String, v: &[f32]) {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in v {
+        for b in x.to_bits().to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    DIGESTS.with(|d| d.borrow_mut().push((name, h)));
+}
+
 /// One line of the table.
 #[derive(Clone, Debug)]
 pub struct Row {
@@ -59,9 +82,37 @@ struct Ctx<'a> {
     g: &'a Gpu,
     rng: Rng,
     rows: Vec<Row>,
+    /// $LEWEL_CHECK_ONLY's words, when set.
+    only: Option<Vec<String>>,
 }
 
 impl Ctx<'_> {
+    /// Runs one section of the table (skipped when $LEWEL_CHECK_ONLY names others). An error inside
+    /// it (a launch failure, a library's NOT_SUPPORTED) becomes one failing row, after the rows the
+    /// section already made, and the table goes on.
+    fn section(
+        &mut self,
+        name: &str,
+        dtype: &'static str,
+        f: impl FnOnce(&mut Self) -> Result<()>,
+    ) {
+        if let Some(words) = &self.only {
+            if !words.iter().any(|w| name.contains(w.as_str())) {
+                return;
+            }
+        }
+        if let Err(e) = f(self) {
+            self.rows.push(Row {
+                op: name.into(),
+                dtype,
+                output: "(error)",
+                nmse: f64::NAN,
+                tol: 0.0,
+                failure: format!("error: {e}"),
+            });
+        }
+    }
+
     /// Random values rounded to T.
     fn rand<T: GpuFloat>(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n)
@@ -86,6 +137,7 @@ impl Ctx<'_> {
         tol: f64,
     ) -> Result<()> {
         let all = self.g.download(d)?;
+        digest(format!("{op}|{}|{output}", dtype_name::<T>()), &all);
         let (gpu, tail) = all.split_at(cpu.len());
         let mut failure = String::new();
         let (mut num, mut den) = (0.0f64, 0.0f64);
@@ -121,6 +173,7 @@ impl Ctx<'_> {
         cpu: &[f32],
     ) -> Result<()> {
         let all = self.g.download(d)?;
+        digest(format!("{op}|{dtype}|{output}"), &all);
         let (gpu, tail) = all.split_at(cpu.len());
         let (mut num, mut den) = (0.0f64, 0.0f64);
         for (a, b) in gpu.iter().zip(cpu) {
@@ -160,27 +213,61 @@ pub fn run_ops(g: &Gpu, seed: u64) -> Result<Vec<Row>> {
         g,
         rng: Rng::keyed(&[seed, 0xc4ec]),
         rows: Vec::new(),
+        only: only_filter(),
     };
     let tf32 = g.tf32();
     g.set_tf32(false)?;
-    let r = ops::<f32>(&mut c).and_then(|_| ops::<half::bf16>(&mut c));
+    ops::<f32>(&mut c);
+    ops::<half::bf16>(&mut c);
     g.set_tf32(tf32)?;
-    r?;
-    optim(&mut c)?;
-    cast::<f32>(&mut c)?;
-    cast::<half::bf16>(&mut c)?;
-    c.rows.extend(super::augment::check(g, seed)?);
+    c.section("LARS/EMA", "f32", optim);
+    c.section("cast", "f32", cast::<f32>);
+    c.section("cast", "bf16", cast::<half::bf16>);
+    c.section("augment", "u8", |c| {
+        let rows = super::augment::check(c.g, seed)?;
+        c.rows.extend(rows);
+        Ok(())
+    });
     Ok(c.rows)
 }
 
-fn ops<T: GpuFloat>(c: &mut Ctx) -> Result<()>
+/// $LEWEL_CHECK_ONLY: comma-separated words; when set, only the sections whose name contains one
+/// of them run (the whole-step checks after the op table are not affected).
+fn only_filter() -> Option<Vec<String>> {
+    let v = std::env::var("LEWEL_CHECK_ONLY").ok()?;
+    let words: Vec<String> = v
+        .split(',')
+        .map(|w| w.trim().to_string())
+        .filter(|w| !w.is_empty())
+        .collect();
+    (!words.is_empty()).then_some(words)
+}
+
+/// Every op section in dtype T (each conv, linear and batch-norm shape is a section of its own).
+/// Each runs on its own: an error inside one is its failing row.
+fn ops<T: GpuFloat>(c: &mut Ctx)
 where
     CudaBlas: Gemm<T>,
 {
+    let dt = dtype_name::<T>();
+    c.section("relu/add/scale", dt, elementwise::<T>);
+    convs::<T>(c);
+    bns::<T>(c);
+    c.section("pool", dt, pools::<T>);
+    linears::<T>(c);
+    c.section("concat/split", dt, concat_split::<T>);
+    c.section("l2norm/softmax/align", dt, norms::<T>);
+    c.section("aggregate", dt, aggregate_rows::<T>);
+    c.section("loss", dt, loss_rows::<T>);
+}
+
+fn elementwise<T: GpuFloat>(c: &mut Ctx) -> Result<()> {
     let t = tol::<T>();
     let g = c.g;
-
-    // relu, add, scale at a ResNet-50 layer1 map (2 x 56 x 56 x 256).
+    // relu, add, scale at a ResNet-50 layer1 map (2 x 56 x 56 x 256). The launchers run over their
+    // first input's length, so that input is passed as a window of the logical n elements: its
+    // sentinel tail is not part of the op (else the tail is processed and the output's sentinel
+    // overwritten).
     let n = 2 * 56 * 56 * 256;
     let (x, b, dy, dx0) = (
         c.rand::<T>(n, 1.0),
@@ -191,25 +278,30 @@ where
     let (dx_, x_, b_) = (c.put::<T>(&dx0)?, c.put::<T>(&x)?, c.put::<T>(&b)?);
     let dy_ = c.put::<T>(&dy)?;
     let mut y_ = c.put::<T>(&vec![0.0; n])?;
-    relu::forward_cuda(g, &x_, &mut y_)?;
+    relu::forward_cuda(g, &x_.slice(..n), &mut y_)?;
     let mut y = vec![0.0; n];
     relu::forward_cpu(&x, &mut y);
     c.cmp("relu fwd 2x56x56x256", "y", &y_, &y, t)?;
     let mut d_ = dx_.clone();
-    relu::backward_cuda(g, &x_, &dy_, &mut d_)?; // mask from x: same sign pattern as y
+    relu::backward_cuda(g, &x_.slice(..n), &dy_, &mut d_)?; // mask from x: same sign pattern as y
     let mut d = dx0.clone();
     relu::backward_cpu(&x, &dy, &mut d);
     c.cmp("relu bwd", "dx", &d_, &d, t)?;
-    add::forward_cuda(g, &x_, &b_, &mut y_)?;
+    add::forward_cuda(g, &x_.slice(..n), &b_, &mut y_)?;
     add::forward_cpu(&x, &b, &mut y);
     c.cmp("add fwd", "y", &y_, &y, t)?;
     let mut d_ = dx_.clone();
-    add::scale_backward_cuda(g, &dy_, 0.5, &mut d_)?;
+    add::scale_backward_cuda(g, &dy_.slice(..n), 0.5, &mut d_)?;
     let mut d = dx0.clone();
     add::scale_backward_cpu(&dy, 0.5, &mut d);
     c.cmp("scale bwd (axpy)", "dx", &d_, &d, t)?;
     drop((dx_, x_, b_, dy_, y_));
+    Ok(())
+}
 
+fn convs<T: GpuFloat>(c: &mut Ctx) {
+    let t = tol::<T>();
+    let g = c.g;
     // convolutions: the stem, a 1x1, a 3x3, a strided 3x3 and the strided 1x1 downsample.
     let shapes = [
         (
@@ -234,60 +326,76 @@ where
         ),
     ];
     for (name, p) in shapes {
-        let ws = (2.0 / p.k_dim() as f32).sqrt();
-        let (x, w) = (c.rand::<T>(p.x_len(), 1.0), c.rand::<T>(p.w_len(), ws));
-        let (dy, dx0, dw0) = (
-            c.rand::<T>(p.y_len(), 1.0),
-            c.rand::<T>(p.x_len(), 1.0),
-            c.rand::<T>(p.w_len(), 1.0),
-        );
-        let (x_, w_, dy_) = (c.put::<T>(&x)?, c.put::<T>(&w)?, c.put::<T>(&dy)?);
-        let mut y_ = c.put::<T>(&vec![0.0; p.y_len()])?;
-        conv::forward_cuda(g, &p, &x_, &w_, &mut y_)?;
-        let mut y = vec![0.0; p.y_len()];
-        conv::forward_cpu(&x, &w, &mut y, &p);
-        c.cmp(name, "y", &y_, &y, t)?;
-        let mut dx_ = c.put::<T>(&dx0)?;
-        conv::backward_data_cuda(g, &p, &dy_, &w_, &mut dx_)?;
-        let mut dx = dx0.clone();
-        conv::backward_data_cpu(&dy, &w, &mut dx, &p);
-        c.cmp(name, "dx", &dx_, &dx, t)?;
-        let mut dw_ = c.put::<T>(&dw0)?;
-        conv::backward_weight_cuda(g, &p, &x_, &dy_, &mut dw_)?;
-        let mut dw = dw0.clone();
-        conv::backward_weight_cpu(&x, &dy, &mut dw, &p);
-        c.cmp(name, "dw", &dw_, &dw, t)?;
+        c.section(name, dtype_name::<T>(), |c| {
+            let ws = (2.0 / p.k_dim() as f32).sqrt();
+            let (x, w) = (c.rand::<T>(p.x_len(), 1.0), c.rand::<T>(p.w_len(), ws));
+            let (dy, dx0, dw0) = (
+                c.rand::<T>(p.y_len(), 1.0),
+                c.rand::<T>(p.x_len(), 1.0),
+                c.rand::<T>(p.w_len(), 1.0),
+            );
+            let (x_, w_, dy_) = (c.put::<T>(&x)?, c.put::<T>(&w)?, c.put::<T>(&dy)?);
+            let mut y_ = c.put::<T>(&vec![0.0; p.y_len()])?;
+            conv::forward_cuda(g, &p, &x_, &w_, &mut y_)?;
+            let mut y = vec![0.0; p.y_len()];
+            conv::forward_cpu(&x, &w, &mut y, &p);
+            c.cmp(name, "y", &y_, &y, t)?;
+            let mut dx_ = c.put::<T>(&dx0)?;
+            conv::backward_data_cuda(g, &p, &dy_, &w_, &mut dx_)?;
+            let mut dx = dx0.clone();
+            conv::backward_data_cpu(&dy, &w, &mut dx, &p);
+            c.cmp(name, "dx", &dx_, &dx, t)?;
+            let mut dw_ = c.put::<T>(&dw0)?;
+            conv::backward_weight_cuda(g, &p, &x_, &dy_, &mut dw_)?;
+            let mut dw = dw0.clone();
+            conv::backward_weight_cpu(&x, &dy, &mut dw, &p);
+            c.cmp(name, "dw", &dw_, &dw, t)?;
+            Ok(())
+        });
     }
+}
 
+fn bns<T: GpuFloat>(c: &mut Ctx) {
     // batch norm: 2-D train with 2 ghost groups, the residual add and ReLU fused; eval; 1-D train.
-    bn::<T>(
-        c,
-        "bn2d train ghost2 +res+relu 2x28x28x512",
-        2 * 28 * 28,
-        512,
-        28 * 28,
-        true,
-        true,
-    )?;
-    bn::<T>(
-        c,
-        "bn2d eval 2x28x28x512",
-        2 * 28 * 28,
-        512,
-        2 * 28 * 28,
-        false,
-        false,
-    )?;
-    bn::<T>(
-        c,
-        "bn1d train 4x50 rows x 4096",
-        4 * 50,
-        4096,
-        4 * 50,
-        true,
-        false,
-    )?;
+    let dt = dtype_name::<T>();
+    c.section("bn2d train ghost2 +res+relu 2x28x28x512", dt, |c| {
+        bn::<T>(
+            c,
+            "bn2d train ghost2 +res+relu 2x28x28x512",
+            2 * 28 * 28,
+            512,
+            28 * 28,
+            true,
+            true,
+        )
+    });
+    c.section("bn2d eval 2x28x28x512", dt, |c| {
+        bn::<T>(
+            c,
+            "bn2d eval 2x28x28x512",
+            2 * 28 * 28,
+            512,
+            2 * 28 * 28,
+            false,
+            false,
+        )
+    });
+    c.section("bn1d train 4x50 rows x 4096", dt, |c| {
+        bn::<T>(
+            c,
+            "bn1d train 4x50 rows x 4096",
+            4 * 50,
+            4096,
+            4 * 50,
+            true,
+            false,
+        )
+    });
+}
 
+fn pools<T: GpuFloat>(c: &mut Ctx) -> Result<()> {
+    let t = tol::<T>();
+    let g = c.g;
     // pooling
     let p = pool::PoolParams::max(2, 112, 112, 64, 3, 2, 1);
     let (x, dy, dx0) = (
@@ -307,6 +415,27 @@ where
     let mut dx = dx0.clone();
     pool::maxpool_backward_cpu(&dy, &arg, &mut dx, &p);
     c.cmp("maxpool 3x3/2 2x112x112x64", "dx", &dx_, &dx, t)?;
+    // NaN propagates through max pooling, as on the CPU and in PyTorch: a window holding a NaN
+    // gives NaN (bit for bit the input's), and its gradient goes to the NaN's position (summed
+    // where windows overlap, which bf16 storage rounds: compared by NMSE).
+    let p = pool::PoolParams::max(1, 8, 8, 4, 3, 2, 1);
+    let mut x = c.rand::<T>(p.x_len(), 1.0);
+    for i in [0, 37, 38, 130, 255] {
+        x[i] = f32::NAN;
+    }
+    let dy = c.rand::<T>(p.y_len(), 1.0);
+    let mut y_ = c.put::<T>(&vec![0.0; p.y_len()])?;
+    let mut arg_ = g.zeros::<u8>(p.y_len())?;
+    pool::maxpool_forward_cuda(g, &p, &c.put::<T>(&x)?, &mut y_, &mut arg_)?;
+    let (mut y, mut arg) = (vec![0.0; p.y_len()], vec![0.0; p.y_len()]);
+    pool::maxpool_forward_cpu(&x, &mut y, &mut arg, &p);
+    let dt = dtype_name::<T>();
+    c.bitwise(("maxpool with NaN 1x8x8x4", dt, "y"), &y_, &y)?;
+    let mut dx_ = c.put::<T>(&vec![0.0; p.x_len()])?;
+    pool::maxpool_backward_cuda(g, &p, &c.put::<T>(&dy)?, &arg_, &mut dx_)?;
+    let mut dx = vec![0.0; p.x_len()];
+    pool::maxpool_backward_cpu(&dy, &arg, &mut dx, &p);
+    c.cmp("maxpool with NaN 1x8x8x4", "dx", &dx_, &dx, t)?;
     let p = pool::PoolParams::global_avg(4, 7, 7, 2048);
     let (x, dy, dx0) = (
         c.rand::<T>(p.x_len(), 1.0),
@@ -323,7 +452,15 @@ where
     let mut dx = dx0.clone();
     pool::avgpool_backward_cpu(&dy, &mut dx, &p);
     c.cmp("avgpool 4x7x7x2048", "dx", &dx_, &dx, t)?;
+    Ok(())
+}
 
+fn linears<T: GpuFloat>(c: &mut Ctx)
+where
+    CudaBlas: Gemm<T>,
+{
+    let t = tol::<T>();
+    let g = c.g;
     // linear: the neck's first layer (2048 -> 4096) and last (4096 -> 256) over 4 x 50 rows.
     for (name, p) in [
         (
@@ -335,36 +472,43 @@ where
             linear::LinearParams::new(200, 4096, 256),
         ),
     ] {
-        let (r, i, o) = (p.rows as usize, p.c_in as usize, p.c_out as usize);
-        let (x, w) = (
-            c.rand::<T>(r * i, 1.0),
-            c.rand::<T>(o * i, (1.0 / i as f32).sqrt()),
-        );
-        let (dy, dx0, dw0) = (
-            c.rand::<T>(r * o, 1.0),
-            c.rand::<T>(r * i, 1.0),
-            c.rand::<T>(o * i, 1.0),
-        );
-        let (x_, w_, dy_) = (c.put::<T>(&x)?, c.put::<T>(&w)?, c.put::<T>(&dy)?);
-        let mut y_ = c.put::<T>(&vec![0.0; r * o])?;
-        linear::forward_cuda(g, &p, &x_, &w_, &mut y_)?;
-        let mut y = vec![0.0; r * o];
-        linear::forward_cpu(&x, &w, &mut y, &p);
-        c.cmp(name, "y", &y_, &y, t)?;
-        let mut dx_ = c.put::<T>(&dx0)?;
-        linear::backward_data_cuda(g, &p, &dy_, &w_, &mut dx_)?;
-        let mut dx = dx0.clone();
-        linear::backward_data_cpu(&dy, &w, &mut dx, &p);
-        c.cmp(name, "dx", &dx_, &dx, t)?;
-        let mut dw_ = c.put::<T>(&dw0)?;
-        linear::backward_weight_cuda(g, &p, &x_, &dy_, &mut dw_)?;
-        let mut dw = dw0.clone();
-        linear::backward_weight_cpu(&x, &dy, &mut dw, &p);
-        c.cmp(name, "dw", &dw_, &dw, t)?;
+        c.section(name, dtype_name::<T>(), |c| {
+            let (r, i, o) = (p.rows as usize, p.c_in as usize, p.c_out as usize);
+            let (x, w) = (
+                c.rand::<T>(r * i, 1.0),
+                c.rand::<T>(o * i, (1.0 / i as f32).sqrt()),
+            );
+            let (dy, dx0, dw0) = (
+                c.rand::<T>(r * o, 1.0),
+                c.rand::<T>(r * i, 1.0),
+                c.rand::<T>(o * i, 1.0),
+            );
+            let (x_, w_, dy_) = (c.put::<T>(&x)?, c.put::<T>(&w)?, c.put::<T>(&dy)?);
+            let mut y_ = c.put::<T>(&vec![0.0; r * o])?;
+            linear::forward_cuda(g, &p, &x_, &w_, &mut y_)?;
+            let mut y = vec![0.0; r * o];
+            linear::forward_cpu(&x, &w, &mut y, &p);
+            c.cmp(name, "y", &y_, &y, t)?;
+            let mut dx_ = c.put::<T>(&dx0)?;
+            linear::backward_data_cuda(g, &p, &dy_, &w_, &mut dx_)?;
+            let mut dx = dx0.clone();
+            linear::backward_data_cpu(&dy, &w, &mut dx, &p);
+            c.cmp(name, "dx", &dx_, &dx, t)?;
+            let mut dw_ = c.put::<T>(&dw0)?;
+            linear::backward_weight_cuda(g, &p, &x_, &dy_, &mut dw_)?;
+            let mut dw = dw0.clone();
+            linear::backward_weight_cpu(&x, &dy, &mut dw, &p);
+            c.cmp(name, "dw", &dw_, &dw, t)?;
+            Ok(())
+        });
     }
+}
 
-    // the neck: concat / split, the alignment maps, aggregation, the loss (ResNet-50 at 224 px).
-    let (bsz, l, ch, d, heads) = (4usize, 49usize, 2048usize, 256usize, 4usize);
+fn concat_split<T: GpuFloat>(c: &mut Ctx) -> Result<()> {
+    let t = tol::<T>();
+    let g = c.g;
+    // the neck at ResNet-50 224 px: concat / split.
+    let (bsz, l, ch) = (4usize, 49usize, 2048usize);
     let p = concat::ConcatParams::new(bsz, l, ch);
     let (gv, x, du) = (
         c.rand::<T>(bsz * ch, 1.0),
@@ -394,7 +538,14 @@ where
     let mut dz = du.clone();
     concat::split_backward_cpu(&gv, &x, &mut dz, &p);
     c.cmp("split 4x(1+49)x2048", "dz", &dz_, &dz, t)?;
+    Ok(())
+}
 
+fn norms<T: GpuFloat>(c: &mut Ctx) -> Result<()> {
+    let t = tol::<T>();
+    let g = c.g;
+    // the alignment maps' pieces: per-pixel L2 norm, softmax over positions, and the fused map.
+    let (bsz, l, d) = (4usize, 49usize, 256usize);
     let rows = bsz * l;
     let (x, dy, dx0) = (
         c.rand::<T>(rows * d, 1.0),
@@ -444,7 +595,17 @@ where
     let mut dx = dx0.clone();
     l2norm::backward_cpu(&x, &da, &mut dx, &lp);
     c.cmp("align (l2norm+softmax) 4x49x256", "dx", &dx_, &dx, t)?;
+    Ok(())
+}
 
+fn aggregate_rows<T: GpuFloat>(c: &mut Ctx) -> Result<()>
+where
+    CudaBlas: Gemm<T>,
+{
+    let t = tol::<T>();
+    let g = c.g;
+    // aggregation of the position features by the alignment maps, 4 heads.
+    let (bsz, l, ch, d, heads) = (4usize, 49usize, 2048usize, 256usize, 4usize);
     let ap = aggregate::AggregateParams::new(bsz, l, ch, d, heads);
     let (x, w) = (
         c.rand::<T>(bsz * l * ch, 1.0),
@@ -467,7 +628,13 @@ where
     aggregate::backward_cpu(&x, &w, &dv, &mut dx, &mut dw, &ap);
     c.cmp("aggregate 4x49 2048/256 h4", "dx", &dx_, &dx, t)?;
     c.cmp("aggregate 4x49 2048/256 h4", "dw", &dw_, &dw, t)?;
+    Ok(())
+}
 
+fn loss_rows<T: GpuFloat>(c: &mut Ctx) -> Result<()> {
+    let t = tol::<T>();
+    let g = c.g;
+    // the loss over 64 rows of 256.
     let lp = loss::LossParams::new(64, 256);
     let (pr, tg, dp0) = (
         c.rand::<T>(64 * 256, 1.0),

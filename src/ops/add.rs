@@ -78,7 +78,8 @@ pub fn scale_backward_cpu<T: Real>(dy: &[T], alpha: T, dx: &mut [T]) {
 // Tests
 
 // ---- CUDA launchers (kernels/add.cu). Elementwise over the first input's length; the other
-// buffers may be longer (windows of larger ones).
+// buffers may be longer (windows of larger ones). The first input sets the count: pass it as a window
+// of exactly the elements to process (lewel check's buffers carry a sentinel tail past them).
 
 use crate::gpu::{grid_1d, need, run, Dev, DevMut, Gpu, GpuFloat};
 use cudarc::driver::PushKernelArg;
