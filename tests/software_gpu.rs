@@ -195,3 +195,35 @@ fn deterministic_runs_and_resume_on_the_software_gpu_are_bitwise() {
     assert!(w(&a) == w(&split), "weights after resume differ");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A kernel cache entry the driver refuses (damaged, or from another toolchain) is deleted and
+/// compiled again, once, instead of failing the run.
+#[test]
+fn a_damaged_kernel_cache_entry_is_compiled_again() {
+    if !available("a_damaged_kernel_cache_entry_is_compiled_again") {
+        return;
+    }
+    let d = tmp("cache");
+    let script = format!(
+        r#"set -e
+export LEWEL_CACHE_DIR={cache} LEWEL_CHECK_ONLY=pool
+"$1" check --ops-only >/dev/null
+f=$(ls "$LEWEL_CACHE_DIR"/kernels/pool-*.cubin)
+printf 'damaged' > "$f"
+"$1" check --ops-only | tail -n 1
+test "$(head -c 7 "$f")" != damaged && echo recompiled"#,
+        cache = d.join("cache").display()
+    );
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/emu-env.sh"))
+        .args(["bash", "-c", &script, "-", env!("CARGO_BIN_EXE_lewel")])
+        .output()
+        .unwrap();
+    let o = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && o.contains(" 0 failed") && o.contains("recompiled"),
+        "{o}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
