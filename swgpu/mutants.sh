@@ -13,7 +13,9 @@
 # sources than the ones lewel embeds. Only this script sets it.
 #
 # Usage: swgpu/mutants.sh [LEWEL_BINARY]   (default target/release/lewel)
-# Env: SWGPU_SCHEDULE, SWGPU_ASAN as for scripts/emu-env.sh; MUTANTS="name name" runs a subset.
+# Env: SWGPU_SCHEDULE, SWGPU_ASAN as for scripts/emu-env.sh; MUTANTS="name name" runs a subset;
+#      RUST_MUTANTS=1 adds the two Rust-side mutants (lewel rebuilt for each, in $MUTANTS_TARGET_DIR,
+#      default target/mutants).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 lewel=${1:-$repo/target/release/lewel}
@@ -48,6 +50,7 @@ check_run() {
 
 # The baseline: every section any mutant runs, on the unmutated kernels.
 all_rows="loss,LARS,softmax"
+[ "${RUST_MUTANTS:-0}" = 1 ] && all_rows="$all_rows,linear,conv"
 echo "swgpu/mutants.sh: baseline run (sections $all_rows, unmutated kernels)" >&2
 check_run "$repo/kernels" "$all_rows" "$tmp/baseline.log" || true
 if ! grep -qE ' checks, [0-9]+ failed' "$tmp/baseline.log"; then
@@ -78,6 +81,12 @@ mutant() {
   fi
   local log=$dir/check.log t0=$SECONDS rc=0
   check_run "$dir/kernels" "$rows" "$log" || rc=$?
+  judge "$name" "$what" "$log" "$rc" "$t0"
+}
+
+# judge NAME DESCRIPTION LOG RC T0: records caught/missed from a check run's log and exit code.
+judge() {
+  local name=$1 what=$2 log=$3 rc=$4 t0=$5
   local why new_rows
   if grep -q "building the software GPU failed" "$log"; then
     results+=("$(printf '%-16s %-8s %s' "$name" "ERROR" "the mutant did not build (log: kept below)")")
@@ -118,16 +127,41 @@ mutant shfl-offset "softmax,loss" "warp_sum starts at offset WARP/4 (skips the 1
 mutant shfl-width "softmax,loss" "warp_sum shuffles with width 16 instead of the whole warp" \
   common.cuh sedit '/float warp_sum\(/,/^}/ s/__shfl_xor_sync\(FULL_MASK, v, o\)/__shfl_xor_sync(FULL_MASK, v, o, 16)/'
 
-# Hook for the Rust-side mutants (a swapped GEMM transpose in a launcher, a wrong filter format in
-# the conv descriptor): they need lewel rebuilt from a mutated copy of src/, and no source-hash
-# override (the kernels are unchanged). Not written yet; rust_mutant is where they go:
-#   rust_mutant NAME ROWS DESCRIPTION src/FILE CMD...
-#     copy Cargo.toml Cargo.lock build.rs src/ kernels/ to $tmp/NAME/repo, apply CMD to the file,
-#     CARGO_TARGET_DIR=$tmp/target cargo build --release (one target dir for all, so builds are
-#     incremental), run scripts/emu-env.sh $tmp/target/release/lewel check with LEWEL_CHECK_ONLY=ROWS
-#     and record caught/missed exactly as `mutant` does.
-# e.g. rust_mutant gemm-transpose "linear" "GEMM with transa/transb swapped" src/gpu/mod.rs sedit '...'
-#      rust_mutant filter-format "conv" "filter descriptor NCHW instead of NHWC" src/ops/conv.rs sedit '...'
+# rust_mutant NAME ROWS DESCRIPTION FILE SED_EXPR: a bug in how the Rust side calls a library.
+# lewel is rebuilt from a copy of the sources with one edit to FILE (the kernels are unchanged, so
+# no source-hash override), in target/mutants (its first build compiles the dependencies, minutes;
+# later ones only lewel), then judged as `mutant` judges. Only with RUST_MUTANTS=1 (needs cargo).
+rust_mutant() {
+  local name=$1 rows=$2 what=$3 file=$4 expr=$5
+  if [ "${RUST_MUTANTS:-0}" != 1 ]; then return; fi
+  if [ -n "${MUTANTS:-}" ] && [[ " $MUTANTS " != *" $name "* ]]; then return; fi
+  local dir=$tmp/$name
+  mkdir -p "$dir/repo"
+  (cd "$repo" && cp -r Cargo.toml Cargo.lock build.rs src kernels benches "$dir/repo/")
+  sed -E -i "$expr" "$dir/repo/$file"
+  if cmp -s "$repo/$file" "$dir/repo/$file"; then
+    results+=("$(printf '%-16s %-8s %s' "$name" "ERROR" "the edit did not apply to $file")")
+    missed=$((missed + 1))
+    return
+  fi
+  local t0=$SECONDS rc=0 target=${MUTANTS_TARGET_DIR:-$repo/target/mutants}
+  local bin=$target/release/lewel
+  if ! CARGO_TARGET_DIR=$target cargo build --release --quiet --bin lewel \
+    --manifest-path "$dir/repo/Cargo.toml" >"$dir/build.log" 2>&1; then
+    results+=("$(printf '%-16s %-8s %s' "$name" "ERROR" "lewel did not build (log: $dir/build.log)")")
+    tail -n 15 "$dir/build.log" >&2
+    missed=$((missed + 1))
+    return
+  fi
+  SWGPU_BUILD_ROOT=$tmp/builds LEWEL_CHECK_ONLY=$rows "$repo/scripts/emu-env.sh" "$bin" check --ops-only \
+    >"$dir/check.log" 2>&1 || rc=$?
+  judge "$name" "$what" "$dir/check.log" "$rc" "$t0"
+}
+
+rust_mutant gemm-transpose "linear" "cuBLAS GEMM with transa and transb swapped (src/gpu/mod.rs)" \
+  src/gpu/mod.rs 's/transa: if tb \{/transa: if ta {/; s/transb: if ta \{/transb: if tb {/'
+rust_mutant filter-format "conv" "conv filter descriptor NCHW instead of NHWC (src/ops/conv.rs)" \
+  src/ops/conv.rs 's/create_4d_filter::<T>\(nhwc,/create_4d_filter::<T>(cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,/'
 
 printf '%s\n' "mutant           result   time  what | first failure" "${results[@]}"
 if [ $missed -gt 0 ]; then
