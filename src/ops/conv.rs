@@ -508,9 +508,9 @@ fn heuristic<T: GpuFloat>(g: &Gpu, d: &Descs<T>) -> crate::Result<ConvAlgos> {
     })
 }
 
-/// The algorithms for this shape: benchmarked the first time it is seen, then cached (the cache
-/// is cleared when TF32 is switched). A failed benchmark falls back to the heuristic, and the
-/// reason is kept for `lewel check`.
+/// The algorithms for this shape: benchmarked the first time it is seen (cuDNN's heuristic under
+/// --deterministic), then cached (the cache is cleared when TF32 is switched). A failed benchmark
+/// falls back to the heuristic, and the reason is kept for `lewel check`.
 fn algos<T: GpuFloat>(g: &Gpu, p: &ConvParams, d: &mut Descs<T>) -> crate::Result<ConvAlgos> {
     let cached = g.conv_cache.borrow().get(&(*p, T::DTYPE)).copied();
     let a = match cached {
@@ -520,11 +520,18 @@ fn algos<T: GpuFloat>(g: &Gpu, p: &ConvParams, d: &mut Descs<T>) -> crate::Resul
             d.conv
                 .set_math_type(math_type::<T>(g))
                 .map_err(|e| g.err("cuDNN math type", e))?;
-            let a = match benchmark::<T>(g, p) {
-                Ok(a) => a,
-                Err(why) => {
-                    g.find_failure.borrow_mut().get_or_insert(why);
-                    heuristic(g, d)?
+            // Under --deterministic, cuDNN's heuristic: benchmarking picks by measured time, and
+            // timing noise can pick another (deterministic, but differently summing) algorithm on
+            // a rerun, so reruns would differ in their last bits (seen on the software GPU).
+            let a = if g.deterministic {
+                heuristic(g, d)?
+            } else {
+                match benchmark::<T>(g, p) {
+                    Ok(a) => a,
+                    Err(why) => {
+                        g.find_failure.borrow_mut().get_or_insert(why);
+                        heuristic(g, d)?
+                    }
                 }
             };
             g.conv_cache.borrow_mut().insert((*p, T::DTYPE), a);
