@@ -60,9 +60,13 @@ fn check(r: sys::nvrtcResult, what: &str) -> Result<()> {
     }
 }
 
-/// Compiles one source (which may `#include "common.cuh"`) to CUBIN for `sm_<major><minor>`, with
-/// ptxas's resource report parsed. Errors carry NVRTC's log, citing the file name.
-pub fn compile(file: &str, src: &str, arch: (i32, i32)) -> Result<Compiled> {
+/// Creates the program of one source (with common.cuh as its header) and compiles it with
+/// `opts`: the program (to be destroyed by the caller) and the compile's result.
+fn program(
+    file: &str,
+    src: &str,
+    opts: &[String],
+) -> Result<(sys::nvrtcProgram, sys::nvrtcResult)> {
     version()?;
     let c = |s: &str| CString::new(s).expect("no NUL in kernel sources");
     let (src_c, name_c) = (c(src), c(file));
@@ -84,10 +88,17 @@ pub fn compile(file: &str, src: &str, arch: (i32, i32)) -> Result<Compiled> {
         },
         "nvrtcCreateProgram",
     )?;
-    let opts: Vec<CString> = options(arch).iter().map(|s| c(s)).collect();
+    let opts: Vec<CString> = opts.iter().map(|s| c(s)).collect();
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
     // SAFETY: prog is valid; the option strings outlive the call.
     let r = unsafe { sys::nvrtcCompileProgram(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr()) };
+    Ok((prog, r))
+}
+
+/// Compiles one source (which may `#include "common.cuh"`) to CUBIN for `sm_<major><minor>`, with
+/// ptxas's resource report parsed. Errors carry NVRTC's log, citing the file name.
+pub fn compile(file: &str, src: &str, arch: (i32, i32)) -> Result<Compiled> {
+    let (mut prog, r) = program(file, src, &options(arch))?;
     let log = program_log(prog);
     let out = if r != sys::nvrtcResult::NVRTC_SUCCESS {
         Err(Error::Cuda(format!(
@@ -135,37 +146,11 @@ pub fn options(arch: (i32, i32)) -> Vec<String> {
 /// The PTX of one source for `compute_<major><minor>`, with the same language options as
 /// `compile`: for tests that read the generated instructions (no FMA where the CPU rounds twice).
 pub fn ptx(file: &str, src: &str, arch: (i32, i32)) -> Result<String> {
-    version()?;
-    let c = |s: &str| CString::new(s).expect("no NUL in kernel sources");
-    let (src_c, name_c) = (c(src), c(file));
-    let (hdr_c, hdr_name_c) = (c(COMMON_CUH), c("common.cuh"));
-    let headers = [hdr_c.as_ptr()];
-    let header_names = [hdr_name_c.as_ptr()];
-    let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
-    // SAFETY: all pointers outlive the call; NVRTC copies the strings.
-    check(
-        unsafe {
-            sys::nvrtcCreateProgram(
-                &mut prog,
-                src_c.as_ptr(),
-                name_c.as_ptr(),
-                1,
-                headers.as_ptr(),
-                header_names.as_ptr(),
-            )
-        },
-        "nvrtcCreateProgram",
-    )?;
-    let opts: Vec<CString> = [
+    let opts = [
         format!("--gpu-architecture=compute_{}{}", arch.0, arch.1),
         "--std=c++17".into(),
-    ]
-    .iter()
-    .map(|s| c(s))
-    .collect();
-    let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
-    // SAFETY: prog is valid; the option strings outlive the call.
-    let r = unsafe { sys::nvrtcCompileProgram(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr()) };
+    ];
+    let (mut prog, r) = program(file, src, &opts)?;
     let out = if r != sys::nvrtcResult::NVRTC_SUCCESS {
         Err(Error::Cuda(format!(
             "NVRTC could not compile kernels/{file} ({r:?}):\n{}",
