@@ -14,7 +14,7 @@
 #
 # Usage: swgpu/mutants.sh [LEWEL_BINARY]   (default target/release/lewel)
 # Env: SWGPU_SCHEDULE, SWGPU_ASAN as for scripts/emu-env.sh; MUTANTS="name name" runs a subset;
-#      RUST_MUTANTS=1 adds the two Rust-side mutants (lewel rebuilt for each, in $MUTANTS_TARGET_DIR,
+#      RUST_MUTANTS=1 adds the three Rust-side mutants (lewel rebuilt for each, in $MUTANTS_TARGET_DIR,
 #      default target/mutants).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -50,7 +50,7 @@ check_run() {
 
 # The baseline: every section any mutant runs, on the unmutated kernels.
 all_rows="loss,LARS,softmax"
-[ "${RUST_MUTANTS:-0}" = 1 ] && all_rows="$all_rows,linear,conv"
+[ "${RUST_MUTANTS:-0}" = 1 ] && all_rows="$all_rows,linear,conv,augment"
 echo "swgpu/mutants.sh: baseline run (sections $all_rows, unmutated kernels)" >&2
 check_run "$repo/kernels" "$all_rows" "$tmp/baseline.log" || true
 if ! grep -qE ' checks, [0-9]+ failed' "$tmp/baseline.log"; then
@@ -162,6 +162,8 @@ rust_mutant gemm-transpose "linear" "cuBLAS GEMM with transa and transb swapped 
   src/gpu/mod.rs 's/transa: if tb \{/transa: if ta {/; s/transb: if ta \{/transb: if tb {/'
 rust_mutant filter-format "conv" "conv filter descriptor NCHW instead of NHWC (src/ops/conv.rs)" \
   src/ops/conv.rs 's/create_4d_filter::<T>\(nhwc,/create_4d_filter::<T>(cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,/'
+rust_mutant crop-event "augment" "no event recorded behind a pinned crop upload (src/data/loader.rs)" \
+  src/data/loader.rs 's/^( *)p\.queued\(stream\)\.map_err\(e\)$/\1Ok(())/'
 
 printf '%s\n' "mutant           result   time  what | first failure" "${results[@]}"
 if [ $missed -gt 0 ]; then

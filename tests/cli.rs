@@ -1,7 +1,10 @@
 //! The `lewel` binary as a user meets it: exit codes, what goes to stdout and stderr, bad input,
 //! run folders, resume, embed. Each test runs the built binary in its own temporary folder.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::images;
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn lewel() -> Command {
@@ -38,34 +41,6 @@ fn assert_bad(r: &(i32, String, String), names: &str) {
     );
     assert!(out.is_empty(), "stdout: {out}");
     assert!(err.contains(names), "stderr should name {names}: {err}");
-}
-
-/// Noise JPEGs, 40x32: `dir/<class>/img<i>.jpg`, or flat in `dir` when `classes` is empty.
-fn images(dir: &Path, classes: &[&str], per_class: usize) {
-    let mut seed = 1u32;
-    let mut noise = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 17;
-        seed ^= seed << 5;
-        (seed >> 24) as u8
-    };
-    let groups: Vec<PathBuf> = if classes.is_empty() {
-        vec![dir.to_path_buf()]
-    } else {
-        classes.iter().map(|c| dir.join(c)).collect()
-    };
-    for g in groups {
-        std::fs::create_dir_all(&g).unwrap();
-        for i in 0..per_class {
-            let (w, h) = (40u16, 32u16);
-            let px: Vec<u8> = (0..w as usize * h as usize * 3).map(|_| noise()).collect();
-            let mut jpg = Vec::new();
-            jpeg_encoder::Encoder::new(&mut jpg, 90)
-                .encode(&px, w, h, jpeg_encoder::ColorType::Rgb)
-                .unwrap();
-            std::fs::write(g.join(format!("img{i:03}.jpg")), jpg).unwrap();
-        }
-    }
 }
 
 #[test]

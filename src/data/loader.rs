@@ -12,30 +12,33 @@
 //! - **Host memory**: on a GPU the crops are written straight into page-locked (pinned) buffers,
 //!   so the copy to the device is a DMA the driver queues without staging it through memory of its
 //!   own; the trainer hands each batch back ([`Loader::recycle`]) once its copies are queued, and a
-//!   buffer is written again only after the event recorded behind its last copy (`CropBuf::write`).
+//!   buffer is written again only after the event recorded behind its last copy (`CropBuf::upload`,
+//!   `CropBuf::write`).
 //! - **Bad samples**: a sample that cannot be read or decoded is replaced by the next readable one
 //!   in this rank's order for the epoch (so batch shapes never change), reported once with its
 //!   name, and counted. When more than `max_bad` of the samples seen (and more than 10) were bad,
 //!   the loader stops with an error.
 
 use super::pil::{self, Rgb8};
+use super::pinned::PinnedBuf;
 use super::transforms;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
-use cudarc::driver::{CudaContext, CudaStream, HostSlice, PinnedHostSlice, SyncOnDrop};
+use cudarc::driver::{CudaContext, CudaStream, CudaViewMut, DriverError};
 use rayon::prelude::*;
 use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Host memory holding one view's u8 crops of a batch (B, size, size, 3).
 pub enum CropBuf {
-    /// Ordinary memory (the CPU path, and tests).
+    /// Ordinary memory (the CPU path, tests, and a GPU run without --pin-memory).
     Heap(Vec<u8>),
     /// Page-locked memory of a CUDA context: copies from it are DMAs queued on the stream, and it
-    /// carries the event recorded behind the last copy that reads it.
-    Pinned(PinnedHostSlice<u8>),
+    /// carries the event recorded behind the last copy that reads it ([`CropBuf::upload`]).
+    Pinned(PinnedBuf),
 }
 
 impl CropBuf {
@@ -56,7 +59,7 @@ impl CropBuf {
         match self {
             CropBuf::Heap(v) => Ok(v),
             CropBuf::Pinned(p) => p
-                .as_mut_slice()
+                .bytes_mut()
                 .map_err(|e| Error::Cuda(format!("waiting for a pinned crop buffer: {e}"))),
         }
     }
@@ -67,13 +70,30 @@ impl CropBuf {
         match self {
             CropBuf::Heap(v) => Ok(v),
             CropBuf::Pinned(p) => p
-                .as_slice()
+                .bytes()
                 .map_err(|e| Error::Cuda(format!("waiting for a pinned crop buffer: {e}"))),
         }
     }
 
     pub fn is_pinned(&self) -> bool {
         matches!(self, CropBuf::Pinned(_))
+    }
+
+    /// Queues the copy of these bytes into `dst` on `stream`. From pageable memory the driver
+    /// stages the bytes before it returns; from pinned memory the copy is a DMA that reads the
+    /// buffer later, so the buffer's event is recorded behind it and the next `write` waits for it.
+    pub fn upload(&self, stream: &Arc<CudaStream>, dst: &mut CudaViewMut<'_, u8>) -> Result<()> {
+        let e = |e: DriverError| Error::Cuda(format!("uploading the crops: {e}"));
+        match self {
+            CropBuf::Heap(v) => stream.memcpy_htod(v, dst).map_err(e),
+            CropBuf::Pinned(p) => {
+                // Safety: crop buffers are only ever copied from, never into.
+                stream
+                    .memcpy_htod(unsafe { p.bytes_for_copy() }, dst)
+                    .map_err(e)?;
+                p.queued(stream).map_err(e)
+            }
+        }
     }
 }
 
@@ -91,77 +111,37 @@ impl PartialEq for CropBuf {
     }
 }
 
-/// Copies go through cudarc's own paths: pageable memory is staged by the driver, pinned memory
-/// waits on and then records its event around the copy.
-impl HostSlice<u8> for CropBuf {
-    fn len(&self) -> usize {
-        CropBuf::len(self)
-    }
-    unsafe fn stream_synced_slice<'a>(
-        &'a self,
-        stream: &'a CudaStream,
-    ) -> (&'a [u8], SyncOnDrop<'a>) {
-        match self {
-            CropBuf::Heap(v) => v.stream_synced_slice(stream),
-            CropBuf::Pinned(p) => p.stream_synced_slice(stream),
-        }
-    }
-    unsafe fn stream_synced_mut_slice<'a>(
-        &'a mut self,
-        stream: &'a CudaStream,
-    ) -> (&'a mut [u8], SyncOnDrop<'a>) {
-        match self {
-            CropBuf::Heap(v) => v.stream_synced_mut_slice(stream),
-            CropBuf::Pinned(p) => p.stream_synced_mut_slice(stream),
-        }
-    }
-}
-
-/// Crop buffers handed back by the trainer, reused by later batches; new ones come from the
-/// pinned allocator once a GPU context is set, from the heap before (and after pinned memory
-/// could not be had: the run goes on in pageable memory, and the reason is kept for a warning).
+/// Crop buffers handed back by the trainer, reused by later batches. In a GPU run with pinned
+/// memory the trainer allocates them all up front ([`Loader::pin_memory`], on its own thread: the
+/// loader's threads make no CUDA call but the waits of [`PinnedBuf`]); the heap serves otherwise,
+/// and should the pinned ones ever run short.
 #[derive(Default)]
 struct BufPool {
     free: Mutex<Vec<CropBuf>>,
-    pin: Mutex<Option<Arc<CudaContext>>>,
-    /// Why pinned allocation failed, until the trainer takes it to warn.
-    pin_failure: Mutex<Option<String>>,
+    /// Whether the crops live in pinned memory (buffers of the other kind are not kept).
+    pinned: std::sync::atomic::AtomicBool,
     /// Buffers allocated so far.
     made: std::sync::atomic::AtomicUsize,
 }
 
 impl BufPool {
     fn take(&self, len: usize) -> CropBuf {
-        let pin = self.pin.lock().unwrap().clone();
+        let pinned = self.pinned.load(Relaxed);
         {
             let mut free = self.free.lock().unwrap();
             if let Some(k) = free
                 .iter()
-                .position(|b| b.len() == len && b.is_pinned() == pin.is_some())
+                .position(|b| b.len() == len && b.is_pinned() == pinned)
             {
                 return free.swap_remove(k);
             }
         }
-        self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(ctx) = pin {
-            // Safety: the memory starts uninitialised; `build` writes every byte of it (every slot
-            // fills its whole range) before the batch leaves the loader.
-            match unsafe { ctx.alloc_pinned::<u8>(len) } {
-                Ok(p) => return CropBuf::Pinned(p),
-                Err(e) => {
-                    *self.pin.lock().unwrap() = None;
-                    *self.pin_failure.lock().unwrap() = Some(format!(
-                        "allocating {} MiB of pinned host memory for the crops failed ({e}); the crops stay in pageable memory",
-                        len >> 20
-                    ));
-                }
-            }
-        }
+        self.made.fetch_add(1, Relaxed);
         CropBuf::Heap(vec![0; len])
     }
 
     fn give(&self, b: CropBuf) {
-        let pinned = self.pin.lock().unwrap().is_some();
+        let pinned = self.pinned.load(Relaxed);
         // Buffers of the other kind (made before the context was set) are dropped.
         if !b.is_empty() && b.is_pinned() == pinned {
             self.free.lock().unwrap().push(b);
@@ -295,9 +275,31 @@ impl Loader {
         })
     }
 
-    /// From now on, crop buffers are page-locked memory of `ctx` (for `photometric: false`).
-    pub fn pin_memory(&self, ctx: Arc<CudaContext>) {
-        *self.bufs.pin.lock().unwrap() = Some(ctx);
+    /// From now on, crop buffers are page-locked memory of `ctx` (for `photometric: false`): all
+    /// that a run keeps in flight (both views of the batches in the channel, the one being built
+    /// and the one the trainer holds) are allocated here, on the caller's thread. Should that
+    /// fail, the crops stay in pageable memory and the reason comes back for a warning.
+    pub fn pin_memory(&self, ctx: &Arc<CudaContext>) -> std::result::Result<(), String> {
+        let len = self.cfg.batch * self.cfg.size * self.cfg.size * 3;
+        let count = 2 * (self.cfg.prefetch.max(1) + 3);
+        let mut bufs = Vec::with_capacity(count);
+        for _ in 0..count {
+            match PinnedBuf::new(ctx, len, true) {
+                Ok(b) => bufs.push(CropBuf::Pinned(b)),
+                Err(e) => {
+                    return Err(format!(
+                        "allocating {count} x {} MiB of pinned host memory for the crops failed ({e}); the crops stay in pageable memory",
+                        len >> 20
+                    ))
+                }
+            }
+        }
+        self.bufs.made.fetch_add(count, Relaxed);
+        let mut free = self.bufs.free.lock().unwrap();
+        free.clear();
+        free.extend(bufs);
+        self.bufs.pinned.store(true, Relaxed);
+        Ok(())
     }
 
     /// Hands a used batch's crop buffers back for reuse. Call it once the copies from them are
@@ -306,11 +308,6 @@ impl Loader {
         let [c0, c1] = b.crops;
         self.bufs.give(c0);
         self.bufs.give(c1);
-    }
-
-    /// Why pinned memory could not be had, once (the loader went on with pageable memory).
-    pub fn take_pin_failure(&self) -> Option<String> {
-        self.bufs.pin_failure.lock().unwrap().take()
     }
 
     /// Crop buffers allocated so far (reuse keeps this at the batches in flight).

@@ -9,6 +9,7 @@ pub mod folder;
 pub mod loader;
 pub mod pack;
 pub mod pil;
+pub mod pinned;
 pub mod show;
 pub mod source;
 pub mod synthetic;

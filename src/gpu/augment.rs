@@ -7,12 +7,13 @@ use super::check::Row;
 use super::{blocks, grid_1d, need, run, DevMut, Gpu, GpuFloat};
 use crate::data::loader::CropBuf;
 use crate::data::pil::{self, Rgb8};
+use crate::data::pinned::PinnedBuf;
 use crate::data::transforms::{self, ViewParams};
 use crate::data::{MEAN, STD};
 use crate::error::Result;
 use crate::rng::Rng;
+use cudarc::driver::CudaSlice;
 use cudarc::driver::PushKernelArg;
-use cudarc::driver::{CudaSlice, HostSlice};
 
 /// Mirrored field for field by `struct AugParams` in kernels/augment.cu.
 #[repr(C)]
@@ -87,12 +88,16 @@ impl AugParams {
     }
 }
 
-/// Device buffers for one batch of crops: the crops (in place), a ping-pong twin, the parameters.
+/// Device buffers for one batch of crops: the crops (in place), a ping-pong twin, the parameters;
+/// and two page-locked staging buffers the parameters are uploaded from, used in turn (a view's
+/// upload is a queued DMA: the host writes a staging buffer again only after its last copy).
 pub struct AugBuffers {
     pub crops: CudaSlice<u8>,
     tmp: CudaSlice<u8>,
     params: CudaSlice<u32>,
     mean_std: CudaSlice<f32>,
+    staging: [PinnedBuf; 2],
+    turn: usize,
 }
 
 impl AugBuffers {
@@ -105,6 +110,11 @@ impl AugBuffers {
             tmp: g.stream.alloc_zeros::<u8>(n).map_err(e)?,
             params: g.stream.alloc_zeros::<u32>(batch * WORDS).map_err(e)?,
             mean_std: g.stream.clone_htod(&ms).map_err(e)?,
+            staging: [
+                PinnedBuf::new(&g.ctx, batch * WORDS * 4, true).map_err(e)?,
+                PinnedBuf::new(&g.ctx, batch * WORDS * 4, true).map_err(e)?,
+            ],
+            turn: 0,
         })
     }
 }
@@ -113,10 +123,10 @@ impl AugBuffers {
 /// writes the normalized views into `out` (B, size, size, 3) in T. From pinned memory
 /// (`CropBuf::Pinned`) the upload is a DMA queued on the stream and this returns without waiting
 /// for it; from pageable memory the driver first stages the bytes in memory of its own.
-pub fn photometric_cuda<T: GpuFloat, S: HostSlice<u8> + ?Sized>(
+pub fn photometric_cuda<T: GpuFloat>(
     g: &Gpu,
     bufs: &mut AugBuffers,
-    crops: &S,
+    crops: &CropBuf,
     params: &[AugParams],
     size: usize,
     out: &mut impl DevMut<T>,
@@ -132,14 +142,23 @@ pub fn photometric_cuda<T: GpuFloat, S: HostSlice<u8> + ?Sized>(
             ("out", out.len(), n),
         ],
     )?;
-    let words: Vec<u32> = params.iter().flat_map(|p| p.words()).collect();
     let e = |e| g.err("augment upload", e);
+    crops.upload(&g.stream, &mut bufs.crops.slice_mut(..n))?;
+    let staging = &mut bufs.staging[bufs.turn];
+    bufs.turn ^= 1;
+    let bytes = staging.bytes_mut().map_err(e)?;
+    for (w, p) in bytes.chunks_exact_mut(WORDS * 4).zip(params) {
+        for (b, v) in w.chunks_exact_mut(4).zip(p.words()) {
+            b.copy_from_slice(&v.to_ne_bytes());
+        }
+    }
+    // Safety: u32 words as their bytes; `need` checked the length above.
+    let mut dst = unsafe { bufs.params.transmute_mut::<u8>(batch * WORDS * 4) }
+        .expect("the parameter buffer holds the batch");
     g.stream
-        .memcpy_htod(crops, &mut bufs.crops.slice_mut(..n))
+        .memcpy_htod(unsafe { staging.bytes_for_copy() }, &mut dst)
         .map_err(e)?;
-    g.stream
-        .memcpy_htod(&words, &mut bufs.params.slice_mut(..words.len()))
-        .map_err(e)?;
+    staging.queued(&g.stream).map_err(e)?;
     let (hw, b, s) = ((size * size) as i32, batch as i32, size as i32);
     let mut l = g.stream.launch_builder(&g.k.aug_color);
     l.arg(&mut bufs.crops).arg(&bufs.params).arg(&hw);
@@ -201,36 +220,57 @@ pub fn check(g: &Gpu, seed: u64) -> Result<Vec<Row>> {
     let mut bufs = AugBuffers::new(g, batch, size)?;
     let heap = CropBuf::Heap(crops);
     // The loader's pinned buffers on the GPU path: the same bytes, uploaded by a queued DMA.
-    // Safety: every byte is written below before the copy reads it.
     let mut pinned = CropBuf::Pinned(
-        unsafe { g.ctx.alloc_pinned::<u8>(heap.len()) }
+        PinnedBuf::new(&g.ctx, heap.len(), true)
             .map_err(|e| g.err("augment check: pinned memory", e))?,
     );
     pinned.write()?.copy_from_slice(heap.read()?);
     let mut rows = Vec::new();
-    for (crops, from) in [(&heap, ""), (&pinned, ", from pinned memory")] {
-        rows.push(one::<f32>(g, &mut bufs, crops, &params, size, &want, from)?);
+    let mut heap = heap;
+    for (crops, from) in [(&mut heap, ""), (&mut pinned, ", from pinned memory")] {
+        rows.push(one::<f32>(
+            g, &mut bufs, crops, &params, size, &want, from, false,
+        )?);
         rows.push(one::<half::bf16>(
-            g, &mut bufs, crops, &params, size, &want, from,
+            g, &mut bufs, crops, &params, size, &want, from, false,
         )?);
     }
+    // As the loader does: the buffer is written again (the next batch) as soon as its upload is
+    // queued. The write waits for the copy (the event recorded behind it), so the views are the
+    // first bytes'; without that wait a GPU may copy the new bytes, and the software GPU stops
+    // the process.
+    rows.push(one::<f32>(
+        g,
+        &mut bufs,
+        &mut pinned,
+        &params,
+        size,
+        &want,
+        ", pinned memory rewritten right after the upload",
+        true,
+    )?);
     Ok(rows)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn one<T: GpuFloat>(
     g: &Gpu,
     bufs: &mut AugBuffers,
-    crops: &CropBuf,
+    crops: &mut CropBuf,
     params: &[AugParams],
     size: usize,
     want: &[f32],
     from: &str,
+    rewrite: bool,
 ) -> Result<Row> {
     let mut out = g
         .stream
         .alloc_zeros::<T>(want.len())
         .map_err(|e| g.err("augment check", e))?;
-    photometric_cuda::<T, _>(g, bufs, crops, params, size, &mut out)?;
+    photometric_cuda::<T>(g, bufs, crops, params, size, &mut out)?;
+    if rewrite {
+        crops.write()?.fill(0);
+    }
     let got = g.download(&out)?;
     // The CPU's f32 rounded to T is what the kernel must store.
     let bad = got

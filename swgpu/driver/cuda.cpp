@@ -14,11 +14,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "../include/swgpu.h"
 #include "../kernels/abi.h"
@@ -77,7 +79,31 @@ size_t g_used;
 struct Event {
     std::chrono::steady_clock::time_point t;
     bool recorded;
+    CUstream stream;  // where it was last recorded, and behind how much of that stream's work
+    uint64_t seq;
 };
+
+// ---- asynchronous copies with page-locked host memory --------------------------------------------
+// Everything here runs when it is called, but the host may not treat a copy queued with page-locked
+// memory as done until a synchronization covers it: cuEventSynchronize/Query on an event recorded
+// after it on its stream, cuStreamSynchronize of its stream, or cuCtxSynchronize. So:
+// - a device-to-host copy into page-locked memory fills the destination with 0xFF bytes (NaN as
+//   floats) and delivers the bytes, as they were when queued, only at that synchronization;
+// - a host-to-device copy from page-locked memory remembers a hash of the source; if the bytes
+//   differ when the synchronization comes (or when another copy is queued from them), the host
+//   wrote the buffer while the device could still be reading it: reported, and the process ends.
+struct Pending {
+    CUstream stream;
+    uint64_t seq;
+    uintptr_t host;
+    size_t n;
+    bool to_host;
+    uint64_t hash;           // host-to-device: the source bytes when queued
+    std::vector<char> data;  // device-to-host: the bytes to deliver
+    const char* what;
+};
+std::vector<Pending> g_pending;
+std::map<CUstream, uint64_t> g_seq;  // work queued so far per stream
 struct Stream {
     int unused;
 };
@@ -183,6 +209,46 @@ CUresult fill(CUdeviceptr dst, const void* value, size_t elem, size_t count, con
         for (size_t i = 0; i < count; i++) memcpy(p + i * elem, value, elem);
     }
     return CUDA_SUCCESS;
+}
+
+uint64_t fnv(const void* p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ ((const unsigned char*)p)[i]) * 0x100000001b3ull;
+    return h;
+}
+
+// Page-locked host memory holds [p, p + n).
+bool pinned_locked(const void* p, size_t n) {
+    auto it = find_alloc((uintptr_t)p, n);
+    return it != g_allocs.end() && it->second.host;
+}
+
+[[noreturn]] void host_race(const Pending& q, const char* when) {
+    say("the host wrote page-locked memory 0x%llx + %zu bytes while the %s queued from it could still be reading "
+        "it (found %s): record an event behind the copy and wait for it before writing the buffer again",
+        (unsigned long long)q.host, q.n, q.what, when);
+    fflush(stderr);
+    _exit(3);
+}
+
+// Completes, for the host, the pending copies that `done` selects. Caller holds g_mu.
+template <class F>
+void retire_locked(F done, const char* when) {
+    size_t k = 0;
+    for (size_t i = 0; i < g_pending.size(); i++) {
+        Pending& q = g_pending[i];
+        if (!done(q)) {
+            if (k != i) g_pending[k] = std::move(q);
+            k++;
+            continue;
+        }
+        if (q.to_host) {
+            memcpy((void*)q.host, q.data.data(), q.n);
+        } else if (fnv((const void*)q.host, q.n) != q.hash) {
+            host_race(q, when);
+        }
+    }
+    g_pending.resize(k);
 }
 
 int attribute(int a) {
@@ -357,7 +423,11 @@ EXPORT CUresult cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+EXPORT CUresult cuCtxSynchronize() {
+    std::lock_guard<std::mutex> l(g_mu);
+    retire_locked([](const Pending&) { return true; }, "at cuCtxSynchronize");
+    return CUDA_SUCCESS;
+}
 EXPORT CUresult cuCtxGetLimit(size_t* v, int) {
     if (v) *v = 0;
     return CUDA_SUCCESS;
@@ -394,7 +464,8 @@ EXPORT CUresult cuGetExportTable(const void** table, const void*) {
     return CUDA_ERROR_NOT_SUPPORTED;  // the runtime API's private tables: nothing here uses them
 }
 
-// ---- streams and events: tokens; all work is already done when a call returns
+// ---- streams and events: tokens; all work is already done when a call returns, but copies with
+// page-locked memory complete for the host only at a synchronization (see Pending)
 
 EXPORT CUresult cuStreamCreate(CUstream* s, unsigned) {
     if (!s) return CUDA_ERROR_INVALID_VALUE;
@@ -406,7 +477,11 @@ EXPORT CUresult cuStreamDestroy_v2(CUstream s) {
     delete static_cast<Stream*>(s);
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
+EXPORT CUresult cuStreamSynchronize(CUstream s) {
+    std::lock_guard<std::mutex> l(g_mu);
+    retire_locked([s](const Pending& q) { return q.stream == s; }, "at cuStreamSynchronize");
+    return CUDA_SUCCESS;
+}
 EXPORT CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
 EXPORT CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
 EXPORT CUresult cuStreamIsCapturing(CUstream, int* status) {
@@ -431,16 +506,28 @@ EXPORT CUresult cuEventDestroy_v2(CUevent e) {
     delete static_cast<Event*>(e);
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuEventRecord(CUevent e, CUstream) {
+EXPORT CUresult cuEventRecord(CUevent e, CUstream s) {
     if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    std::lock_guard<std::mutex> l(g_mu);
     auto* ev = static_cast<Event*>(e);
     ev->t = std::chrono::steady_clock::now();
     ev->recorded = true;
+    ev->stream = s;
+    ev->seq = g_seq[s];
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return cuEventRecord(e, s); }
-EXPORT CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
-EXPORT CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
+// Waits (trivially) for the work recorded in `e`; an event never recorded is complete at once.
+EXPORT CUresult cuEventSynchronize(CUevent e) {
+    if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    std::lock_guard<std::mutex> l(g_mu);
+    auto* ev = static_cast<Event*>(e);
+    if (ev->recorded)
+        retire_locked([ev](const Pending& q) { return q.stream == ev->stream && q.seq <= ev->seq; },
+                      "at cuEventSynchronize");
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuEventQuery(CUevent e) { return cuEventSynchronize(e); }
 EXPORT CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
     if (!ms || !a || !b) return CUDA_ERROR_INVALID_VALUE;
     auto *ea = static_cast<Event*>(a), *eb = static_cast<Event*>(b);
@@ -468,7 +555,18 @@ EXPORT CUresult cuMemAllocHost_v2(void** p, size_t bytes) {
     return r;
 }
 EXPORT CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) { return cuMemAllocHost_v2(p, bytes); }
-EXPORT CUresult cuMemFreeHost(void* p) { return release((uintptr_t)p, true, "cuMemFreeHost"); }
+// Frees after the copies with the buffer complete, as the real call synchronizes the device.
+EXPORT CUresult cuMemFreeHost(void* p) {
+    {
+        std::lock_guard<std::mutex> l(g_mu);
+        auto it = g_allocs.find((uintptr_t)p);
+        if (it != g_allocs.end() && it->second.host) {
+            uintptr_t lo = it->first, hi = lo + it->second.bytes;
+            retire_locked([lo, hi](const Pending& q) { return q.host >= lo && q.host < hi; }, "at cuMemFreeHost");
+        }
+    }
+    return release((uintptr_t)p, true, "cuMemFreeHost");
+}
 EXPORT CUresult cuMemHostRegister_v2(void*, size_t, unsigned) { return CUDA_SUCCESS; }
 EXPORT CUresult cuMemHostUnregister(void*) { return CUDA_SUCCESS; }
 EXPORT CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
@@ -492,13 +590,35 @@ EXPORT CUresult cuMemPoolTrimTo(CUmemoryPool, size_t) { return CUDA_SUCCESS; }
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     return copy((void*)(uintptr_t)dst, src, n, true, false, "cuMemcpyHtoD");
 }
-EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
-    return copy((void*)(uintptr_t)dst, src, n, true, false, "cuMemcpyHtoDAsync");
+EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
+    CUresult r = copy((void*)(uintptr_t)dst, src, n, true, false, "cuMemcpyHtoDAsync");
+    if (r != CUDA_SUCCESS || !n) return r;
+    std::lock_guard<std::mutex> l(g_mu);
+    uint64_t seq = ++g_seq[s];
+    if (!pinned_locked(src, n)) return r;
+    uintptr_t lo = (uintptr_t)src, hi = lo + n;
+    for (const Pending& q : g_pending)
+        if (!q.to_host && q.host < hi && lo < q.host + q.n && fnv((const void*)q.host, q.n) != q.hash)
+            host_race(q, "when another copy was queued from it");
+    g_pending.push_back(Pending{s, seq, lo, n, false, fnv(src, n), {}, "cuMemcpyHtoDAsync"});
+    return r;
 }
 EXPORT CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     return copy(dst, (const void*)(uintptr_t)src, n, false, true, "cuMemcpyDtoH");
 }
-EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
+EXPORT CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream s) {
+    {
+        std::lock_guard<std::mutex> l(g_mu);
+        if (n && dst && pinned_locked(dst, n)) {
+            if (check_range_locked((const void*)(uintptr_t)src, n, "cuMemcpyDtoHAsync")) return CUDA_ERROR_INVALID_VALUE;
+            const char* from = (const char*)(uintptr_t)src;
+            g_pending.push_back(
+                Pending{s, ++g_seq[s], (uintptr_t)dst, n, true, 0, std::vector<char>(from, from + n), "cuMemcpyDtoHAsync"});
+            memset(dst, 0xFF, n);
+            return CUDA_SUCCESS;
+        }
+        if (n) ++g_seq[s];
+    }
     return copy(dst, (const void*)(uintptr_t)src, n, false, true, "cuMemcpyDtoHAsync");
 }
 EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
