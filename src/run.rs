@@ -948,10 +948,22 @@ impl Engine {
         shape: Shape,
         sc: &StepConfig,
         batch: usize,
-    ) -> Result<f32> {
+    ) -> Result<Option<f32>> {
         on_gpu!(self,
-            m => m.forward_backward(v1, v2, shape, sc).map_err(|e| oom(e, batch)),
-            c => Ok(c.forward_backward(v1, v2, shape, sc)))
+            m => m.queue_forward_backward(v1, v2, shape, sc).map(|_| None).map_err(|e| oom(e, batch)),
+            c => Ok(Some(c.forward_backward(v1, v2, shape, sc))))
+    }
+
+    /// The loss of the oldest step queued on a GPU (waits for it) and its milliseconds on the
+    /// device.
+    fn take_loss(&mut self) -> Result<(f32, f64)> {
+        on_gpu!(self, m => m.take_loss(),
+            _c => Err(Error::Other("take_loss: the CPU engine queues nothing".into())))
+    }
+
+    /// After a pause (kNN, checkpoint): the next step's time runs from its own start.
+    fn restart_step_clock(&mut self) {
+        on_gpu!(self, m => m.restart_step_clock(), _c => ())
     }
 
     /// The same from a batch of u8 crops: the photometric augmentation runs on the GPU.
@@ -961,12 +973,12 @@ impl Engine {
         shape: Shape,
         sc: &StepConfig,
         batch: usize,
-    ) -> Result<f32> {
+    ) -> Result<Option<f32>> {
         let p = |i: usize| b.params[i].iter().map(AugParams::new).collect::<Vec<_>>();
         let (p1, p2) = (p(0), p(1));
         on_gpu!(self,
-            m => m.forward_backward_crops([&b.crops[0], &b.crops[1]], [&p1, &p2], shape, sc)
-                .map_err(|e| oom(e, batch)),
+            m => m.queue_forward_backward_crops([&b.crops[0], &b.crops[1]], [&p1, &p2], shape, sc)
+                .map(|_| None).map_err(|e| oom(e, batch)),
             _c => Err(Error::Other("u8 crops reach the CPU engine: the loader should normalize".into())))
     }
 
@@ -1004,6 +1016,70 @@ impl Engine {
     /// Device bytes held (None on the CPU).
     fn device_bytes(&self) -> Option<usize> {
         on_gpu!(self, m => Some(m.device_bytes()), _c => None)
+    }
+}
+
+/// A step whose work is done or queued, waiting for its loss to be logged.
+struct StepDone {
+    k: usize,
+    epoch: usize,
+    last_of_epoch: bool,
+    lr: f64,
+    ema_m: f64,
+    data_ms: f64,
+    /// When the step began (its data included).
+    start: Instant,
+    /// Bad samples skipped so far.
+    skipped: usize,
+    mib: Option<usize>,
+}
+
+/// The losses logged so far.
+struct StepLog {
+    first_loss: Option<f64>,
+    last_loss: Option<f64>,
+}
+
+impl StepLog {
+    /// Logs a step once its loss is known (metrics.jsonl, the step line, the bar) and returns the
+    /// loss; a non-finite loss stops the run. A step's time: on a GPU, `device_ms` (CUDA events:
+    /// from the end of the step before, so waits for data count); on the CPU, from its start.
+    fn log(
+        &mut self,
+        log: &mut Log,
+        cfg: &PretrainConfig,
+        d: StepDone,
+        loss: f32,
+        device_ms: Option<f64>,
+        total: usize,
+    ) -> Result<f64> {
+        let k = d.k;
+        let loss = loss as f64;
+        if !loss.is_finite() {
+            return Err(Error::Other(format!(
+                "the loss became {loss} at step {k}: lower --lr"
+            )));
+        }
+        self.first_loss.get_or_insert(loss);
+        self.last_loss = Some(loss);
+        let ms = device_ms.unwrap_or_else(|| d.start.elapsed().as_secs_f64() * 1e3);
+        let ips = cfg.batch_size as f64 / (ms / 1e3);
+        let (mib, data_ms, skipped) = (d.mib, d.data_ms, d.skipped);
+        log.json(serde_json::json!({"step": k + 1, "epoch": d.epoch + 1, "loss": loss, "lr": d.lr, "ema_m": d.ema_m, "ms": ms, "img_per_s": ips, "data_ms": data_ms, "skipped": skipped, "device_mib": mib}))?;
+        if (k + 1).is_multiple_of(cfg.log_every) || d.last_of_epoch {
+            let mem = mib.map_or(String::new(), |v| format!(" | {v} MiB on device"));
+            let bad = if skipped > 0 {
+                format!(" | {skipped} skipped")
+            } else {
+                String::new()
+            };
+            log.line(&format!("step {}/{total} | loss {loss:.4} | lr {:.4} | m {:.5} | {ms:.0} ms ({data_ms:.0} data) | {ips:.0} img/s{mem}{bad}", k + 1, d.lr, d.ema_m));
+        }
+        if let Some(b) = &log.bar {
+            b.set_message(format!("loss {loss:.4}"));
+            b.inc(1);
+        }
+        Ok(loss)
     }
 }
 
@@ -1397,12 +1473,14 @@ fn run(
         // normalize run there.
         l.cfg.photometric = false;
         if cfg.pin_memory {
-            l.pin_memory(ctx);
+            if let Err(why) = l.pin_memory(&ctx) {
+                log.warn(&why);
+            }
         }
     }
     let total = plan.total();
     let tty = std::io::stderr().is_terminal();
-    let (knn_init, mut first_loss) = match &man {
+    let (knn_init, first_loss) = match &man {
         Some(man) => {
             log.line(&format!(
                 "resumed from {} at epoch {} of {}",
@@ -1422,7 +1500,6 @@ fn run(
         }
     };
     let mut knn_last = man.as_ref().map_or(knn_init, |m| m.knn_last);
-    let mut last_loss = None;
     if tty {
         let bar =
             indicatif::ProgressBar::new(total as u64).with_position((start_epoch * iters) as u64);
@@ -1438,12 +1515,19 @@ fn run(
     // Bad samples met in the batches trained on by this process (the loader's own count runs
     // ahead by the prefetched batches).
     let mut skipped = 0usize;
+    let mut steps = StepLog {
+        first_loss,
+        last_loss: None,
+    };
     for epoch in start_epoch..cfg.epochs {
         let mut loss_sum = 0.0;
         let mut batches = match &train {
             TrainData::Real(l) => Some(l.epoch(epoch as u64, 0)),
             TrainData::Synthetic => None,
         };
+        // On a GPU a step's loss is read once the next step is queued (the host never waits with
+        // the GPU idle); on the CPU it is known at once. Either way steps are logged in order.
+        let mut waiting: Option<StepDone> = None;
         for i in 0..iters {
             let ts = Instant::now();
             let k = epoch * iters + i;
@@ -1472,48 +1556,44 @@ fn run(
                     let wait = b.wait_ms;
                     skipped += b.bad;
                     if let TrainData::Real(l) = &train {
-                        // The copies from its crops are queued (done, even: the loss was read).
+                        // The copies from its crops are queued, each pinned buffer's event
+                        // recorded behind them.
                         l.recycle(b);
-                        if let Some(why) = l.take_pin_failure() {
-                            log.warn(&why);
-                        }
                     }
                     (loss, wait)
                 }
             };
-            let loss = loss as f64;
-            if !loss.is_finite() {
-                return Err(Error::Other(format!(
-                    "the loss became {loss} at step {k}: lower --lr"
-                )));
-            }
             m.update(&sc)?;
             if let Some(why) = m.take_find_failure() {
                 log.warn(&format!(
                     "benchmarking cuDNN algorithms failed ({why}); using cuDNN's heuristic choice"
                 ));
             }
-            first_loss.get_or_insert(loss);
-            last_loss = Some(loss);
-            loss_sum += loss;
-            let ms = ts.elapsed().as_secs_f64() * 1e3;
-            let ips = cfg.batch_size as f64 / (ms / 1e3);
-            let mib = m.device_bytes().map(|b| b >> 20);
-            log.json(serde_json::json!({"step": k + 1, "epoch": epoch + 1, "loss": loss, "lr": sc.lars.lr, "ema_m": sc.ema_m, "ms": ms, "img_per_s": ips, "data_ms": data_ms, "skipped": skipped, "device_mib": mib}))?;
-            if (k + 1) % cfg.log_every == 0 || i + 1 == iters {
-                let mem = mib.map_or(String::new(), |v| format!(" | {v} MiB on device"));
-                let bad = if skipped > 0 {
-                    format!(" | {skipped} skipped")
-                } else {
-                    String::new()
-                };
-                log.line(&format!("step {}/{total} | loss {loss:.4} | lr {:.4} | m {:.5} | {ms:.0} ms ({data_ms:.0} data) | {ips:.0} img/s{mem}{bad}", k + 1, sc.lars.lr, sc.ema_m));
+            let done = StepDone {
+                k,
+                epoch,
+                last_of_epoch: i + 1 == iters,
+                lr: sc.lars.lr,
+                ema_m: sc.ema_m,
+                data_ms,
+                start: ts,
+                skipped,
+                mib: m.device_bytes().map(|b| b >> 20),
+            };
+            if let Some(w) = waiting.take() {
+                let (l, ms) = m.take_loss()?;
+                loss_sum += steps.log(&mut log, &cfg, w, l, Some(ms), total)?;
             }
-            if let Some(b) = &log.bar {
-                b.set_message(format!("loss {loss:.4}"));
-                b.inc(1);
+            match loss {
+                Some(l) => loss_sum += steps.log(&mut log, &cfg, done, l, None, total)?,
+                None => waiting = Some(done),
             }
         }
+        if let Some(w) = waiting.take() {
+            let (l, ms) = m.take_loss()?;
+            loss_sum += steps.log(&mut log, &cfg, w, l, Some(ms), total)?;
+        }
+        m.restart_step_clock();
         knn_last = knn_monitor(&mut m, &knn_data, &cfg)?;
         let mean = loss_sum / iters as f64;
         match knn_last {
@@ -1534,7 +1614,7 @@ fn run(
             optimizer_crc32: 0,
             knn_init,
             knn_last,
-            first_loss,
+            first_loss: steps.first_loss,
             rng: "none saved: every draw is a pure function of (seed, epoch, sample, view)".into(),
             config: cfg.clone(),
         };
@@ -1549,8 +1629,8 @@ fn run(
     Ok(Summary {
         knn_init,
         knn_final: knn_last,
-        first_loss,
-        last_loss,
+        first_loss: steps.first_loss,
+        last_loss: steps.last_loss,
         epochs_done,
         steps: (epochs_done - start_epoch) * iters,
         seconds: t0.elapsed().as_secs_f64(),

@@ -165,14 +165,56 @@ enum Node {
     },
 }
 
-/// Per-slot device storage of one element type, grown on demand and kept across steps.
+/// Per-slot device storage of one element type, grown on demand and kept across steps. The
+/// gradient pools also lend buffers for part of a step: [`Pool::acquire`] and [`Pool::release`]
+/// move them between slots and a spare list.
 struct Pool<T> {
     bufs: Vec<Option<CudaSlice<T>>>,
+    spare: Vec<CudaSlice<T>>,
 }
 
 impl<T: DeviceRepr + ValidAsZeroBits> Pool<T> {
     fn new() -> Self {
-        Pool { bufs: Vec::new() }
+        Pool {
+            bufs: Vec::new(),
+            spare: Vec::new(),
+        }
+    }
+    /// Lends slot `i` the smallest spare buffer of at least `len` elements, or a new one, zeroed
+    /// up to `len`; returns the bytes newly allocated. A step that repeats the one before makes
+    /// the same choices, so a steady state allocates nothing.
+    fn acquire(&mut self, gpu: &Gpu, i: usize, len: usize) -> Result<usize> {
+        if self.bufs.len() <= i {
+            self.bufs.resize_with(i + 1, || None);
+        }
+        assert!(
+            self.bufs[i].is_none(),
+            "DevGraph: gradient slot {i} lent twice"
+        );
+        let best = (0..self.spare.len())
+            .filter(|&k| self.spare[k].len() >= len)
+            .min_by_key(|&k| (self.spare[k].len(), k));
+        let (mut b, grown) = match best {
+            Some(k) => (self.spare.swap_remove(k), 0),
+            None => (
+                gpu.zeros::<T>(len.max(1))?,
+                len.max(1) * std::mem::size_of::<T>(),
+            ),
+        };
+        let r = gpu.memset_zero(&mut b.slice_mut(..len));
+        self.bufs[i] = Some(b);
+        r.map(|_| grown)
+    }
+    /// Returns slot `i`'s buffer to the spare list.
+    fn release(&mut self, i: usize) {
+        if let Some(b) = self.bufs.get_mut(i).and_then(Option::take) {
+            self.spare.push(b);
+        }
+    }
+    fn release_all(&mut self) {
+        for i in 0..self.bufs.len() {
+            self.release(i);
+        }
     }
     /// Makes slot `i` hold at least `len` elements; returns the bytes newly allocated.
     fn ensure(&mut self, gpu: &Gpu, i: usize, len: usize) -> Result<usize> {
@@ -437,7 +479,7 @@ where
             let i = t.slot as usize;
             let mut b = self.e.take(i);
             let n = shape.numel();
-            let r = super::augment::photometric_cuda::<E, _>(
+            let r = super::augment::photometric_cuda::<E>(
                 &self.gpu,
                 bufs,
                 crops,
@@ -490,6 +532,20 @@ where
         }
     }
 
+    /// Queues the copy of an f32 tensor (a loss) into page-locked memory without waiting; the
+    /// bytes are there once `dst.bytes()` returns.
+    pub fn queue_fetch(&self, t: Tensor, dst: &mut crate::data::pinned::PinnedBuf) -> Result<()> {
+        if let Some(e) = &self.err {
+            return Err(Error::Cuda(format!("{e}")));
+        }
+        assert_eq!(self.kind(t), Kind::F32, "queue_fetch: f32 tensors only");
+        assert_eq!(dst.len(), t.numel() * 4, "queue_fetch: destination size");
+        let v = self.vf(t);
+        let (ptr, _rec) = cudarc::driver::DevicePtr::device_ptr(&v, &self.gpu.stream);
+        dst.download_from(&self.gpu.stream, ptr)
+            .map_err(|e| self.gpu.err("queuing the download of a tensor", e))
+    }
+
     /// Runs `f` with slot `y`'s `E` storage taken out (so other slots can be read meanwhile).
     fn with_e(&mut self, y: Tensor, f: impl FnOnce(&Self, &mut CudaSlice<E>) -> Result<()>) {
         if self.failed() {
@@ -505,57 +561,79 @@ where
     // ------------------------------------------------------------------------
     // Backward
 
-    /// d(out)/d(everything): zeroes every activation gradient and the parameter gradients, seeds
-    /// d out = 1, replays the tape in reverse, then adds the compute-dtype weight gradients into
-    /// the f32 gradients. Returns the first error of the step, forward included.
+    /// d(out)/d(everything): seeds d out = 1, replays the tape in reverse, then adds the
+    /// compute-dtype weight gradients into the f32 gradients. Returns the first error of the
+    /// step, forward included.
+    ///
+    /// Activation gradients live only while backward needs them: a slot's gradient is lent a
+    /// zeroed buffer at the first node that touches it (the last of its consumers; backward runs
+    /// the tape in reverse) and gives it back after the last (the node that produced it), so the
+    /// peak is the widest set alive at once, not the sum over the network.
     pub fn backward(&mut self, out: Tensor) -> Result<()> {
         assert_eq!(out.numel(), 1, "backward: output must be a scalar");
         assert_eq!(self.kind(out), Kind::F32, "backward: output must be a loss");
         self.check()?;
         let gpu = self.gpu.clone();
-        for i in 0..self.meta.len() {
-            let m = self.meta[i];
-            if !m.needs_grad {
-                continue;
-            }
-            let grown = match m.kind {
-                Kind::E => self.ge.ensure(&gpu, i, m.len),
-                _ => self.gf.ensure(&gpu, i, m.len),
-            }
-            .map_err(|e| self.oom(e, m.len * kind_size::<E>(m.kind)))?;
-            self.bytes += grown;
-            match m.kind {
-                Kind::E => {
-                    let mut b = self.ge.take(i);
-                    let r = gpu.memset_zero(&mut b.slice_mut(..m.len));
-                    self.ge.put(i, b);
-                    r?
-                }
-                _ => {
-                    let mut b = self.gf.take(i);
-                    let r = gpu.memset_zero(&mut b.slice_mut(..m.len));
-                    self.gf.put(i, b);
-                    r?
-                }
-            }
-        }
-        gpu.memset_zero(&mut self.grads)?;
-        gpu.memset_zero(&mut self.grads_c)?;
-        {
-            let i = out.slot as usize;
-            let mut b = self.gf.take(i);
-            let r = gpu
-                .stream
-                .memcpy_htod(&[1.0f32], &mut b.slice_mut(..1))
-                .map_err(|e| gpu.err("seeding the loss gradient", e));
-            self.gf.put(i, b);
-            r?;
-        }
+        self.ge.release_all();
+        self.gf.release_all();
         let tape = std::mem::take(&mut self.tape);
-        let r = tape.iter().rev().try_for_each(|n| self.backward_node(n));
+        let (born, dies) = grad_spans(&tape, &self.meta);
+        let r = (|| {
+            gpu.memset_zero(&mut self.grads)?;
+            gpu.memset_zero(&mut self.grads_c)?;
+            self.lend(out.slot)?;
+            {
+                // d out = 1.0 by a memset of its bits: nothing to upload, nothing to wait for.
+                let b = self.gf.take(out.slot as usize);
+                let (ptr, rec) = cudarc::driver::DevicePtr::device_ptr(&b, &gpu.stream);
+                let r = unsafe {
+                    cudarc::driver::sys::cuMemsetD32Async(
+                        ptr,
+                        1.0f32.to_bits(),
+                        1,
+                        gpu.stream.cu_stream(),
+                    )
+                    .result()
+                }
+                .map_err(|e| gpu.err("seeding the loss gradient", e));
+                drop(rec);
+                self.gf.put(out.slot as usize, b);
+                r?;
+            }
+            for (j, node) in tape.iter().enumerate().rev() {
+                for &s in &born[j] {
+                    if s != out.slot {
+                        self.lend(s)?;
+                    }
+                }
+                self.backward_node(node)?;
+                for &s in &dies[j] {
+                    match self.meta[s as usize].kind {
+                        Kind::E => self.ge.release(s as usize),
+                        _ => self.gf.release(s as usize),
+                    }
+                }
+            }
+            Ok(())
+        })();
         self.tape = tape;
+        self.ge.release_all();
+        self.gf.release_all();
         r?;
         super::accum_f32_cuda(&gpu, &self.grads_c, &mut self.grads)
+    }
+
+    /// Lends slot `i` a zeroed gradient buffer of its kind.
+    fn lend(&mut self, i: u32) -> Result<()> {
+        let i = i as usize;
+        let m = self.meta[i];
+        let grown = match m.kind {
+            Kind::E => self.ge.acquire(&self.gpu, i, m.len),
+            _ => self.gf.acquire(&self.gpu, i, m.len),
+        }
+        .map_err(|e| self.oom(e, m.len * kind_size::<E>(m.kind)))?;
+        self.bytes += grown;
+        Ok(())
     }
 
     fn gf_view(&self, t: Tensor) -> CudaView<'_, f32> {
@@ -796,6 +874,48 @@ where
             }
         }
     }
+}
+
+/// The gradient slots each backward node touches: the inputs whose gradients it adds to, and the
+/// outputs whose gradients it reads.
+fn grad_touches(n: &Node) -> Vec<Tensor> {
+    match *n {
+        Node::Conv { x, y, .. }
+        | Node::MaxPool { x, y, .. }
+        | Node::AvgPool { x, y, .. }
+        | Node::Linear { x, y, .. }
+        | Node::Align { x, y, .. }
+        | Node::Scale { x, y, .. } => vec![x, y],
+        Node::Bn { x, y, res, .. } => [Some(x), Some(y), res].into_iter().flatten().collect(),
+        Node::Concat { g, x, u, .. } => vec![g, x, u],
+        Node::Split { z, zg, a, .. } => vec![z, zg, a],
+        Node::Aggregate { x, w, v, .. } => vec![x, w, v],
+        Node::Loss { pred, y, .. } => vec![pred, y],
+        Node::Add { a, b, y } => vec![a, b, y],
+    }
+}
+
+/// For each node of the tape, the gradient slots first touched there by backward (which runs
+/// the tape in reverse) and the ones last touched there.
+fn grad_spans(tape: &[Node], meta: &[Meta]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let (mut first, mut last) = (vec![None; meta.len()], vec![None; meta.len()]);
+    for (j, n) in tape.iter().enumerate() {
+        for t in grad_touches(n) {
+            let s = t.slot as usize;
+            if meta[s].needs_grad {
+                first[s] = Some(j);
+                last[s].get_or_insert(j);
+            }
+        }
+    }
+    let (mut born, mut dies) = (vec![Vec::new(); tape.len()], vec![Vec::new(); tape.len()]);
+    for s in 0..meta.len() {
+        if let (Some(f), Some(l)) = (first[s], last[s]) {
+            born[f].push(s as u32);
+            dies[l].push(s as u32);
+        }
+    }
+    (born, dies)
 }
 
 fn kind_size<E>(k: Kind) -> usize {

@@ -9,12 +9,13 @@ use super::graph::DevGraph;
 use super::{Gpu, GpuFloat};
 use crate::autograd::{BnMode, Tape};
 use crate::data::loader::CropBuf;
+use crate::data::pinned::PinnedBuf;
 use crate::error::Result;
 use crate::optim::{self, ExcludeRule, GpuLars};
 use crate::tensor::{Shape, Tensor};
 use crate::train::{Lewel, Method, StepConfig};
 use cudarc::cublas::{CudaBlas, Gemm};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaEvent, CudaSlice};
 use std::rc::Rc;
 
 /// Online and target graphs on one GPU, with the LARS momentum.
@@ -27,6 +28,18 @@ pub struct GpuLewel<E: GpuFloat> {
     lars: Option<(ExcludeRule, GpuLars)>,
     /// Buffers of the photometric augmentation, for (batch, size).
     aug: Option<(usize, usize, AugBuffers)>,
+    /// Step losses on their way to the host, oldest first: a queued copy into page-locked memory
+    /// each, read by [`Self::take_loss`] (a training loop reads a step's loss once the next step
+    /// is queued, so the host never waits with the GPU idle).
+    /// With each: an event recorded before it where the step clock was restarted, and the event
+    /// recorded behind its update (timing enabled; [`Self::update`]).
+    queued: std::collections::VecDeque<(PinnedBuf, Option<CudaEvent>, Option<CudaEvent>)>,
+    /// Page-locked slots already read, for reuse.
+    spare: Vec<PinnedBuf>,
+    /// The end event of the step read last: a step's time on the device runs from it.
+    last_end: Option<CudaEvent>,
+    /// The start event of the step being queued, where it needs one.
+    start: Option<CudaEvent>,
 }
 
 impl<E: GpuFloat> GpuLewel<E>
@@ -49,6 +62,10 @@ where
             momentum,
             lars: None,
             aug: None,
+            queued: Default::default(),
+            spare: Vec::new(),
+            last_end: None,
+            start: None,
         })
     }
 
@@ -58,7 +75,7 @@ where
     }
 
     /// Forward and backward of one iteration on views (B, H, W, 3); leaves the f32 gradients in
-    /// `g.grads` and returns the loss.
+    /// `g.grads` and returns the loss (waits for it).
     pub fn forward_backward(
         &mut self,
         v1: &[f32],
@@ -66,21 +83,77 @@ where
         shape: Shape,
         sc: &StepConfig,
     ) -> Result<f32> {
-        self.begin();
+        self.queue_forward_backward(v1, v2, shape, sc)?;
+        Ok(self.take_loss()?.0)
+    }
+
+    /// Forgets the last step's end: the next step's time runs from its own start (after a pause
+    /// such as the kNN monitor and a checkpoint).
+    pub fn restart_step_clock(&mut self) {
+        self.last_end = None;
+    }
+
+    /// The same without waiting: the loss joins the queue [`Self::take_loss`] reads.
+    pub fn queue_forward_backward(
+        &mut self,
+        v1: &[f32],
+        v2: &[f32],
+        shape: Shape,
+        sc: &StepConfig,
+    ) -> Result<()> {
+        self.begin()?;
         let a = self.g.input(shape, v1);
         let b = self.g.input(shape, v2);
         self.forward_backward_inputs(a, b, sc)
     }
 
-    /// The same from u8 crops (B, S, S, 3) of both views and their parameters: the photometric
-    /// half of the augmentation runs here, on the GPU.
-    pub fn forward_backward_crops(
+    /// The oldest queued loss (waits for its copy), and the step's milliseconds on the device:
+    /// from the end of the step read before it (or from its own start after a restart of the
+    /// clock) to its end, by CUDA events.
+    pub fn take_loss(&mut self) -> Result<(f32, f64)> {
+        let (slot, start, end) = self
+            .queued
+            .pop_front()
+            .ok_or_else(|| crate::Error::Other("take_loss: no step is queued".into()))?;
+        let e = |e| self.gpu.err("reading a step's loss", e);
+        let b = slot.bytes().map_err(e)?;
+        let loss = f32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        self.spare.push(slot);
+        let Some(end) = end else {
+            // No update followed (a check): no step time.
+            return Ok((loss, 0.0));
+        };
+        let from = start.as_ref().or(self.last_end.as_ref());
+        let ms = match from {
+            Some(s) => s.elapsed_ms(&end).map_err(e)? as f64,
+            None => 0.0,
+        };
+        self.last_end = Some(end);
+        Ok((loss, ms))
+    }
+
+    /// An event with timing, recorded on the stream now.
+    fn mark(&self) -> Result<CudaEvent> {
+        let ev = self
+            .gpu
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| self.gpu.err("a timing event", e))?;
+        ev.record(&self.gpu.stream)
+            .map_err(|e| self.gpu.err("a timing event", e))?;
+        Ok(ev)
+    }
+
+    /// Queues the forward and backward of one iteration from u8 crops (B, S, S, 3) of both views
+    /// and their parameters (the photometric half of the augmentation runs here, on the GPU); the
+    /// loss joins the queue [`Self::take_loss`] reads.
+    pub fn queue_forward_backward_crops(
         &mut self,
         crops: [&CropBuf; 2],
         params: [&[AugParams]; 2],
         shape: Shape,
         sc: &StepConfig,
-    ) -> Result<f32> {
+    ) -> Result<()> {
         let (batch, size) = (shape.dims()[0], shape.dims()[1]);
         if self
             .aug
@@ -89,20 +162,27 @@ where
         {
             self.aug = Some((batch, size, AugBuffers::new(&self.gpu, batch, size)?));
         }
-        self.begin();
+        self.begin()?;
         let bufs = &mut self.aug.as_mut().unwrap().2;
         let a = self.g.input_crops(shape, crops[0], params[0], bufs);
         let b = self.g.input_crops(shape, crops[1], params[1], bufs);
         self.forward_backward_inputs(a, b, sc)
     }
 
-    fn begin(&mut self) {
+    fn begin(&mut self) -> Result<()> {
+        // The step's start, where no queued or read step's end stands before it.
+        self.start = if self.last_end.is_none() && self.queued.is_empty() {
+            Some(self.mark()?)
+        } else {
+            None
+        };
         self.g.reset();
         self.g.set_recording(true);
         self.tg.set_recording(false);
+        Ok(())
     }
 
-    fn forward_backward_inputs(&mut self, a: Tensor, b: Tensor, sc: &StepConfig) -> Result<f32> {
+    fn forward_backward_inputs(&mut self, a: Tensor, b: Tensor, sc: &StepConfig) -> Result<()> {
         let (online_mode, target_mode) = sc.bn_modes();
         let (tg, target) = (&mut self.tg, &self.host.target);
         let mut run_target = |v: Tensor, og: &mut DevGraph<E>| {
@@ -117,7 +197,23 @@ where
             .loss(&mut self.g, a, b, online_mode, &mut run_target);
         self.tg.check()?;
         self.g.backward(loss)?;
-        Ok(self.g.fetch(loss)?[0])
+        let mut slot = match self.spare.pop() {
+            Some(s) => s,
+            None => PinnedBuf::new(&self.gpu.ctx, 4, false)
+                .map_err(|e| self.gpu.err("page-locked memory for the loss", e))?,
+        };
+        let r = self.g.queue_fetch(loss, &mut slot);
+        match r {
+            Ok(()) => {
+                let start = self.start.take();
+                self.queued.push_back((slot, start, None));
+                Ok(())
+            }
+            Err(e) => {
+                self.spare.push(slot);
+                Err(e)
+            }
+        }
     }
 
     /// The LARS step over the online parameters, then the EMA of the target.
@@ -166,7 +262,13 @@ where
                 tc.1 = oc.1;
             }
         }
-        self.tg.refresh()
+        self.tg.refresh()?;
+        // The step ends here, for its time (`take_loss`).
+        let end = self.mark()?;
+        if let Some(q) = self.queued.back_mut() {
+            q.2 = Some(end);
+        }
+        Ok(())
     }
 
     /// Copies the device state (parameters, statistics, counters, momentum) into `host` (waits).
