@@ -196,6 +196,9 @@ pub struct Gpu {
     /// them).
     pub deterministic: bool,
     pub(crate) conv_cache: RefCell<HashMap<ConvKey, crate::ops::conv::ConvAlgos>>,
+    /// cuDNN descriptors, algorithms and workspace sizes per (shape, dtype): a
+    /// `crate::ops::conv::Plan<T>` each.
+    pub(crate) conv_plans: RefCell<HashMap<ConvKey, Box<dyn std::any::Any>>>,
     /// The cuDNN handle that benchmarks convolution algorithms, made when first needed.
     pub(crate) finder: RefCell<Option<cudnn_find::Finder>>,
     /// Why benchmarking failed the first time it did (the heuristic was used instead).
@@ -275,6 +278,7 @@ impl Gpu {
             cc,
             deterministic,
             conv_cache: Default::default(),
+            conv_plans: Default::default(),
             finder: Default::default(),
             find_failure: Default::default(),
             workspace: Default::default(),
@@ -299,6 +303,7 @@ impl Gpu {
         }
         // Algorithm choices depend on the math type: choose again.
         self.conv_cache.borrow_mut().clear();
+        self.conv_plans.borrow_mut().clear();
         Ok(())
     }
 

@@ -410,16 +410,96 @@ fn descs<T: GpuFloat>(g: &Gpu, p: &ConvParams) -> crate::Result<Descs<T>> {
         .cudnn
         .create_4d_tensor::<T>(nhwc, [p.n, p.c_out, p.h_out, p.w_out])
         .map_err(e)?;
-    let conv = g
-        .cudnn
+    let conv = conv_desc(g, p)?;
+    Ok(Descs { x, w, y, conv })
+}
+
+fn conv_desc(g: &Gpu, p: &ConvParams) -> crate::Result<ConvDescriptor<f32>> {
+    g.cudnn
         .create_conv2d::<f32>(
             [p.pad, p.pad],
             [p.stride, p.stride],
             [1, 1],
             cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
         )
-        .map_err(e)?;
-    Ok(Descs { x, w, y, conv })
+        .map_err(|e| g.err("cuDNN descriptor", e))
+}
+
+/// Everything a convolution call of one (shape, dtype) needs from cuDNN, made once: the tensor,
+/// filter and convolution descriptors (one convolution descriptor per direction, each with the
+/// math type its algorithm was chosen with), the algorithms and their workspace sizes. Kept in
+/// [`Gpu::conv_plans`] (cleared with the algorithm cache when TF32 is switched).
+pub(crate) struct Plan<T: GpuFloat> {
+    d: Descs<T>,
+    conv_data: ConvDescriptor<f32>,
+    conv_filter: ConvDescriptor<f32>,
+    a: ConvAlgos,
+    /// Workspace bytes of the forward, backward-data and backward-filter algorithms.
+    ws: [usize; 3],
+}
+
+fn make_plan<T: GpuFloat>(g: &Gpu, p: &ConvParams) -> crate::Result<Plan<T>> {
+    let mut d = descs::<T>(g, p)?;
+    let a = algos(g, p, &mut d)?;
+    let (mut conv_data, mut conv_filter) = (conv_desc(g, p)?, conv_desc(g, p)?);
+    let math = |c: &mut ConvDescriptor<f32>, m| {
+        c.set_math_type(m).map_err(|e| g.err("cuDNN math type", e))
+    };
+    math(&mut d.conv, a.fwd.1)?;
+    math(&mut conv_data, a.bwd_data.1)?;
+    math(&mut conv_filter, a.bwd_filter.1)?;
+    let e = |e| g.err("cuDNN workspace", e);
+    let ws = [
+        ConvForward {
+            conv: &d.conv,
+            x: &d.x,
+            w: &d.w,
+            y: &d.y,
+        }
+        .get_workspace_size(a.fwd.0)
+        .map_err(e)?,
+        ConvBackwardData {
+            conv: &conv_data,
+            dx: &d.x,
+            w: &d.w,
+            dy: &d.y,
+        }
+        .get_workspace_size(a.bwd_data.0)
+        .map_err(e)?,
+        ConvBackwardFilter {
+            conv: &conv_filter,
+            x: &d.x,
+            dw: &d.w,
+            dy: &d.y,
+        }
+        .get_workspace_size(a.bwd_filter.0)
+        .map_err(e)?,
+    ];
+    Ok(Plan {
+        d,
+        conv_data,
+        conv_filter,
+        a,
+        ws,
+    })
+}
+
+/// Runs `f` on the plan of (p, T), made on first use.
+fn with_plan<T: GpuFloat, R>(
+    g: &Gpu,
+    p: &ConvParams,
+    f: impl FnOnce(&Plan<T>) -> crate::Result<R>,
+) -> crate::Result<R> {
+    let key = (*p, T::DTYPE);
+    if !g.conv_plans.borrow().contains_key(&key) {
+        let plan = make_plan::<T>(g, p)?;
+        g.conv_plans.borrow_mut().insert(key, Box::new(plan));
+    }
+    let plans = g.conv_plans.borrow();
+    let plan = plans[&key]
+        .downcast_ref::<Plan<T>>()
+        .expect("a conv plan is stored under its own dtype");
+    f(plan)
 }
 
 /// The largest workspace a benchmarked algorithm may ask for: a quarter of the free memory when
@@ -541,12 +621,6 @@ fn algos<T: GpuFloat>(g: &Gpu, p: &ConvParams, d: &mut Descs<T>) -> crate::Resul
     Ok(a)
 }
 
-fn set_math<T: GpuFloat>(g: &Gpu, d: &mut Descs<T>, m: cudnnMathType_t) -> crate::Result<()> {
-    d.conv
-        .set_math_type(m)
-        .map_err(|e| g.err("cuDNN math type", e))
-}
-
 /// y = conv(x, w).
 pub fn forward_cuda<T: GpuFloat>(
     g: &Gpu,
@@ -563,31 +637,28 @@ pub fn forward_cuda<T: GpuFloat>(
             ("y", y.len(), p.y_len()),
         ],
     )?;
-    let mut d = descs::<T>(g, p)?;
-    let a = algos(g, p, &mut d)?;
-    set_math(g, &mut d, a.fwd.1)?;
-    let op = ConvForward {
-        conv: &d.conv,
-        x: &d.x,
-        w: &d.w,
-        y: &d.y,
-    };
-    let bytes = op
-        .get_workspace_size(a.fwd.0)
-        .map_err(|e| g.err("cuDNN workspace", e))?;
-    let mut ws = g.workspace(bytes)?;
-    // SAFETY: buffers match the descriptors built from p.
-    unsafe {
-        op.launch(
-            a.fwd.0,
-            ws.as_mut(),
-            (T::from_f32(1.0), T::from_f32(0.0)),
-            &x.view(),
-            &w.view(),
-            &mut y.view_mut(),
-        )
-    }
-    .map_err(|e| g.err("cuDNN conv forward", e))
+    with_plan::<T, _>(g, p, |pl| {
+        let d = &pl.d;
+        let op = ConvForward {
+            conv: &d.conv,
+            x: &d.x,
+            w: &d.w,
+            y: &d.y,
+        };
+        let mut ws = g.workspace(pl.ws[0])?;
+        // SAFETY: buffers match the descriptors built from p.
+        unsafe {
+            op.launch(
+                pl.a.fwd.0,
+                ws.as_mut(),
+                (T::from_f32(1.0), T::from_f32(0.0)),
+                &x.view(),
+                &w.view(),
+                &mut y.view_mut(),
+            )
+        }
+        .map_err(|e| g.err("cuDNN conv forward", e))
+    })
 }
 
 /// dx += conv_backward_data(dy, w).
@@ -606,31 +677,28 @@ pub fn backward_data_cuda<T: GpuFloat>(
             ("dx", dx.len(), p.x_len()),
         ],
     )?;
-    let mut d = descs::<T>(g, p)?;
-    let a = algos(g, p, &mut d)?;
-    set_math(g, &mut d, a.bwd_data.1)?;
-    let op = ConvBackwardData {
-        conv: &d.conv,
-        dx: &d.x,
-        w: &d.w,
-        dy: &d.y,
-    };
-    let bytes = op
-        .get_workspace_size(a.bwd_data.0)
-        .map_err(|e| g.err("cuDNN workspace", e))?;
-    let mut ws = g.workspace(bytes)?;
-    // SAFETY: buffers match the descriptors built from p.
-    unsafe {
-        op.launch(
-            a.bwd_data.0,
-            ws.as_mut(),
-            (T::from_f32(1.0), T::from_f32(1.0)),
-            &mut dx.view_mut(),
-            &w.view(),
-            &dy.view(),
-        )
-    }
-    .map_err(|e| g.err("cuDNN conv backward data", e))
+    with_plan::<T, _>(g, p, |pl| {
+        let d = &pl.d;
+        let op = ConvBackwardData {
+            conv: &pl.conv_data,
+            dx: &d.x,
+            w: &d.w,
+            dy: &d.y,
+        };
+        let mut ws = g.workspace(pl.ws[1])?;
+        // SAFETY: buffers match the descriptors built from p.
+        unsafe {
+            op.launch(
+                pl.a.bwd_data.0,
+                ws.as_mut(),
+                (T::from_f32(1.0), T::from_f32(1.0)),
+                &mut dx.view_mut(),
+                &w.view(),
+                &dy.view(),
+            )
+        }
+        .map_err(|e| g.err("cuDNN conv backward data", e))
+    })
 }
 
 /// dw += conv_backward_filter(x, dy).
@@ -649,31 +717,28 @@ pub fn backward_weight_cuda<T: GpuFloat>(
             ("dw", dw.len(), p.w_len()),
         ],
     )?;
-    let mut d = descs::<T>(g, p)?;
-    let a = algos(g, p, &mut d)?;
-    set_math(g, &mut d, a.bwd_filter.1)?;
-    let op = ConvBackwardFilter {
-        conv: &d.conv,
-        x: &d.x,
-        dw: &d.w,
-        dy: &d.y,
-    };
-    let bytes = op
-        .get_workspace_size(a.bwd_filter.0)
-        .map_err(|e| g.err("cuDNN workspace", e))?;
-    let mut ws = g.workspace(bytes)?;
-    // SAFETY: buffers match the descriptors built from p.
-    unsafe {
-        op.launch(
-            a.bwd_filter.0,
-            ws.as_mut(),
-            (T::from_f32(1.0), T::from_f32(1.0)),
-            &x.view(),
-            &mut dw.view_mut(),
-            &dy.view(),
-        )
-    }
-    .map_err(|e| g.err("cuDNN conv backward filter", e))
+    with_plan::<T, _>(g, p, |pl| {
+        let d = &pl.d;
+        let op = ConvBackwardFilter {
+            conv: &pl.conv_filter,
+            x: &d.x,
+            dw: &d.w,
+            dy: &d.y,
+        };
+        let mut ws = g.workspace(pl.ws[2])?;
+        // SAFETY: buffers match the descriptors built from p.
+        unsafe {
+            op.launch(
+                pl.a.bwd_filter.0,
+                ws.as_mut(),
+                (T::from_f32(1.0), T::from_f32(1.0)),
+                &x.view(),
+                &mut dw.view_mut(),
+                &dy.view(),
+            )
+        }
+        .map_err(|e| g.err("cuDNN conv backward filter", e))
+    })
 }
 
 #[cfg(test)]
