@@ -23,7 +23,10 @@
 #      memory and again with --no-pin-memory (the step time and data wait of each);
 #   5. `cargo bench --bench loader` on that machine's CPU (when target/loader-bench was carried):
 #      decode and augmentation images/s per core there;
-#   6. the built-in run in f32, 2 epochs.
+#   6. the built-in run in f32, 2 epochs;
+#   7. scripts/gpu-cases.sh: the cases tests/software_gpu.rs runs on the software GPU (f32 and bf16
+#      against the CPU, --deterministic twice and a resume bit for bit, an ImageFolder through the
+#      pinned crop buffers), with the same bounds.
 # The last lines are a table of every step and run (scripts/metrics_summary.py).
 set -uo pipefail
 L=${LEWEL:-target/release/lewel}
@@ -74,6 +77,7 @@ step data-pageable 120 "$L" "${common[@]}" --no-pin-memory --out "$O/data-pageab
 B=${LOADER_BENCH:-target/loader-bench}
 [ -x "$B" ] && step loader-bench 150 "$B"
 [ "$DEVICE" = cpu ] || step syn-f32 90 "$L" pretrain --device "$DEVICE" --precision f32 --epochs 2 --warmup-epochs 1 --out "$O/syn-f32"
+[ "$DEVICE" = cpu ] || step cases 120 bash scripts/gpu-cases.sh "$L" "$O/cases"
 
 echo
 echo "step | result | wall"
