@@ -57,6 +57,18 @@ pub struct Row {
 }
 
 impl Row {
+    /// The failing row of a check that stopped with an error (the table goes on).
+    pub fn error(op: &str, dtype: &'static str, e: &crate::Error) -> Row {
+        Row {
+            op: op.into(),
+            dtype,
+            output: "(error)",
+            nmse: f64::NAN,
+            tol: 0.0,
+            failure: format!("error: {e}"),
+        }
+    }
+
     pub fn pass(&self) -> bool {
         self.failure.is_empty()
     }
@@ -102,14 +114,7 @@ impl Ctx<'_> {
             }
         }
         if let Err(e) = f(self) {
-            self.rows.push(Row {
-                op: name.into(),
-                dtype,
-                output: "(error)",
-                nmse: f64::NAN,
-                tol: 0.0,
-                failure: format!("error: {e}"),
-            });
+            self.rows.push(Row::error(name, dtype, &e));
         }
     }
 

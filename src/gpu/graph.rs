@@ -211,6 +211,11 @@ impl<T: DeviceRepr + ValidAsZeroBits> Pool<T> {
             self.spare.push(b);
         }
     }
+    /// Elements held, lent or spare.
+    fn held(&self) -> usize {
+        let lent: usize = self.bufs.iter().flatten().map(|b| b.len()).sum();
+        lent + self.spare.iter().map(|b| b.len()).sum::<usize>()
+    }
     fn release_all(&mut self) {
         for i in 0..self.bufs.len() {
             self.release(i);
@@ -621,6 +626,19 @@ where
         self.gf.release_all();
         r?;
         super::accum_f32_cuda(&gpu, &self.grads_c, &mut self.grads)
+    }
+
+    /// Activation-gradient bytes: (held by the gradient pools, which is the peak of what
+    /// backward kept alive at once, needed were every slot to keep its own).
+    pub fn grad_bytes(&self) -> (usize, usize) {
+        let held = self.ge.held() * std::mem::size_of::<E>() + self.gf.held() * 4;
+        let all = self
+            .meta
+            .iter()
+            .filter(|m| m.needs_grad)
+            .map(|m| m.len * kind_size::<E>(m.kind))
+            .sum();
+        (held, all)
     }
 
     /// Lends slot `i` a zeroed gradient buffer of its kind.
