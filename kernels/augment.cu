@@ -1,5 +1,5 @@
 // The photometric half of LEWEL's augmentation on the GPU, on u8 (B, S, S, 3) crops that the
-// loader made on the CPU, from per-sample parameters drawn on the CPU (src/gpu/augment.rs mirrors
+// loader made on the CPU, from per-sample parameters drawn on the CPU (src/data/photometric_cuda.rs mirrors
 // AugParams; src/data/pil.rs is the reference, itself bit-exact with PIL):
 //   aug_color:   ColorJitter's four ops in the drawn order, then grayscale; one block per image
 //                (contrast needs the image's mean luma: an integer block sum, order-free)
@@ -10,7 +10,7 @@
 // intrinsics so that no multiply-add is fused, and integer sums are exact.
 #include "common.cuh"
 
-// Mirrored field for field by `struct AugParams` in src/gpu/augment.rs.
+// Mirrored field for field by `struct AugParams` in src/data/photometric_cuda.rs.
 struct AugParams {
     int order[4];       // jitter ops in order (0 brightness, 1 contrast, 2 saturation, 3 hue);
                         // order[0] < 0: no jitter

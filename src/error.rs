@@ -15,6 +15,8 @@ pub enum Error {
     },
     /// A CUDA library or driver call failed.
     Cuda(String),
+    /// The GPU ran out of memory (the message says what was asked and, where known, what is free).
+    OutOfMemory(String),
     /// Any other failure, with the chain of contexts that led to it.
     Other(String),
 }
@@ -46,7 +48,20 @@ impl Error {
                 source,
             },
             Error::Cuda(m) => Error::Cuda(format!("{what}: {m}")),
+            Error::OutOfMemory(m) => Error::OutOfMemory(format!("{what}: {m}")),
             Error::Other(m) => Error::Other(format!("{what}: {m}")),
+        }
+    }
+
+    /// The same error again, for one kept to be returned more than once (a graph's sticky error):
+    /// an I/O error's source is kept as its text.
+    pub fn again(&self) -> Error {
+        match self {
+            Error::User(m) => Error::User(m.clone()),
+            Error::Io { path, source } => Error::Other(format!("{path}: {source}")),
+            Error::Cuda(m) => Error::Cuda(m.clone()),
+            Error::OutOfMemory(m) => Error::OutOfMemory(m.clone()),
+            Error::Other(m) => Error::Other(m.clone()),
         }
     }
 }
@@ -57,6 +72,7 @@ impl fmt::Display for Error {
             Error::User(m) => write!(f, "{m}"),
             Error::Io { path, source } => write!(f, "{path}: {source}"),
             Error::Cuda(m) => write!(f, "CUDA: {m}"),
+            Error::OutOfMemory(m) => write!(f, "out of GPU memory: {m}"),
             Error::Other(m) => write!(f, "{m}"),
         }
     }

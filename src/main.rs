@@ -621,18 +621,18 @@ fn check(a: CheckArgs) -> Result<()> {
         g.name, g.cc.0, g.cc.1, g.ordinal
     );
     let t = std::time::Instant::now();
-    let mut rows = lewel::gpu::check::run_ops(&g, a.seed)?;
+    let mut rows = lewel::check::run_ops(&g, a.seed)?;
     if let Some(p) = &a.digests {
-        let text: String = lewel::gpu::check::digests()
+        let text: String = lewel::check::digests()
             .iter()
             .map(|(name, h)| format!("{name} {h:016x}\n"))
             .collect();
         lewel::checkpoint::write_bytes_atomic(p, text.as_bytes())?;
     }
     if !a.ops_only {
-        rows.extend(lewel::gpu::check_step::run_steps(&g, a.seed)?);
+        rows.extend(lewel::check::step::run_steps(&g, a.seed)?);
     }
-    print!("{}", lewel::gpu::check::table(&rows));
+    print!("{}", lewel::check::table(&rows));
     if let Some(why) = g.find_failure.borrow().as_ref() {
         println!(
             "note: benchmarking cuDNN algorithms failed ({why}); the heuristic choice was used"

@@ -1,8 +1,9 @@
-//! Memory by hand. Parameters live in one flat buffer carved by a size table; gradients (and, later,
-//! LARS momentum and the EMA target) are flat buffers with the same table, so an optimizer step or an
+//! Memory by hand. Parameters live in one flat buffer carved by a size table; gradients, the LARS
+//! momentum and the EMA target are flat buffers with the same table, so an optimizer step or an
 //! all-reduce is one pass over one buffer. BN running statistics have a table of their own, and
 //! `num_batches_tracked` counters a list of their own. Activations of a step come from an arena that
-//! is reset every step and reuses its slots, so the steady state allocates nothing.
+//! is reset every step and reuses its slots, so the steady state allocates nothing (on the GPU,
+//! `autograd::cuda` keeps its own slot arena the same way).
 
 use crate::ops::Real;
 use crate::tensor::Shape;

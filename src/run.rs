@@ -11,19 +11,19 @@
 use crate::checkpoint::{self, Owned, Tensors};
 use crate::data::augment;
 use crate::data::loader::{Batch, Loader, LoaderConfig, Samples};
+use crate::data::photometric_cuda::AugParams;
 use crate::data::synthetic::{Split, Synthetic, CLASSES};
 use crate::data::{pil, transforms};
 use crate::device::{self, Device, DeviceChoice};
 use crate::error::{Context, Error, Result};
 use crate::eval::knn;
-use crate::gpu::augment::AugParams;
-use crate::gpu::train::GpuLewel;
 use crate::gpu::Gpu;
 use crate::model::lewel::LewelConfig;
 use crate::model::resnet::Arch;
 use crate::optim::{self, ExcludeRule, LarsConfig};
 use crate::rng::Rng;
 use crate::tensor::Shape;
+use crate::train::cuda::GpuLewel;
 use crate::train::{Lewel, Method, StepConfig};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -613,7 +613,10 @@ fn features(
     let c = m.cpu().cfg.arch.out_channels();
     let (mut feats, mut labels) = (Vec::with_capacity(n * c), Vec::with_capacity(n));
     let all: Vec<usize> = (0..n).collect();
-    for chunk in all.chunks(128) {
+    // At most the training batch at a time: the pass shares the training graph's memory, so it
+    // never asks for more than a training step did.
+    let per = m.feature_batch();
+    for chunk in all.chunks(per) {
         let items: Vec<(Vec<f32>, usize)> = chunk.par_iter().filter_map(|&i| item(i)).collect();
         if items.is_empty() {
             continue;
@@ -913,11 +916,12 @@ impl Engine {
                 gpu.name, gpu.cc.0, gpu.cc.1
             )));
         }
-        let e = if precision == "f32" || !bf16_ok {
+        let mut e = if precision == "f32" || !bf16_ok {
             Engine::F32(Box::new(GpuLewel::new(m, gpu).map_err(|e| oom(e, batch))?))
         } else {
             Engine::Bf16(Box::new(GpuLewel::new(m, gpu).map_err(|e| oom(e, batch))?))
         };
+        on_gpu!(&mut e, g => g.feature_batch = batch.clamp(1, 128), _c => ());
         Ok((e, None))
     }
 
@@ -994,9 +998,22 @@ impl Engine {
         on_gpu!(self, m => m.sync_host(), c => Ok(&**c))
     }
 
+    /// Images per feature pass of the kNN monitor: 128, and on a GPU at most the training batch.
+    fn feature_batch(&self) -> usize {
+        on_gpu!(self, m => m.feature_batch, _c => 128)
+    }
+
     /// Pooled online backbone features (eval mode) of images (B, H, W, 3).
     fn features(&mut self, x: &[f32], shape: Shape) -> Result<Vec<f32>> {
-        on_gpu!(self, m => m.features(x, shape), c => {
+        let oom = |e| match e {
+            Error::OutOfMemory(m) => Error::user(format!(
+                "out of GPU memory: {m}; in the kNN monitor's feature pass ({} images at a time): \
+                 try a smaller --batch-size",
+                shape.dims()[0]
+            )),
+            e => e,
+        };
+        on_gpu!(self, m => m.features(x, shape).map_err(oom), c => {
             c.g.set_recording(false);
             c.g.reset();
             let xt = c.g.input(shape, x);
@@ -1086,8 +1103,8 @@ impl StepLog {
 /// Out of GPU memory, restated with the batch size tried.
 fn oom(e: Error, batch: usize) -> Error {
     match e {
-        Error::Cuda(m) if m.contains("out of GPU memory") => Error::user(format!(
-            "{m}; batch size {batch}: try a smaller --batch-size"
+        Error::OutOfMemory(m) => Error::user(format!(
+            "out of GPU memory: {m}; batch size {batch}: try a smaller --batch-size"
         )),
         e => e,
     }

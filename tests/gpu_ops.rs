@@ -3,7 +3,7 @@
 //! 20 steps of the built-in run's loss curve. Each skips with a printed reason where there is no
 //! usable GPU, and runs in full where there is.
 
-use lewel::gpu::check::{table, Row};
+use lewel::check::{table, Row};
 use std::rc::Rc;
 
 /// GPU 0 opened deterministic, or None after printing why the test skips.
@@ -35,13 +35,13 @@ fn assert_all_pass(rows: &[Row]) {
 #[test]
 fn gpu_ops_match_the_cpu_reference() {
     if let Some(g) = gpu("gpu_ops_match_the_cpu_reference") {
-        assert_all_pass(&lewel::gpu::check::run_ops(&g, 1).expect("running the checks"));
+        assert_all_pass(&lewel::check::run_ops(&g, 1).expect("running the checks"));
     }
 }
 
 #[test]
 fn gpu_steps_match_the_cpu_and_rerun_bitwise() {
     if let Some(g) = gpu("gpu_steps_match_the_cpu_and_rerun_bitwise") {
-        assert_all_pass(&lewel::gpu::check_step::run_steps(&g, 1).expect("running the steps"));
+        assert_all_pass(&lewel::check::step::run_steps(&g, 1).expect("running the steps"));
     }
 }

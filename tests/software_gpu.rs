@@ -296,3 +296,50 @@ fn real_images_through_pinned_buffers_on_the_software_gpu() {
     assert!(rel <= 1e-3, "step 1: relative difference {rel:.2e}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Out of GPU memory (the stand-in's device limited to 60 MiB by SWGPU_MEMORY_MIB): one line
+/// saying so, what was asked and what to change, exit code 2, no panic.
+#[test]
+fn out_of_gpu_memory_is_one_clear_line() {
+    if !available("out_of_gpu_memory_is_one_clear_line") {
+        return;
+    }
+    let d = tmp("oom");
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/emu-env.sh"))
+        .arg(env!("CARGO_BIN_EXE_lewel"))
+        .args([
+            "pretrain",
+            "--device",
+            "cuda",
+            "--precision",
+            "f32",
+            "--train-len",
+            "64",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "2",
+            "--warmup-epochs",
+            "1",
+            "--out",
+        ])
+        .arg(d.join("run"))
+        .env("SWGPU_MEMORY_MIB", "60")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("scripts/emu-env.sh"))
+        .collect();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("lewel: error: out of GPU memory: ")
+            && lines[0].contains("try a smaller --batch-size")
+            && !lines[0].contains("CUDA: CUDA:"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -8,6 +8,7 @@ pub mod decode;
 pub mod folder;
 pub mod loader;
 pub mod pack;
+pub mod photometric_cuda;
 pub mod pil;
 pub mod pinned;
 pub mod show;

@@ -7,13 +7,7 @@
 //! [`DevMut`]), dtype plumbing with the f32 <-> T casts, the row-major GEMM and the cuDNN
 //! convolution plans.
 
-pub mod augment;
-pub mod check;
-pub mod check_step;
-pub mod cudnn_find;
-pub mod graph;
 pub mod nvrtc;
-pub mod train;
 
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -179,6 +173,31 @@ registry! {
     "softmax.cu" { pair softmax_fwd, pair softmax_bwd, pair align_fwd, pair align_bwd }
 }
 
+/// An error of a CUDA library call, which can say whether it was out of memory.
+pub trait GpuError: std::fmt::Debug {
+    fn out_of_memory(&self) -> bool {
+        false
+    }
+}
+
+impl GpuError for cudarc::driver::DriverError {
+    fn out_of_memory(&self) -> bool {
+        self.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY
+    }
+}
+
+impl GpuError for cudarc::cublas::result::CublasError {
+    fn out_of_memory(&self) -> bool {
+        self.0 == blas_sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED
+    }
+}
+
+impl GpuError for cudarc::cudnn::CudnnError {
+    fn out_of_memory(&self) -> bool {
+        self.0 == cudarc::cudnn::sys::cudnnStatus_t::CUDNN_STATUS_ALLOC_FAILED
+    }
+}
+
 /// A null device pointer for optional kernel arguments.
 pub static NULL: u64 = 0;
 
@@ -195,20 +214,13 @@ pub struct Gpu {
     /// Only deterministic cuDNN algorithms (and no float atomics anywhere: none of our kernels use
     /// them).
     pub deterministic: bool,
-    pub(crate) conv_cache: RefCell<HashMap<ConvKey, crate::ops::conv::ConvAlgos>>,
-    /// cuDNN descriptors, algorithms and workspace sizes per (shape, dtype): a
-    /// `crate::ops::conv::Plan<T>` each.
-    pub(crate) conv_plans: RefCell<HashMap<ConvKey, Box<dyn std::any::Any>>>,
-    /// The cuDNN handle that benchmarks convolution algorithms, made when first needed.
-    pub(crate) finder: RefCell<Option<cudnn_find::Finder>>,
+    /// What ops keep per GPU, one value per type ([`Gpu::with_state`]).
+    op_state: RefCell<HashMap<std::any::TypeId, Box<dyn std::any::Any>>>,
     /// Why benchmarking failed the first time it did (the heuristic was used instead).
     pub find_failure: RefCell<Option<String>>,
     pub(crate) workspace: RefCell<Option<CudaSlice<u8>>>,
     pub(crate) scratch: RefCell<Option<CudaSlice<f32>>>,
 }
-
-/// Key of a convolution plan: the shape and the storage dtype.
-pub(crate) type ConvKey = (crate::ops::conv::ConvParams, DType);
 
 const HINT: &str =
     "run through scripts/cuda-env.sh, or put the library's folder on LD_LIBRARY_PATH";
@@ -277,9 +289,7 @@ impl Gpu {
             name: g.0.clone(),
             cc,
             deterministic,
-            conv_cache: Default::default(),
-            conv_plans: Default::default(),
-            finder: Default::default(),
+            op_state: Default::default(),
             find_failure: Default::default(),
             workspace: Default::default(),
             scratch: Default::default(),
@@ -302,9 +312,19 @@ impl Gpu {
             return Err(Error::Cuda(format!("cublasSetMathMode: {r:?}")));
         }
         // Algorithm choices depend on the math type: choose again.
-        self.conv_cache.borrow_mut().clear();
-        self.conv_plans.borrow_mut().clear();
+        self.op_state.borrow_mut().clear();
         Ok(())
+    }
+
+    /// Runs `f` on this GPU's value of `S` (an op's caches: made by `Default` on first use,
+    /// dropped when TF32 is switched). `f` must not ask for op state itself.
+    pub fn with_state<S: Default + 'static, R>(&self, f: impl FnOnce(&mut S) -> R) -> R {
+        let mut m = self.op_state.borrow_mut();
+        let s = m
+            .entry(std::any::TypeId::of::<S>())
+            .or_insert_with(|| Box::new(S::default()));
+        f(s.downcast_mut::<S>()
+            .expect("op state is stored under its own type"))
     }
 
     /// Whether TF32 is on (read back from cuBLAS, the one place it is set).
@@ -315,11 +335,15 @@ impl Gpu {
         mode == blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
     }
 
-    pub fn err(&self, what: &str, e: impl std::fmt::Debug) -> Error {
-        Error::Cuda(format!(
-            "{what} on {} (cuda:{}): {e:?}",
-            self.name, self.ordinal
-        ))
+    /// A failed call on this GPU, named; out of memory (from the driver, cuBLAS or cuDNN) is
+    /// [`Error::OutOfMemory`].
+    pub fn err(&self, what: &str, e: impl GpuError) -> Error {
+        let m = format!("{what} on {} (cuda:{}): {e:?}", self.name, self.ordinal);
+        if e.out_of_memory() {
+            Error::OutOfMemory(m)
+        } else {
+            Error::Cuda(m)
+        }
     }
 
     /// Uploads f32 host values as dtype T.

@@ -1,5 +1,7 @@
-//! Models built on the graph. For now the small residual net of the engine demo; ResNet-18/50 and the
-//! LEWEL neck and predictors join with the LEWEL issue.
+//! Models written once against the [`crate::autograd::Tape`] (the CPU graph and the GPU graph both
+//! implement it): ResNet-18/50 and the small residual net of the demo (`resnet`, torchvision's
+//! names and initialization), and LEWEL's online/target networks with the neck, the predictors and
+//! the loss (`lewel`).
 
 pub mod lewel;
 pub mod resnet;

@@ -75,7 +75,7 @@ pub fn scale_backward_cpu<T: Real>(dy: &[T], alpha: T, dx: &mut [T]) {
 }
 
 // ----------------------------------------------------------------------------
-// Tests
+// CUDA launchers
 
 // ---- CUDA launchers (kernels/add.cu). Elementwise over the first input's length; the other
 // buffers may be longer (windows of larger ones). The first input sets the count: pass it as a window
@@ -138,6 +138,9 @@ pub fn scale_backward_cuda<T: GpuFloat>(
     b.arg(&dy).arg(&alpha).arg(&mut dx).arg(&n);
     run(g, b, grid_1d(n as usize), "axpy")
 }
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

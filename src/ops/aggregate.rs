@@ -153,7 +153,7 @@ pub fn backward_cpu<T: Real>(
 }
 
 // ----------------------------------------------------------------------------
-// Tests
+// CUDA launchers
 
 // ---- CUDA launchers: one cuBLAS strided-batched GEMM per head, batched over samples.
 
@@ -250,6 +250,9 @@ where
     }
     Ok(())
 }
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

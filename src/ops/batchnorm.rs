@@ -299,7 +299,7 @@ pub fn backward_eval_cpu<T: Real>(
 }
 
 // ----------------------------------------------------------------------------
-// Tests
+// CUDA launchers
 
 // ---- CUDA launchers (kernels/batchnorm.cu)
 
@@ -543,6 +543,9 @@ pub fn backward_cuda<T: GpuFloat>(
 
 // SAFETY: #[repr(C)] of plain i32/f32 fields, the layout of the kernels' BnParams.
 unsafe impl cudarc::driver::DeviceRepr for BnParams {}
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

@@ -108,7 +108,7 @@ pub fn split_backward_cpu<T: Real>(dzg: &[T], da: &[T], dz: &mut [T], p: &Concat
 }
 
 // ----------------------------------------------------------------------------
-// Tests
+// CUDA launchers
 
 // ---- CUDA launchers (kernels/concat.cu)
 
@@ -207,6 +207,9 @@ pub fn split_backward_cuda<T: GpuFloat>(
 
 // SAFETY: #[repr(C)] of i32 fields, the layout of the kernels' ConcatParams.
 unsafe impl cudarc::driver::DeviceRepr for ConcatParams {}
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

@@ -354,12 +354,13 @@ fn backward_weight_blocks<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvPara
 }
 
 // ----------------------------------------------------------------------------
-// Tests
+// CUDA launchers
 
 // ---- CUDA launchers: cuDNN, NHWC activations, KRSC weights, f32 compute. Algorithms are chosen
-// by benchmarking (cudnnFind, gpu::cudnn_find) the first time a (shape, dtype) is seen and cached
+// by benchmarking (cudnnFind, ops::conv_find) the first time a (shape, dtype) is seen and cached
 // on the Gpu; under --deterministic only deterministic ones. Backward adds (beta = 1) into dx, dw.
 
+use super::conv_find::{choose, Finder, Rules};
 use crate::gpu::{need, Dev, DevMut, Gpu, GpuFloat};
 use crate::tensor::DType;
 use cudarc::cudnn::sys::{
@@ -370,6 +371,8 @@ use cudarc::cudnn::{
     ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, FilterDescriptor,
     TensorDescriptor,
 };
+use std::any::Any;
+use std::collections::HashMap;
 
 /// The algorithms chosen for one convolution shape, each with the math type it was measured with.
 #[derive(Clone, Copy, Debug)]
@@ -428,7 +431,7 @@ fn conv_desc(g: &Gpu, p: &ConvParams) -> crate::Result<ConvDescriptor<f32>> {
 /// Everything a convolution call of one (shape, dtype) needs from cuDNN, made once: the tensor,
 /// filter and convolution descriptors (one convolution descriptor per direction, each with the
 /// math type its algorithm was chosen with), the algorithms and their workspace sizes. Kept in
-/// [`Gpu::conv_plans`] (cleared with the algorithm cache when TF32 is switched).
+/// [`ConvState`].
 pub(crate) struct Plan<T: GpuFloat> {
     d: Descs<T>,
     conv_data: ConvDescriptor<f32>,
@@ -438,9 +441,13 @@ pub(crate) struct Plan<T: GpuFloat> {
     ws: [usize; 3],
 }
 
-fn make_plan<T: GpuFloat>(g: &Gpu, p: &ConvParams) -> crate::Result<Plan<T>> {
+fn make_plan<T: GpuFloat>(
+    g: &Gpu,
+    p: &ConvParams,
+    finder: &mut Option<Finder>,
+) -> crate::Result<Plan<T>> {
     let mut d = descs::<T>(g, p)?;
-    let a = algos(g, p, &mut d)?;
+    let a = algos(g, p, &mut d, finder)?;
     let (mut conv_data, mut conv_filter) = (conv_desc(g, p)?, conv_desc(g, p)?);
     let math = |c: &mut ConvDescriptor<f32>, m| {
         c.set_math_type(m).map_err(|e| g.err("cuDNN math type", e))
@@ -491,15 +498,25 @@ fn with_plan<T: GpuFloat, R>(
     f: impl FnOnce(&Plan<T>) -> crate::Result<R>,
 ) -> crate::Result<R> {
     let key = (*p, T::DTYPE);
-    if !g.conv_plans.borrow().contains_key(&key) {
-        let plan = make_plan::<T>(g, p)?;
-        g.conv_plans.borrow_mut().insert(key, Box::new(plan));
-    }
-    let plans = g.conv_plans.borrow();
-    let plan = plans[&key]
-        .downcast_ref::<Plan<T>>()
-        .expect("a conv plan is stored under its own dtype");
-    f(plan)
+    g.with_state(|st: &mut ConvState| {
+        if !st.plans.contains_key(&key) {
+            let plan = make_plan::<T>(g, p, &mut st.finder)?;
+            st.plans.insert(key, Box::new(plan));
+        }
+        let plan = st.plans[&key]
+            .downcast_ref::<Plan<T>>()
+            .expect("a conv plan is stored under its own dtype");
+        f(plan)
+    })
+}
+
+/// What convolutions keep per GPU ([`Gpu::with_state`]; dropped when TF32 is switched, since
+/// algorithm choices depend on the math type): a [`Plan`] per (shape, dtype), and the cuDNN
+/// handle that benchmarks algorithms, made when first needed.
+#[derive(Default)]
+pub(crate) struct ConvState {
+    plans: HashMap<(ConvParams, DType), Box<dyn Any>>,
+    finder: Option<Finder>,
 }
 
 /// The largest workspace a benchmarked algorithm may ask for: a quarter of the free memory when
@@ -509,10 +526,12 @@ fn workspace_limit(g: &Gpu) -> usize {
     (free / 4).min(1 << 30)
 }
 
-/// Benchmarks the three directions of one shape with cudnnFind (see gpu::cudnn_find).
-fn benchmark<T: GpuFloat>(g: &Gpu, p: &ConvParams) -> Result<ConvAlgos, String> {
-    use crate::gpu::cudnn_find::{choose, Finder, Rules};
-    let mut finder = g.finder.borrow_mut();
+/// Benchmarks the three directions of one shape with cudnnFind (see ops::conv_find).
+fn benchmark<T: GpuFloat>(
+    g: &Gpu,
+    p: &ConvParams,
+    finder: &mut Option<Finder>,
+) -> Result<ConvAlgos, String> {
     if finder.is_none() {
         *finder = Some(Finder::new(&g.stream)?);
     }
@@ -588,37 +607,32 @@ fn heuristic<T: GpuFloat>(g: &Gpu, d: &Descs<T>) -> crate::Result<ConvAlgos> {
     })
 }
 
-/// The algorithms for this shape: benchmarked the first time it is seen (cuDNN's heuristic under
-/// --deterministic), then cached (the cache is cleared when TF32 is switched). A failed benchmark
-/// falls back to the heuristic, and the reason is kept for `lewel check`.
-fn algos<T: GpuFloat>(g: &Gpu, p: &ConvParams, d: &mut Descs<T>) -> crate::Result<ConvAlgos> {
-    let cached = g.conv_cache.borrow().get(&(*p, T::DTYPE)).copied();
-    let a = match cached {
-        Some(a) => a,
-        None => {
-            // Heuristic descriptors need the math type set before the query.
-            d.conv
-                .set_math_type(math_type::<T>(g))
-                .map_err(|e| g.err("cuDNN math type", e))?;
-            // Under --deterministic, cuDNN's heuristic: benchmarking picks by measured time, and
-            // timing noise can pick another (deterministic, but differently summing) algorithm on
-            // a rerun, so reruns would differ in their last bits (seen on the software GPU).
-            let a = if g.deterministic {
-                heuristic(g, d)?
-            } else {
-                match benchmark::<T>(g, p) {
-                    Ok(a) => a,
-                    Err(why) => {
-                        g.find_failure.borrow_mut().get_or_insert(why);
-                        heuristic(g, d)?
-                    }
-                }
-            };
-            g.conv_cache.borrow_mut().insert((*p, T::DTYPE), a);
-            a
+/// The algorithms for a new shape: benchmarked (cuDNN's heuristic under --deterministic); a
+/// failed benchmark falls back to the heuristic, and the reason is kept for `lewel check` and the
+/// run's warning. The plan that holds them is kept (see [`ConvState`]).
+fn algos<T: GpuFloat>(
+    g: &Gpu,
+    p: &ConvParams,
+    d: &mut Descs<T>,
+    finder: &mut Option<Finder>,
+) -> crate::Result<ConvAlgos> {
+    // Heuristic descriptors need the math type set before the query.
+    d.conv
+        .set_math_type(math_type::<T>(g))
+        .map_err(|e| g.err("cuDNN math type", e))?;
+    // Under --deterministic, cuDNN's heuristic: benchmarking picks by measured time, and timing
+    // noise can pick another (deterministic, but differently summing) algorithm on a rerun, so
+    // reruns would differ in their last bits (seen on the software GPU).
+    if g.deterministic {
+        return heuristic(g, d);
+    }
+    match benchmark::<T>(g, p, finder) {
+        Ok(a) => Ok(a),
+        Err(why) => {
+            g.find_failure.borrow_mut().get_or_insert(why);
+            heuristic(g, d)
         }
-    };
-    Ok(a)
+    }
 }
 
 /// y = conv(x, w).
@@ -740,6 +754,9 @@ pub fn backward_weight_cuda<T: GpuFloat>(
         .map_err(|e| g.err("cuDNN conv backward filter", e))
     })
 }
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

@@ -98,7 +98,7 @@ pub fn backward_cpu<T: Real>(x: &[T], dy: &[T], dx: &mut [T], p: &L2NormParams) 
 }
 
 // ----------------------------------------------------------------------------
-// Tests
+// CUDA launchers
 
 // ---- CUDA launchers (kernels/l2norm.cu): a warp per row, 8 rows per block.
 
@@ -152,6 +152,9 @@ pub fn backward_cuda<T: GpuFloat>(
 
 // SAFETY: #[repr(C)] of i32/f32 fields, the layout of the kernels' L2NormParams.
 unsafe impl cudarc::driver::DeviceRepr for L2NormParams {}
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

@@ -130,7 +130,7 @@ pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &LinearP
 }
 
 // ----------------------------------------------------------------------------
-// Tests
+// CUDA launchers
 
 // ---- CUDA launchers: cuBLAS, f32 accumulation (TF32 when the GPU's f32 math mode allows it).
 
@@ -233,6 +233,9 @@ where
         (1, 0, 0, 0),
     )
 }
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

@@ -96,7 +96,7 @@ pub fn backward_cpu<T: Real>(pred: &[T], target: &[T], dloss: T, dpred: &mut [T]
 }
 
 // ----------------------------------------------------------------------------
-// Tests
+// CUDA launchers
 
 // ---- CUDA launchers (kernels/loss.cu)
 
@@ -159,6 +159,9 @@ pub fn backward_cuda<T: GpuFloat>(
 
 // SAFETY: #[repr(C)] of i32/f32 fields, the layout of the kernels' LossParams.
 unsafe impl cudarc::driver::DeviceRepr for LossParams {}
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
 //! One op family per file, each in the same section order: math header, `#[repr(C)]` params, CPU
-//! reference (forward, backward), tests (a gradient check named `gradcheck_<op>`). The CUDA launchers
-//! and device dispatch join each file with the GPU backend (kernels/<op>.cu, same stem).
+//! reference (forward, backward), CUDA launchers (kernels/<op>.cu, same stem; cuDNN and cuBLAS for
+//! conv and linear, with `conv_find` choosing cuDNN algorithms), tests (a gradient check named
+//! `gradcheck_<op>`).
 //!
 //! Layout is NHWC for images and (rows, channels) for the MLP heads. CPU references are generic over
 //! [`Real`] so the same code runs in f32 for training and in f64 for gradient checks.
@@ -13,6 +14,7 @@ pub mod aggregate;
 pub mod batchnorm;
 pub mod concat;
 pub mod conv;
+pub mod conv_find;
 pub mod l2norm;
 pub mod linear;
 pub mod loss;

@@ -217,7 +217,7 @@ pub fn avgpool_backward_cpu<T: Real>(dy: &[T], dx: &mut [T], p: &PoolParams) {
 }
 
 // ----------------------------------------------------------------------------
-// Tests
+// CUDA launchers
 
 // ---- CUDA launchers (kernels/pool.cu). The GPU saves the window-local argmax as one byte.
 
@@ -308,6 +308,9 @@ pub fn avgpool_backward_cuda<T: GpuFloat>(
 
 // SAFETY: #[repr(C)] of i32 fields, the layout of the kernels' PoolParams.
 unsafe impl cudarc::driver::DeviceRepr for PoolParams {}
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

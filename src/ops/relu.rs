@@ -48,7 +48,7 @@ pub fn backward_cpu<T: Real>(y: &[T], dy: &[T], dx: &mut [T]) {
 }
 
 // ----------------------------------------------------------------------------
-// Tests
+// CUDA launchers
 
 // ---- CUDA launchers (kernels/relu.cu). Elementwise over the first input's length; the other
 // buffers may be longer (windows of larger ones). The first input sets the count: pass it as a window
@@ -86,6 +86,9 @@ pub fn backward_cuda<T: GpuFloat>(
     b.arg(&y).arg(&dy).arg(&mut dx).arg(&n);
     run(g, b, grid_1d(n as usize), "relu_bwd")
 }
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

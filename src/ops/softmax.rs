@@ -110,7 +110,7 @@ pub fn backward_cpu<T: Real>(y: &[T], dy: &[T], dx: &mut [T], p: &SoftmaxParams)
 }
 
 // ----------------------------------------------------------------------------
-// Tests
+// CUDA launchers
 
 // ---- CUDA launchers (kernels/softmax.cu): the softmax alone, and the fused alignment map
 // (per-pixel L2 norm and temperature, then the softmax over positions), one kernel each way.
@@ -205,6 +205,9 @@ pub fn align_backward_cuda<T: GpuFloat>(
 // SAFETY: #[repr(C)] of i32/f32 fields, the layouts of the kernels' structs.
 unsafe impl cudarc::driver::DeviceRepr for SoftmaxParams {}
 unsafe impl cudarc::driver::DeviceRepr for AlignParams {}
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,6 @@
 // libcudnn.so.9 stand-in for the software GPU: handles, tensor/filter/convolution descriptors, the
 // algorithm queries and the three 2-D convolutions lewel makes (through cudarc 0.19.10 and
-// src/gpu/cudnn_find.rs), computed on the CPU from the descriptors with f64 accumulation.
+// src/ops/conv_find.rs), computed on the CPU from the descriptors with f64 accumulation.
 // Device pointers are host addresses and every call completes before it returns (see swgpu.h).
 //
 // Numerics: f64 sums rounded once to the output type (through f32 for 16-bit data). With f32 data

@@ -62,7 +62,15 @@ enum {
 namespace {
 
 const char kDeviceName[] = "lewel software GPU";
-const size_t kTotalMem = 80ull << 30;  // what cuMemGetInfo reports; host memory is the real limit
+// The device memory reported, and enforced on device allocations: 80 GiB, or SWGPU_MEMORY_MIB
+// (a small value makes out-of-memory paths testable). Host memory is the other limit.
+size_t total_mem() {
+    static const size_t v = [] {
+        const char* s = getenv("SWGPU_MEMORY_MIB");
+        return s && *s ? size_t(strtoull(s, nullptr, 10)) << 20 : size_t(80ull << 30);
+    }();
+    return v;
+}
 
 std::mutex g_mu;  // one call at a time: the kernel runtime has process-wide state
 bool g_init;
@@ -74,7 +82,7 @@ struct Alloc {
     bool host;  // page-locked host memory (cuMemAllocHost): not a device range
 };
 std::map<uintptr_t, Alloc> g_allocs;
-size_t g_used;
+size_t g_used;  // device bytes allocated
 
 struct Event {
     std::chrono::steady_clock::time_point t;
@@ -158,6 +166,10 @@ int check_range_locked(const void* ptr, size_t bytes, const char* what) {
 
 CUresult alloc(CUdeviceptr* out, size_t bytes, bool host) {
     if (!out) return CUDA_ERROR_INVALID_VALUE;
+    if (!host) {
+        std::lock_guard<std::mutex> l(g_mu);
+        if (g_used + bytes > total_mem()) return CUDA_ERROR_OUT_OF_MEMORY;
+    }
     void* p = malloc(bytes ? bytes : 1);
     if (!p) {
         say("out of host memory allocating %zu bytes of device memory", bytes);
@@ -166,7 +178,7 @@ CUresult alloc(CUdeviceptr* out, size_t bytes, bool host) {
     memset(p, 0xFF, bytes);
     std::lock_guard<std::mutex> l(g_mu);
     g_allocs[(uintptr_t)p] = Alloc{bytes, host};
-    g_used += bytes;
+    if (!host) g_used += bytes;
     *out = (CUdeviceptr)(uintptr_t)p;
     return CUDA_SUCCESS;
 }
@@ -179,7 +191,7 @@ CUresult release(uintptr_t p, bool host, const char* what) {
         say("%s(0x%llx): not the start of a live %s allocation", what, (unsigned long long)p, host ? "host" : "device");
         return CUDA_ERROR_INVALID_VALUE;
     }
-    g_used -= it->second.bytes;
+    if (!host) g_used -= it->second.bytes;
     g_allocs.erase(it);
     free((void*)p);
     return CUDA_SUCCESS;
@@ -380,7 +392,7 @@ EXPORT CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice d) {
 }
 EXPORT CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) {
     if (!bytes) return CUDA_ERROR_INVALID_VALUE;
-    *bytes = kTotalMem;
+    *bytes = total_mem();
     return need_device(d);
 }
 EXPORT CUresult cuDeviceGetPCIBusId(char* s, int len, CUdevice d) {
@@ -571,8 +583,8 @@ EXPORT CUresult cuMemHostRegister_v2(void*, size_t, unsigned) { return CUDA_SUCC
 EXPORT CUresult cuMemHostUnregister(void*) { return CUDA_SUCCESS; }
 EXPORT CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     std::lock_guard<std::mutex> l(g_mu);
-    if (total) *total = kTotalMem;
-    if (free_bytes) *free_bytes = g_used < kTotalMem ? kTotalMem - g_used : 0;
+    if (total) *total = total_mem();
+    if (free_bytes) *free_bytes = g_used < total_mem() ? total_mem() - g_used : 0;
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice d) {

@@ -4,13 +4,13 @@
 //! running statistics for EMAN). The CPU [`Lewel`] it wraps holds the module handles, the configs
 //! and the host copy that checkpoints read ([`GpuLewel::sync_host`]).
 
-use super::augment::{AugBuffers, AugParams};
-use super::graph::DevGraph;
-use super::{Gpu, GpuFloat};
+use crate::autograd::cuda::DevGraph;
 use crate::autograd::{BnMode, Tape};
 use crate::data::loader::CropBuf;
+use crate::data::photometric_cuda::{AugBuffers, AugParams};
 use crate::data::pinned::PinnedBuf;
 use crate::error::Result;
+use crate::gpu::{Gpu, GpuFloat};
 use crate::optim::{self, ExcludeRule, GpuLars};
 use crate::tensor::{Shape, Tensor};
 use crate::train::{Lewel, Method, StepConfig};
@@ -40,6 +40,9 @@ pub struct GpuLewel<E: GpuFloat> {
     last_end: Option<CudaEvent>,
     /// The start event of the step being queued, where it needs one.
     start: Option<CudaEvent>,
+    /// Images per eval-mode feature pass (the kNN monitor): at most the training batch, so the
+    /// pass never needs more activation memory than a step (set by the run; 128 by default).
+    pub feature_batch: usize,
 }
 
 impl<E: GpuFloat> GpuLewel<E>
@@ -66,6 +69,7 @@ where
             spare: Vec::new(),
             last_end: None,
             start: None,
+            feature_batch: 128,
         })
     }
 

@@ -2,8 +2,7 @@
 //! against the CPU (f32 with TF32 off, and bf16), two GPU runs under --deterministic compared
 //! bitwise, and the first 20 steps of the built-in run's loss curve, GPU bf16 against the CPU.
 
-use super::check::Row;
-use super::train::GpuLewel;
+use super::Row;
 use super::{Gpu, GpuFloat};
 use crate::error::Result;
 use crate::memory::SizeTable;
@@ -12,6 +11,7 @@ use crate::model::resnet::Arch;
 use crate::rng::Rng;
 use crate::run::PretrainConfig;
 use crate::tensor::Shape;
+use crate::train::cuda::GpuLewel;
 use crate::train::{Lewel, Method, StepConfig};
 use cudarc::cublas::{CudaBlas, Gemm};
 use std::rc::Rc;

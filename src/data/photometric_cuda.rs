@@ -3,14 +3,14 @@
 //! the parameters it drew on the CPU. `check` holds it to `data::transforms::photometric` (itself
 //! bit-exact with PIL) bit for bit.
 
-use super::check::Row;
-use super::{blocks, grid_1d, need, run, DevMut, Gpu, GpuFloat};
+use crate::check::Row;
 use crate::data::loader::CropBuf;
 use crate::data::pil::{self, Rgb8};
 use crate::data::pinned::PinnedBuf;
 use crate::data::transforms::{self, ViewParams};
 use crate::data::{MEAN, STD};
 use crate::error::Result;
+use crate::gpu::{blocks, grid_1d, need, run, DevMut, Gpu, GpuFloat};
 use crate::rng::Rng;
 use cudarc::driver::CudaSlice;
 use cudarc::driver::PushKernelArg;

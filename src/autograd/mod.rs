@@ -3,6 +3,8 @@
 //! first) and parameter gradients. No op math lives here: every node calls its op's CPU reference.
 //! Forward without recording (`set_recording(false)`) serves the EMA target and evaluation.
 
+pub mod cuda;
+
 use crate::memory::{pair_mut, Arena, BufferId, CounterId, ParamId, ParamStore};
 use crate::ops::{self, Real};
 use crate::tensor::{Shape, Tensor};
@@ -655,7 +657,7 @@ impl<T: Real> Graph<T> {
 }
 
 /// The ops the models are written against. The CPU [`Graph`] and the GPU graph
-/// (`gpu::graph::DevGraph`) both implement it, so one model definition serves both; the GPU fuses
+/// (`autograd::cuda::DevGraph`) both implement it, so one model definition serves both; the GPU fuses
 /// what the trait groups (batch norm with its residual add and ReLU, the alignment map), the CPU
 /// records the same math as separate nodes.
 pub trait Tape {

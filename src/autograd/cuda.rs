@@ -14,9 +14,9 @@
 //!   kept, later ops do nothing, and [`DevGraph::check`] returns it; the model code stays free of
 //!   error plumbing.
 
-use super::{Gpu, GpuFloat};
 use crate::autograd::{dims3, dims4, BnLayer, BnMode, Tape};
 use crate::error::{Error, Result};
+use crate::gpu::{Gpu, GpuFloat};
 use crate::memory::{ParamId, ParamStore};
 use crate::ops::aggregate::AggregateParams;
 use crate::ops::batchnorm::BnParams;
@@ -347,7 +347,7 @@ where
 
     /// The compute-dtype copy of the parameters from the masters (after every update).
     pub fn refresh(&mut self) -> Result<()> {
-        super::cast_from_f32_cuda(&self.gpu, &self.params, &mut self.params_c)
+        crate::gpu::cast_from_f32_cuda(&self.gpu, &self.params, &mut self.params_c)
     }
 
     /// Device bytes held by this graph: flat buffers plus the arena's high-water mark.
@@ -417,10 +417,14 @@ where
             .mem_get_info()
             .map(|(f, t)| format!("{} MiB free of {} MiB", f >> 20, t >> 20))
             .unwrap_or_else(|_| "free memory unknown".into());
-        Error::Cuda(format!(
-            "out of GPU memory on {} allocating {} MiB for activations ({free}; this graph holds {} MiB): {e}",
-            self.gpu.name,
+        let e = match e {
+            Error::OutOfMemory(m) | Error::Cuda(m) => m,
+            e => e.to_string(),
+        };
+        Error::OutOfMemory(format!(
+            "{} MiB for activations on {} ({free}; this graph holds {} MiB): {e}",
             bytes.div_ceil(1 << 20),
+            self.gpu.name,
             self.bytes >> 20
         ))
     }
@@ -471,20 +475,20 @@ where
 
     /// A constant input copied from another graph on the same GPU (the target's outputs).
     /// An input made on the device from u8 crops (B, S, S, 3): the photometric half of the
-    /// augmentation (`gpu::augment`) writes the normalized views straight into the slot.
+    /// augmentation (`data::photometric_cuda`) writes the normalized views straight into the slot.
     pub fn input_crops(
         &mut self,
         shape: Shape,
         crops: &crate::data::loader::CropBuf,
-        params: &[super::augment::AugParams],
-        bufs: &mut super::augment::AugBuffers,
+        params: &[crate::data::photometric_cuda::AugParams],
+        bufs: &mut crate::data::photometric_cuda::AugBuffers,
     ) -> Tensor {
         let t = self.alloc(Kind::E, shape, false);
         if !self.failed() {
             let i = t.slot as usize;
             let mut b = self.e.take(i);
             let n = shape.numel();
-            let r = super::augment::photometric_cuda::<E>(
+            let r = crate::data::photometric_cuda::photometric_cuda::<E>(
                 &self.gpu,
                 bufs,
                 crops,
@@ -501,7 +505,7 @@ where
     pub fn input_from(&mut self, src: &DevGraph<E>, t: Tensor) -> Tensor {
         let y = self.alloc(Kind::E, t.shape, false);
         if let Some(e) = &src.err {
-            self.err.get_or_insert(Error::Cuda(format!("{e}")));
+            self.err.get_or_insert(e.again());
         }
         if !self.failed() {
             let i = y.slot as usize;
@@ -516,7 +520,7 @@ where
     /// The values of a tensor on the host (waits).
     pub fn fetch(&self, t: Tensor) -> Result<Vec<f32>> {
         if let Some(e) = &self.err {
-            return Err(Error::Cuda(format!("{e}")));
+            return Err(e.again());
         }
         let st = &self.gpu.stream;
         let dl = |e| self.gpu.err("downloading a tensor", e);
@@ -541,7 +545,7 @@ where
     /// bytes are there once `dst.bytes()` returns.
     pub fn queue_fetch(&self, t: Tensor, dst: &mut crate::data::pinned::PinnedBuf) -> Result<()> {
         if let Some(e) = &self.err {
-            return Err(Error::Cuda(format!("{e}")));
+            return Err(e.again());
         }
         assert_eq!(self.kind(t), Kind::F32, "queue_fetch: f32 tensors only");
         assert_eq!(dst.len(), t.numel() * 4, "queue_fetch: destination size");
@@ -625,7 +629,7 @@ where
         self.ge.release_all();
         self.gf.release_all();
         r?;
-        super::accum_f32_cuda(&gpu, &self.grads_c, &mut self.grads)
+        crate::gpu::accum_f32_cuda(&gpu, &self.grads_c, &mut self.grads)
     }
 
     /// Activation-gradient bytes: (held by the gradient pools, which is the peak of what

@@ -7,6 +7,8 @@
 //! target_net.* in the same order, so the online_net part of every flat buffer lines up with the
 //! target's buffer element for element.
 
+pub mod cuda;
+
 use crate::autograd::{BnMode, Graph};
 use crate::checkpoint::{self, Owned, Tensors};
 use crate::error::{Error, Result};

@@ -7,8 +7,10 @@
 //! before the CPU sees them, so the error measured is the GPU's arithmetic and storage alone.
 //! Gradient buffers start from random values on both sides: the check also holds `+=`.
 
-use super::{accum_f32_cuda, cast_from_f32_cuda, Gpu, GpuFloat};
+pub mod step;
+
 use crate::error::Result;
+use crate::gpu::{accum_f32_cuda, cast_from_f32_cuda, Gpu, GpuFloat};
 use crate::ops::{
     add, aggregate, batchnorm, concat, conv, l2norm, linear, loss, pool, relu, softmax,
 };
@@ -229,7 +231,7 @@ pub fn run_ops(g: &Gpu, seed: u64) -> Result<Vec<Row>> {
     c.section("cast", "f32", cast::<f32>);
     c.section("cast", "bf16", cast::<half::bf16>);
     c.section("augment", "u8", |c| {
-        let rows = super::augment::check(c.g, seed)?;
+        let rows = crate::data::photometric_cuda::check(c.g, seed)?;
         c.rows.extend(rows);
         Ok(())
     });
