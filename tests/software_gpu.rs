@@ -36,11 +36,17 @@ fn available(test: &str) -> bool {
 /// system's entropy, as by default, the small model's losses were seen to move by a few percent
 /// by step 4 from one process to the next: its chaotic start amplifies f32 rounding).
 fn emu(args: &[&str]) -> String {
+    emu_with(args, &[])
+}
+
+/// `emu` with more environment variables.
+fn emu_with(args: &[&str], env: &[(&str, &str)]) -> String {
     let out = Command::new("bash")
         .arg(repo().join("scripts/emu-env.sh"))
         .arg(env!("CARGO_BIN_EXE_lewel"))
         .args(args)
         .env("SWGPU_NONDET_SEED", "1")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let (o, e) = (
@@ -182,8 +188,9 @@ fn pretrain_on_the_software_gpu_follows_the_cpu() {
 }
 
 /// Under `--deterministic` (the stand-in cuDNN really changes its summation order from call to
-/// call in the algorithms the real library marks non-deterministic): two runs are bitwise equal,
-/// and a run interrupted after epoch 1 and resumed ends with the same losses and weights.
+/// call in the algorithms the real library marks non-deterministic): two runs are bitwise equal
+/// (the second with LEWEL_SYNC_LAUNCH=1, which waits after every node: the same numbers), and a
+/// run interrupted after epoch 1 and resumed ends with the same losses and weights.
 #[test]
 fn deterministic_runs_and_resume_on_the_software_gpu_are_bitwise() {
     if !available("deterministic_runs_and_resume_on_the_software_gpu_are_bitwise") {
@@ -194,7 +201,10 @@ fn deterministic_runs_and_resume_on_the_software_gpu_are_bitwise() {
     let det = ["--device", "cuda", "--deterministic"];
     let (a, b, split) = (p("a"), p("b"), p("split"));
     emu(&with(&[&det[..], &["--out", a.as_str()]].concat()));
-    emu(&with(&[&det[..], &["--out", b.as_str()]].concat()));
+    emu_with(
+        &with(&[&det[..], &["--out", b.as_str()]].concat()),
+        &[("LEWEL_SYNC_LAUNCH", "1")],
+    );
     emu(&with(
         &[&det[..], &["--out", split.as_str(), "--stop-after", "1"]].concat(),
     ));

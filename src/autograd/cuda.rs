@@ -165,6 +165,26 @@ enum Node {
     },
 }
 
+impl Node {
+    /// The op's name, for errors.
+    fn name(&self) -> &'static str {
+        match self {
+            Node::Conv { .. } => "conv",
+            Node::Bn { .. } => "batchnorm",
+            Node::MaxPool { .. } => "maxpool",
+            Node::AvgPool { .. } => "avgpool",
+            Node::Linear { .. } => "linear",
+            Node::Concat { .. } => "concat",
+            Node::Split { .. } => "split",
+            Node::Align { .. } => "align",
+            Node::Aggregate { .. } => "aggregate",
+            Node::Loss { .. } => "loss",
+            Node::Scale { .. } => "scale",
+            Node::Add { .. } => "add",
+        }
+    }
+}
+
 /// Per-slot device storage of one element type, grown on demand and kept across steps. The
 /// gradient pools also lend buffers for part of a step: [`Pool::acquire`] and [`Pool::release`]
 /// move them between slots and a spare list.
@@ -438,6 +458,16 @@ where
     }
 
     fn record(&mut self, n: Node) {
+        if self.gpu.sync_launch && !self.failed() {
+            let r = self.gpu.sync().map_err(|e| {
+                Error::Other(format!(
+                    "forward of node {} ({}): {e}",
+                    self.tape.len(),
+                    n.name()
+                ))
+            });
+            self.fail(r);
+        }
         if self.recording {
             self.tape.push(n);
         }
@@ -616,6 +646,11 @@ where
                     }
                 }
                 self.backward_node(node)?;
+                if gpu.sync_launch {
+                    gpu.sync().map_err(|e| {
+                        Error::Other(format!("backward of node {j} ({}): {e}", node.name()))
+                    })?;
+                }
                 for &s in &dies[j] {
                     match self.meta[s as usize].kind {
                         Kind::E => self.ge.release(s as usize),

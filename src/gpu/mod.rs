@@ -214,6 +214,10 @@ pub struct Gpu {
     /// Only deterministic cuDNN algorithms (and no float atomics anywhere: none of our kernels use
     /// them).
     pub deterministic: bool,
+    /// LEWEL_SYNC_LAUNCH=1: the graphs wait for the GPU after every node and name the node an
+    /// error surfaced at (a debugging switch: asynchronous errors otherwise surface at a later
+    /// call).
+    pub sync_launch: bool,
     /// What ops keep per GPU, one value per type ([`Gpu::with_state`]).
     op_state: RefCell<HashMap<std::any::TypeId, Box<dyn std::any::Any>>>,
     /// Why benchmarking failed the first time it did (the heuristic was used instead).
@@ -289,6 +293,7 @@ impl Gpu {
             name: g.0.clone(),
             cc,
             deterministic,
+            sync_launch: std::env::var("LEWEL_SYNC_LAUNCH").is_ok_and(|v| v == "1"),
             op_state: Default::default(),
             find_failure: Default::default(),
             workspace: Default::default(),
