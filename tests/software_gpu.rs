@@ -353,3 +353,51 @@ fn out_of_gpu_memory_is_one_clear_line() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A GPU below compute capability 8.0 (the stand-in reporting 7.5 through SWGPU_CC): bf16 asked
+/// for is refused in one line (exit 2); `--precision auto` trains in f32 there.
+#[test]
+fn bf16_needs_compute_capability_8() {
+    if !available("bf16_needs_compute_capability_8") {
+        return;
+    }
+    let d = tmp("cc75");
+    let run = |precision: &str, out: &str| {
+        let mut args: Vec<String> = SMALL.iter().map(|s| s.to_string()).collect();
+        args.extend(
+            [
+                "--device",
+                "cuda",
+                "--precision",
+                precision,
+                "--stop-after",
+                "1",
+                "--out",
+            ]
+            .map(String::from),
+        );
+        args.push(d.join(out).to_string_lossy().into_owned());
+        Command::new("bash")
+            .arg(repo().join("scripts/emu-env.sh"))
+            .arg(env!("CARGO_BIN_EXE_lewel"))
+            .args(&args)
+            .env("SWGPU_CC", "75")
+            .output()
+            .unwrap()
+    };
+    let o = run("bf16", "bf16");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("compute capability 7.5; bf16 needs 8.0"),
+        "{err}"
+    );
+    let o = run("auto", "auto");
+    let first = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        first.lines().next().unwrap_or("").contains("cuda:0 f32"),
+        "{first}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -263,6 +263,16 @@ void retire_locked(F done, const char* when) {
     g_pending.resize(k);
 }
 
+// The compute capability reported: 9.0, or SWGPU_CC (e.g. 75 for 7.5: the paths for older GPUs).
+int cc() {
+    static const int v = [] {
+        const char* s = getenv("SWGPU_CC");
+        int c = s && *s ? atoi(s) : 90;
+        return c >= 30 && c <= 120 ? c : 90;
+    }();
+    return v;
+}
+
 int attribute(int a) {
     switch (a) {
         case 1: return 1024;                // MAX_THREADS_PER_BLOCK
@@ -296,8 +306,8 @@ int attribute(int a) {
         case 40: return 2;                  // ASYNC_ENGINE_COUNT
         case 41: return 1;                  // UNIFIED_ADDRESSING
         case 50: return 0;                  // PCI_DOMAIN_ID
-        case 75: return 9;                  // COMPUTE_CAPABILITY_MAJOR
-        case 76: return 0;                  // COMPUTE_CAPABILITY_MINOR
+        case 75: return cc() / 10;          // COMPUTE_CAPABILITY_MAJOR
+        case 76: return cc() % 10;          // COMPUTE_CAPABILITY_MINOR
         case 81: return 228 * 1024;         // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
         case 82: return 65536;              // MAX_REGISTERS_PER_MULTIPROCESSOR
         case 83: return 1;                  // MANAGED_MEMORY

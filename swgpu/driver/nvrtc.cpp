@@ -7,6 +7,7 @@
 // the NVRTC version) never mixes blobs with real CUBINs even in a shared cache folder.
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <string>
@@ -84,7 +85,10 @@ EXPORT nvrtcResult nvrtcGetNumSupportedArchs(int* n) {
 
 EXPORT nvrtcResult nvrtcGetSupportedArchs(int* archs) {
     if (!archs) return NVRTC_ERROR_INVALID_INPUT;
-    archs[0] = 90;
+    // the architecture the driver stand-in reports (SWGPU_CC), so that it is always supported
+    const char* s = getenv("SWGPU_CC");
+    int c = s && *s ? atoi(s) : 90;
+    archs[0] = c >= 30 && c <= 120 ? c : 90;
     return NVRTC_SUCCESS;
 }
 
