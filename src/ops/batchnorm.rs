@@ -106,8 +106,56 @@ where
     total
 }
 
+/// Train-mode statistics, step 1: per-channel sums of group `g`'s rows of x (R, C), in f64.
+pub fn stats_sum_cpu<T: Real>(x: &[T], p: &BnParams, g: usize) -> Vec<f64> {
+    let (c, m) = (p.c as usize, p.group_rows as usize);
+    channel_sums(g * m, (g + 1) * m, c, |r, acc| {
+        for (a, v) in acc.iter_mut().zip(&x[r * c..][..c]) {
+            *a += v.as_f64();
+        }
+    })
+}
+
+/// Step 2: per-channel sums of squared deviations of group `g`'s rows from `mu` (C), in f64.
+pub fn stats_sq_cpu<T: Real>(x: &[T], p: &BnParams, g: usize, mu: &[f64]) -> Vec<f64> {
+    let (c, m) = (p.c as usize, p.group_rows as usize);
+    channel_sums(g * m, (g + 1) * m, c, |r, acc| {
+        for ((a, v), mu) in acc.iter_mut().zip(&x[r * c..][..c]).zip(mu) {
+            let d = v.as_f64() - mu;
+            *a += d * d;
+        }
+    })
+}
+
+/// Step 3: group `g`'s mean and 1/std for backward, from the mean and the summed squared
+/// deviations over `m` values per channel; group 0 also updates the running statistics (PyTorch's
+/// momentum form, unbiased variance).
+pub fn finalize_cpu<T: Real>(
+    p: &BnParams,
+    g: usize,
+    (mu, sq, m): (&[f64], &[f64], usize),
+    (mean, rstd): (&mut [T], &mut [T]),
+    (running_mean, running_var): (&mut [T], &mut [T]),
+) {
+    let c = p.c as usize;
+    for ch in 0..c {
+        let var_b = sq[ch] / m as f64;
+        mean[g * c + ch] = T::from_f64(mu[ch]);
+        rstd[g * c + ch] = T::from_f64(1.0 / (var_b + p.eps as f64).sqrt());
+        if g == 0 {
+            let mo = T::from_f64(p.momentum as f64);
+            let one = T::one();
+            running_mean[ch] = (one - mo) * running_mean[ch] + mo * T::from_f64(mu[ch]);
+            running_var[ch] =
+                (one - mo) * running_var[ch] + mo * T::from_f64(var_b * m as f64 / (m - 1) as f64);
+        }
+    }
+}
+
 /// Train-mode forward. x, y (R, C); gamma, beta, running_mean, running_var (C);
-/// mean, rstd (G, C) are written for backward.
+/// mean, rstd (G, C) are written for backward. Composed of the four steps above, in the order the
+/// GPU runs its kernels (bn_stats_partial, bn_finalize_mean, bn_stats_partial, bn_finalize_var,
+/// bn_apply); SyncBN adds an all-reduce of the sums after steps 1 and 2.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_train_cpu<T: Real>(
     x: &[T],
@@ -137,33 +185,32 @@ pub fn forward_train_cpu<T: Real>(
         "batchnorm_forward_train: saved stats length"
     );
     for g in 0..p.groups() {
-        let (r0, r1) = (g * m, (g + 1) * m);
-        let sum = channel_sums(r0, r1, c, |r, acc| {
-            for (a, v) in acc.iter_mut().zip(&x[r * c..][..c]) {
-                *a += v.as_f64();
-            }
-        });
+        // The seam SyncBN needs: each sum over this process's rows, to be added over processes
+        // before it is used (sum, count), then the squared deviations from the mean so found.
+        let sum = stats_sum_cpu(x, p, g);
         let mu: Vec<f64> = sum.iter().map(|s| s / m as f64).collect();
-        let sq = channel_sums(r0, r1, c, |r, acc| {
-            for ((a, v), mu) in acc.iter_mut().zip(&x[r * c..][..c]).zip(&mu) {
-                let d = v.as_f64() - mu;
-                *a += d * d;
-            }
-        });
-        for ch in 0..c {
-            let var_b = sq[ch] / m as f64;
-            mean[g * c + ch] = T::from_f64(mu[ch]);
-            rstd[g * c + ch] = T::from_f64(1.0 / (var_b + p.eps as f64).sqrt());
-            if g == 0 {
-                let mo = T::from_f64(p.momentum as f64);
-                let one = T::one();
-                running_mean[ch] = (one - mo) * running_mean[ch] + mo * T::from_f64(mu[ch]);
-                running_var[ch] = (one - mo) * running_var[ch]
-                    + mo * T::from_f64(var_b * m as f64 / (m - 1) as f64);
-            }
-        }
+        let sq = stats_sq_cpu(x, p, g, &mu);
+        finalize_cpu(
+            p,
+            g,
+            (&mu, &sq, m),
+            (mean, rstd),
+            (running_mean, running_var),
+        );
     }
-    let (mean, rstd) = (&*mean, &*rstd);
+    apply_cpu(x, (mean, rstd), gamma, beta, y, p);
+}
+
+/// Step 4: y = (x - mean) * rstd * gamma + beta, each row with its group's statistics (G, C).
+pub fn apply_cpu<T: Real>(
+    x: &[T],
+    (mean, rstd): (&[T], &[T]),
+    gamma: &[T],
+    beta: &[T],
+    y: &mut [T],
+    p: &BnParams,
+) {
+    let (c, m) = (p.c as usize, p.group_rows as usize);
     y.par_chunks_mut(c).enumerate().for_each(|(r, y_r)| {
         let g = r / m;
         let (mu, rs) = (&mean[g * c..][..c], &rstd[g * c..][..c]);
