@@ -11,7 +11,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -39,16 +39,21 @@ fn emu(args: &[&str]) -> String {
     emu_with(args, &[])
 }
 
-/// `emu` with more environment variables.
-fn emu_with(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = Command::new("bash")
+/// `lewel ARGS` on the software GPU with more environment variables, whatever its exit.
+fn emu_output<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Output {
+    Command::new("bash")
         .arg(repo().join("scripts/emu-env.sh"))
         .arg(env!("CARGO_BIN_EXE_lewel"))
         .args(args)
         .env("SWGPU_NONDET_SEED", "1")
         .envs(env.iter().copied())
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// `emu` with more environment variables.
+fn emu_with(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = emu_output(args, env);
     let (o, e) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -315,10 +320,9 @@ fn out_of_gpu_memory_is_one_clear_line() {
         return;
     }
     let d = tmp("oom");
-    let out = Command::new("bash")
-        .arg(repo().join("scripts/emu-env.sh"))
-        .arg(env!("CARGO_BIN_EXE_lewel"))
-        .args([
+    let run = d.join("run");
+    let out = emu_output(
+        &[
             "pretrain",
             "--device",
             "cuda",
@@ -333,11 +337,10 @@ fn out_of_gpu_memory_is_one_clear_line() {
             "--warmup-epochs",
             "1",
             "--out",
-        ])
-        .arg(d.join("run"))
-        .env("SWGPU_MEMORY_MIB", "60")
-        .output()
-        .unwrap();
+            run.to_str().unwrap(),
+        ],
+        &[("SWGPU_MEMORY_MIB", "60")],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err
         .lines()
@@ -377,13 +380,7 @@ fn bf16_needs_compute_capability_8() {
             .map(String::from),
         );
         args.push(d.join(out).to_string_lossy().into_owned());
-        Command::new("bash")
-            .arg(repo().join("scripts/emu-env.sh"))
-            .arg(env!("CARGO_BIN_EXE_lewel"))
-            .args(&args)
-            .env("SWGPU_CC", "75")
-            .output()
-            .unwrap()
+        emu_output(&args, &[("SWGPU_CC", "75")])
     };
     let o = run("bf16", "bf16");
     let err = String::from_utf8_lossy(&o.stderr);

@@ -86,13 +86,7 @@ impl CropBuf {
         let e = |e: DriverError| Error::Cuda(format!("uploading the crops: {e}"));
         match self {
             CropBuf::Heap(v) => stream.memcpy_htod(v, dst).map_err(e),
-            CropBuf::Pinned(p) => {
-                // Safety: crop buffers are only ever copied from, never into.
-                stream
-                    .memcpy_htod(unsafe { p.bytes_for_copy() }, dst)
-                    .map_err(e)?;
-                p.queued(stream).map_err(e)
-            }
+            CropBuf::Pinned(p) => p.upload_to(stream, dst).map_err(e),
         }
     }
 }

@@ -155,10 +155,7 @@ pub fn photometric_cuda<T: GpuFloat>(
     // Safety: u32 words as their bytes; `need` checked the length above.
     let mut dst = unsafe { bufs.params.transmute_mut::<u8>(batch * WORDS * 4) }
         .expect("the parameter buffer holds the batch");
-    g.stream
-        .memcpy_htod(unsafe { staging.bytes_for_copy() }, &mut dst)
-        .map_err(e)?;
-    staging.queued(&g.stream).map_err(e)?;
+    staging.upload_to(&g.stream, &mut dst).map_err(e)?;
     let (hw, b, s) = ((size * size) as i32, batch as i32, size as i32);
     let mut l = g.stream.launch_builder(&g.k.aug_color);
     l.arg(&mut bufs.crops).arg(&bufs.params).arg(&hw);

@@ -90,13 +90,19 @@ impl PinnedBuf {
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) })
     }
 
-    /// The bytes without waiting: only for queuing a copy on a stream (program order puts the
-    /// host's writes before it).
-    ///
-    /// # Safety
-    /// No copy into this buffer may be pending (the crops only ever travel host to device).
-    pub unsafe fn bytes_for_copy(&self) -> &[u8] {
-        std::slice::from_raw_parts(self.ptr, self.len)
+    /// Queues the copy of these bytes into `dst` on `stream` and records the event behind it, so
+    /// that the next write ([`Self::bytes_mut`]) waits until the copy has read them.
+    pub fn upload_to(
+        &self,
+        stream: &Arc<CudaStream>,
+        dst: &mut cudarc::driver::CudaViewMut<'_, u8>,
+    ) -> Result<(), DriverError> {
+        // Whatever was queued with this buffer before is done (a writer waited for it already:
+        // then this returns at once).
+        self.wait()?;
+        let src = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
+        stream.memcpy_htod(src, dst)?;
+        self.queued(stream)
     }
 
     /// Queues a copy of `src` (as many bytes as this buffer holds) into this buffer on `stream`

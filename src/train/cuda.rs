@@ -40,6 +40,8 @@ pub struct GpuLewel<E: GpuFloat> {
     last_end: Option<CudaEvent>,
     /// The start event of the step being queued, where it needs one.
     start: Option<CudaEvent>,
+    /// Timing events no longer needed, for reuse (a step creates none once running).
+    spare_events: Vec<CudaEvent>,
     /// Images per eval-mode feature pass (the kNN monitor): at most the training batch, so the
     /// pass never needs more activation memory than a step (set by the run; 128 by default).
     pub feature_batch: usize,
@@ -69,6 +71,7 @@ where
             spare: Vec::new(),
             last_end: None,
             start: None,
+            spare_events: Vec::new(),
             feature_batch: 128,
         })
     }
@@ -94,7 +97,7 @@ where
     /// Forgets the last step's end: the next step's time runs from its own start (after a pause
     /// such as the kNN monitor and a checkpoint).
     pub fn restart_step_clock(&mut self) {
-        self.last_end = None;
+        self.spare_events.extend(self.last_end.take());
     }
 
     /// The same without waiting: the loss joins the queue [`Self::take_loss`] reads.
@@ -125,6 +128,7 @@ where
         self.spare.push(slot);
         let Some(end) = end else {
             // No update followed (a check): no step time.
+            self.spare_events.extend(start);
             return Ok((loss, 0.0));
         };
         let from = start.as_ref().or(self.last_end.as_ref());
@@ -132,19 +136,23 @@ where
             Some(s) => s.elapsed_ms(&end).map_err(e)? as f64,
             None => 0.0,
         };
-        self.last_end = Some(end);
+        self.spare_events.extend(start);
+        self.spare_events.extend(self.last_end.replace(end));
         Ok((loss, ms))
     }
 
-    /// An event with timing, recorded on the stream now.
-    fn mark(&self) -> Result<CudaEvent> {
-        let ev = self
-            .gpu
-            .ctx
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| self.gpu.err("a timing event", e))?;
-        ev.record(&self.gpu.stream)
-            .map_err(|e| self.gpu.err("a timing event", e))?;
+    /// An event with timing (a spare one, or a new one), recorded on the stream now.
+    fn mark(&mut self) -> Result<CudaEvent> {
+        let e = |e| self.gpu.err("a timing event", e);
+        let ev = match self.spare_events.pop() {
+            Some(ev) => ev,
+            None => self
+                .gpu
+                .ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(e)?,
+        };
+        ev.record(&self.gpu.stream).map_err(e)?;
         Ok(ev)
     }
 
@@ -175,11 +183,13 @@ where
 
     fn begin(&mut self) -> Result<()> {
         // The step's start, where no queued or read step's end stands before it.
-        self.start = if self.last_end.is_none() && self.queued.is_empty() {
+        let start = if self.last_end.is_none() && self.queued.is_empty() {
             Some(self.mark()?)
         } else {
             None
         };
+        let unused = std::mem::replace(&mut self.start, start);
+        self.spare_events.extend(unused);
         self.g.reset();
         self.g.set_recording(true);
         self.tg.set_recording(false);
@@ -269,8 +279,9 @@ where
         self.tg.refresh()?;
         // The step ends here, for its time (`take_loss`).
         let end = self.mark()?;
-        if let Some(q) = self.queued.back_mut() {
-            q.2 = Some(end);
+        match self.queued.back_mut() {
+            Some(q) => self.spare_events.extend(q.2.replace(end)),
+            None => self.spare_events.push(end),
         }
         Ok(())
     }
