@@ -12,7 +12,7 @@
 //!   op's name.
 //! - The CPU path is deterministic at any thread count: reductions use fixed chunks combined in order.
 
-pub mod autograd;
+pub mod backend;
 pub mod check;
 pub mod checkpoint;
 pub mod error;
@@ -29,5 +29,6 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod gpu;
+pub mod graph;
 pub mod model;
 pub mod train;

@@ -1017,7 +1017,7 @@ impl Engine {
             c.g.set_recording(false);
             c.g.reset();
             let xt = c.g.input(shape, x);
-            let f = c.online.encoder.backbone.forward(&mut c.g, xt, crate::autograd::BnMode::Eval);
+            let f = c.online.encoder.backbone.forward(&mut c.g, xt, crate::graph::BnMode::Eval);
             let p = c.g.avgpool(f);
             let out = c.g.value(p).to_vec();
             c.g.set_recording(true);
@@ -1815,7 +1815,7 @@ pub fn embed(checkpoint_path: &Path, images: &Path, out: &Path, size: usize) -> 
     let input = EmbedInput::open(images)?;
     let n = input.len();
     let c = arch.out_channels();
-    let mut g = crate::autograd::Graph::new(s);
+    let mut g = crate::graph::Graph::cpu(s);
     g.set_recording(false);
     let mut feats = Vec::with_capacity(n * c);
     for start in (0..n).step_by(64) {
@@ -1828,7 +1828,7 @@ pub fn embed(checkpoint_path: &Path, images: &Path, out: &Path, size: usize) -> 
         let x: Vec<f32> = items.into_iter().flat_map(|(v, _, _)| v).collect();
         g.reset();
         let x = g.input(Shape::new(&[b, h, w, 3]), &x);
-        let f = net.forward(&mut g, x, crate::autograd::BnMode::Eval);
+        let f = net.forward(&mut g, x, crate::graph::BnMode::Eval);
         let p = g.avgpool(f);
         feats.extend_from_slice(g.value(p));
     }

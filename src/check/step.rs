@@ -182,7 +182,8 @@ fn nmse(got: &[f32], want: &[f32]) -> f64 {
 /// The gradients of one step of `m`'s current state in f64 (the CPU graph at f64, its target
 /// too): the exact-arithmetic reference for the f32 floor.
 fn f64_grads(m: &Lewel, v1: &[f32], v2: &[f32], shape: Shape, sc: &StepConfig) -> Vec<f64> {
-    use crate::autograd::Graph;
+    use crate::backend::Cpu;
+    use crate::graph::Graph;
     use crate::memory::ParamStore;
     let widen = |s: &ParamStore<f32>| ParamStore::<f64> {
         table: s.table.clone(),
@@ -192,15 +193,15 @@ fn f64_grads(m: &Lewel, v1: &[f32], v2: &[f32], shape: Shape, sc: &StepConfig) -
         buffers: s.buffers.iter().map(|&v| v as f64).collect(),
         counters: s.counters.clone(),
     };
-    let mut g = Graph::<f64>::new(widen(&m.g.store));
-    let mut tg = Graph::<f64>::new(widen(&m.tg.store));
+    let mut g = Graph::cpu(widen(&m.g.store));
+    let mut tg = Graph::cpu(widen(&m.tg.store));
     let (online_mode, target_mode) = sc.bn_modes();
     tg.set_recording(false);
     let wide = |v: &[f32]| -> Vec<f64> { v.iter().map(|&x| x as f64).collect() };
     let a = g.input(shape, &wide(v1));
     let b = g.input(shape, &wide(v2));
     let target = &m.target;
-    let mut run_target = |v: crate::tensor::Tensor, og: &mut Graph<f64>| {
+    let mut run_target = |v: crate::tensor::Tensor, og: &mut Graph<Cpu<f64>>| {
         tg.reset();
         let x = tg.input(v.shape, og.value(v));
         let (z, o) = target.forward(&mut tg, x, target_mode);
@@ -210,7 +211,7 @@ fn f64_grads(m: &Lewel, v1: &[f32], v2: &[f32], shape: Shape, sc: &StepConfig) -
         )
     };
     let loss = m.online.loss(&mut g, a, b, online_mode, &mut run_target);
-    g.backward(loss);
+    g.backward(loss).expect("the CPU backend does not fail");
     g.store.grads
 }
 

@@ -20,10 +20,18 @@ use std::cell::{RefCell, RefMut};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// A storage dtype of activations on the GPU: f32 or bf16 (arithmetic is f32 in every kernel).
-pub trait GpuFloat:
-    DeviceRepr + ValidAsZeroBits + cudarc::cudnn::CudnnDataType + Copy + Default + Unpin + 'static
+/// An element a buffer stores, on the host or on a device.
+pub trait Elem:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static
 {
+}
+impl Elem for f32 {}
+impl Elem for f64 {}
+impl Elem for u8 {}
+impl Elem for half::bf16 {}
+
+/// A storage dtype of activations on the GPU: f32 or bf16 (arithmetic is f32 in every kernel).
+pub trait GpuFloat: Elem + cudarc::cudnn::CudnnDataType {
     const DTYPE: DType;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;

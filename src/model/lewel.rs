@@ -12,7 +12,8 @@
 
 use super::resnet::{Arch, ResNet};
 use super::{bn_layer, linear_weight};
-use crate::autograd::{BnLayer, BnMode, Tape};
+use crate::backend::Kernels;
+use crate::graph::{BnLayer, BnMode, Graph};
 use crate::memory::{ParamId, ParamStore};
 use crate::ops::Real;
 use crate::rng::Rng;
@@ -124,7 +125,7 @@ impl Mlp1d {
         Mlp1d { l0, bn, l3 }
     }
     /// x (..., C_in) -> (..., out); BN over every row.
-    pub fn forward<G: Tape>(&self, g: &mut G, x: Tensor, mode: BnMode) -> Tensor {
+    pub fn forward<B: Kernels>(&self, g: &mut Graph<B>, x: Tensor, mode: BnMode) -> Tensor {
         let h = g.linear(x, self.l0);
         let h = g.bn_act(h, self.bn, mode, None, true);
         g.linear(h, self.l3)
@@ -162,7 +163,12 @@ impl EncoderObj {
     }
 
     /// images (B, S, S, 3) -> (z_g (B, D), O (B, K, D)).
-    pub fn forward<G: Tape>(&self, g: &mut G, x: Tensor, mode: BnMode) -> (Tensor, Tensor) {
+    pub fn forward<B: Kernels>(
+        &self,
+        g: &mut Graph<B>,
+        x: Tensor,
+        mode: BnMode,
+    ) -> (Tensor, Tensor) {
         let f = self.backbone.forward(g, x, mode);
         let d = f.shape.dims().to_vec();
         let (b, l, c) = (d[0], d[1] * d[2], d[3]);
@@ -204,9 +210,9 @@ impl LewelOnline {
     }
 
     /// One direction: online outputs of view a against the target outputs of view b (constants).
-    fn direction<G: Tape>(
+    fn direction<B: Kernels>(
         &self,
-        g: &mut G,
+        g: &mut Graph<B>,
         z: Tensor,
         o: Tensor,
         tz: Tensor,
@@ -226,13 +232,13 @@ impl LewelOnline {
     /// The LEWEL loss of two views. `target` maps a view to the target encoder's (z_g, O) values,
     /// computed elsewhere without gradient; the order of calls is the official one: online(v1),
     /// online(v2), target(v1), target(v2), then the two directions.
-    pub fn loss<G: Tape>(
+    pub fn loss<B: Kernels>(
         &self,
-        g: &mut G,
+        g: &mut Graph<B>,
         v1: Tensor,
         v2: Tensor,
         mode: BnMode,
-        target: &mut TargetFn<'_, G>,
+        target: &mut TargetFn<'_, Graph<B>>,
     ) -> Tensor {
         let (z1, o1) = self.encoder.forward(g, v1, mode);
         let (z2, o2) = self.encoder.forward(g, v2, mode);
@@ -247,7 +253,8 @@ impl LewelOnline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::autograd::Graph;
+    use crate::backend::Cpu;
+    use crate::graph::Graph;
 
     fn count(s: &ParamStore<f32>, prefix: &str) -> usize {
         s.table
@@ -300,9 +307,9 @@ mod tests {
         let online = LewelOnline::build(&mut s, &cfg, &mut Rng::new(2));
         let mut ts = ParamStore::<f32>::new();
         let target = EncoderObj::build(&mut ts, "target_net.", &cfg, &mut Rng::new(3));
-        let mut tg = Graph::new(ts);
+        let mut tg = Graph::cpu(ts);
         tg.set_recording(false);
-        let mut g = Graph::new(s);
+        let mut g = Graph::cpu(s);
         let mut r = Rng::new(4);
         let b = 4;
         let img: Vec<f32> = (0..2 * b * 32 * 32 * 3)
@@ -312,7 +319,7 @@ mod tests {
         let sh = Shape::new(&[b, 32, 32, 3]);
         let v1 = g.input(sh, h1);
         let v2 = g.input(sh, h2);
-        let mut run_target = |v: Tensor, og: &mut Graph<f32>| {
+        let mut run_target = |v: Tensor, og: &mut Graph<Cpu<f32>>| {
             tg.reset();
             let x = tg.input(v.shape, og.value(v));
             let (z, o) = target.forward(&mut tg, x, BnMode::Eval);
@@ -324,7 +331,7 @@ mod tests {
         let loss = online.loss(&mut g, v1, v2, BnMode::Train, &mut run_target);
         let l = g.value(loss)[0];
         assert!((l - 4.0).abs() < 0.6, "initial loss {l}");
-        g.backward(loss);
+        g.backward(loss).unwrap();
         let gi = g
             .store
             .table

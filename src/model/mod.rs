@@ -1,12 +1,12 @@
-//! Models written once against the [`crate::autograd::Tape`] (the CPU graph and the GPU graph both
-//! implement it): ResNet-18/50 and the small residual net of the demo (`resnet`, torchvision's
+//! Models written once against the one [`crate::graph::Graph`], generic over its backend (CPU or
+//! GPU): ResNet-18/50 and the small residual net of the demo (`resnet`, torchvision's
 //! names and initialization), and LEWEL's online/target networks with the neck, the predictors and
 //! the loss (`lewel`).
 
 pub mod lewel;
 pub mod resnet;
 
-use crate::autograd::BnLayer;
+use crate::graph::BnLayer;
 use crate::memory::ParamStore;
 use crate::ops::Real;
 use crate::rng::Rng;

@@ -6,7 +6,8 @@
 //! last BN of each block is not zeroed (LEWEL_SPEC 1).
 
 use super::{bn_layer, conv_weight};
-use crate::autograd::{BnLayer, BnMode, Tape};
+use crate::backend::Kernels;
+use crate::graph::{BnLayer, BnMode, Graph};
 use crate::memory::{ParamId, ParamStore};
 use crate::ops::Real;
 use crate::rng::Rng;
@@ -151,7 +152,7 @@ impl ResNet {
     }
 
     /// x (B, H, W, 3) -> (B, H/32, W/32, C) after the final ReLU.
-    pub fn forward<G: Tape>(&self, g: &mut G, x: Tensor, mode: BnMode) -> Tensor {
+    pub fn forward<B: Kernels>(&self, g: &mut Graph<B>, x: Tensor, mode: BnMode) -> Tensor {
         let h = g.conv2d(x, self.stem.0, 2, 3);
         let h = g.bn_act(h, self.stem.1, mode, None, true);
         let mut h = g.maxpool(h, 3, 2, 1);
@@ -184,7 +185,7 @@ impl ResNet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::autograd::Graph;
+    use crate::graph::Graph;
     use crate::tensor::Shape;
 
     #[test]
@@ -235,7 +236,7 @@ mod tests {
     fn resnet18_forward_shape() {
         let mut s = ParamStore::<f32>::new();
         let net = ResNet::build(&mut s, "", Arch::RESNET18, &mut Rng::new(0));
-        let mut g = Graph::new(s);
+        let mut g = Graph::cpu(s);
         let x = g.input(Shape::new(&[2, 64, 64, 3]), &vec![0.5f32; 2 * 64 * 64 * 3]);
         let y = net.forward(&mut g, x, BnMode::Train);
         assert_eq!(y.shape, Shape::new(&[2, 2, 2, 512]));
@@ -245,7 +246,7 @@ mod tests {
     fn tiny_forward_shape_and_strides() {
         let mut s = ParamStore::<f32>::new();
         let net = ResNet::build(&mut s, "", Arch::TINY, &mut Rng::new(0));
-        let mut g = Graph::new(s);
+        let mut g = Graph::cpu(s);
         let x = vec![0.5f32; 2 * 64 * 64 * 3];
         let x = g.input(Shape::new(&[2, 64, 64, 3]), &x);
         let y = net.forward(&mut g, x, BnMode::Train);

@@ -140,6 +140,82 @@ pub fn scale_backward_cuda<T: GpuFloat>(
 }
 
 // ----------------------------------------------------------------------------
+// Kernels
+
+use crate::backend::{Backend, Cpu, Cuda, Elem, Ve, VeMut, Vf, VfMut};
+
+/// Elementwise sums and scaling on a backend, of activations (`_e`) and of losses (`_f`).
+pub trait AddKernels: Backend {
+    fn add_e(&self, a: &Ve<Self>, b: &Ve<Self>, y: &mut VeMut<Self>) -> crate::Result<()>;
+    fn add_f(&self, a: &Vf<Self>, b: &Vf<Self>, y: &mut VfMut<Self>) -> crate::Result<()>;
+    fn scale_e(&self, x: &Ve<Self>, alpha: f64, y: &mut VeMut<Self>) -> crate::Result<()>;
+    fn scale_f(&self, x: &Vf<Self>, alpha: f64, y: &mut VfMut<Self>) -> crate::Result<()>;
+    /// dx += alpha * dy.
+    fn axpy_e(&self, dy: &Ve<Self>, alpha: f64, dx: &mut VeMut<Self>) -> crate::Result<()>;
+    fn axpy_f(&self, dy: &Vf<Self>, alpha: f64, dx: &mut VfMut<Self>) -> crate::Result<()>;
+}
+
+/// dx += alpha * dy on the CPU: the add's backward where alpha is 1.
+fn axpy_cpu<T: Real>(dy: &[T], alpha: f64, dx: &mut [T]) {
+    if alpha == 1.0 {
+        backward_cpu(dy, dx)
+    } else {
+        scale_backward_cpu(dy, T::from_f64(alpha), dx)
+    }
+}
+
+impl<T: Real + Elem> AddKernels for Cpu<T> {
+    fn add_e(&self, a: &&[T], b: &&[T], y: &mut &mut [T]) -> crate::Result<()> {
+        forward_cpu(a, b, y);
+        Ok(())
+    }
+    fn add_f(&self, a: &&[T], b: &&[T], y: &mut &mut [T]) -> crate::Result<()> {
+        forward_cpu(a, b, y);
+        Ok(())
+    }
+    fn scale_e(&self, x: &&[T], alpha: f64, y: &mut &mut [T]) -> crate::Result<()> {
+        scale_forward_cpu(x, T::from_f64(alpha), y);
+        Ok(())
+    }
+    fn scale_f(&self, x: &&[T], alpha: f64, y: &mut &mut [T]) -> crate::Result<()> {
+        scale_forward_cpu(x, T::from_f64(alpha), y);
+        Ok(())
+    }
+    fn axpy_e(&self, dy: &&[T], alpha: f64, dx: &mut &mut [T]) -> crate::Result<()> {
+        axpy_cpu(dy, alpha, dx);
+        Ok(())
+    }
+    fn axpy_f(&self, dy: &&[T], alpha: f64, dx: &mut &mut [T]) -> crate::Result<()> {
+        axpy_cpu(dy, alpha, dx);
+        Ok(())
+    }
+}
+
+impl<E: GpuFloat> AddKernels for Cuda<E>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<E>,
+{
+    fn add_e(&self, a: &Ve<Self>, b: &Ve<Self>, y: &mut VeMut<Self>) -> crate::Result<()> {
+        forward_cuda(&self.gpu, a, b, y)
+    }
+    fn add_f(&self, a: &Vf<Self>, b: &Vf<Self>, y: &mut VfMut<Self>) -> crate::Result<()> {
+        forward_cuda(&self.gpu, a, b, y)
+    }
+    fn scale_e(&self, x: &Ve<Self>, alpha: f64, y: &mut VeMut<Self>) -> crate::Result<()> {
+        scale_forward_cuda(&self.gpu, x, alpha as f32, y)
+    }
+    fn scale_f(&self, x: &Vf<Self>, alpha: f64, y: &mut VfMut<Self>) -> crate::Result<()> {
+        scale_forward_cuda(&self.gpu, x, alpha as f32, y)
+    }
+    fn axpy_e(&self, dy: &Ve<Self>, alpha: f64, dx: &mut VeMut<Self>) -> crate::Result<()> {
+        scale_backward_cuda(&self.gpu, dy, alpha as f32, dx)
+    }
+    fn axpy_f(&self, dy: &Vf<Self>, alpha: f64, dx: &mut VfMut<Self>) -> crate::Result<()> {
+        scale_backward_cuda(&self.gpu, dy, alpha as f32, dx)
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Tests
 
 #[cfg(test)]

@@ -252,6 +252,77 @@ where
 }
 
 // ----------------------------------------------------------------------------
+// Kernels
+
+use crate::backend::{Backend, Cpu, Cuda, Elem, Ve, VeMut};
+
+/// The aggregation's kernels on a backend (the graph's aggregate node).
+pub trait AggregateKernels: Backend {
+    fn aggregate_forward(
+        &self,
+        p: &AggregateParams,
+        x: &Ve<Self>,
+        w: &Ve<Self>,
+        v: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+    /// dx, dw += the gradients of v.
+    fn aggregate_backward(
+        &self,
+        p: &AggregateParams,
+        xwdv: (&Ve<Self>, &Ve<Self>, &Ve<Self>),
+        dx: &mut VeMut<Self>,
+        dw: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+}
+
+impl<T: Real + Elem> AggregateKernels for Cpu<T> {
+    fn aggregate_forward(
+        &self,
+        p: &AggregateParams,
+        x: &&[T],
+        w: &&[T],
+        v: &mut &mut [T],
+    ) -> crate::Result<()> {
+        forward_cpu(x, w, v, p);
+        Ok(())
+    }
+    fn aggregate_backward(
+        &self,
+        p: &AggregateParams,
+        (x, w, dv): (&&[T], &&[T], &&[T]),
+        dx: &mut &mut [T],
+        dw: &mut &mut [T],
+    ) -> crate::Result<()> {
+        backward_cpu(x, w, dv, dx, dw, p);
+        Ok(())
+    }
+}
+
+impl<E: GpuFloat> AggregateKernels for Cuda<E>
+where
+    CudaBlas: Gemm<E>,
+{
+    fn aggregate_forward(
+        &self,
+        p: &AggregateParams,
+        x: &Ve<Self>,
+        w: &Ve<Self>,
+        v: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        forward_cuda(&self.gpu, p, x, w, v)
+    }
+    fn aggregate_backward(
+        &self,
+        p: &AggregateParams,
+        xwdv: (&Ve<Self>, &Ve<Self>, &Ve<Self>),
+        dx: &mut VeMut<Self>,
+        dw: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        backward_cuda(&self.gpu, p, xwdv, dx, dw)
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Tests
 
 #[cfg(test)]

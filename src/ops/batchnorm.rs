@@ -592,6 +592,195 @@ pub fn backward_cuda<T: GpuFloat>(
 unsafe impl cudarc::driver::DeviceRepr for BnParams {}
 
 // ----------------------------------------------------------------------------
+// Kernels
+
+use crate::backend::{Backend, Cpu, Cuda, Elem, Ve, VeMut, Vf, VfMut};
+
+/// y = relu?(batchnorm(x) + res?) on a backend (the graph's fused BN node). On the CPU, the
+/// reference functions composed: batch norm, then the residual add, then the ReLU.
+pub trait BnKernels: Backend {
+    /// Train mode: batch statistics (per group), saved as mean then rstd; the running statistics
+    /// (mean then var, one window) updated.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_forward_train(
+        &self,
+        p: &BnParams,
+        x: &Ve<Self>,
+        affine: (&Vf<Self>, &Vf<Self>),
+        running: &mut VfMut<Self>,
+        res: Option<Ve<Self>>,
+        relu: bool,
+        y: &mut VeMut<Self>,
+        saved: &mut VfMut<Self>,
+    ) -> crate::Result<()>;
+    /// Eval mode: running statistics; `saved` is what the backend's backward wants of them.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_forward_eval(
+        &self,
+        p: &BnParams,
+        x: &Ve<Self>,
+        affine: (&Vf<Self>, &Vf<Self>),
+        running: (&Vf<Self>, &Vf<Self>),
+        res: Option<Ve<Self>>,
+        relu: bool,
+        y: &mut VeMut<Self>,
+        saved: &mut VfMut<Self>,
+    ) -> crate::Result<()>;
+    /// dx (and dres) += the input gradients, dgamma and dbeta (one window) += theirs; `y` is the
+    /// output where a ReLU was fused.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_backward(
+        &self,
+        p: &BnParams,
+        train: bool,
+        xdy: (&Ve<Self>, &Ve<Self>),
+        y: Option<Ve<Self>>,
+        saved: (&Vf<Self>, &Vf<Self>),
+        running: (&Vf<Self>, &Vf<Self>),
+        gamma: &Vf<Self>,
+        dgb: &mut VfMut<Self>,
+        dx: &mut VeMut<Self>,
+        dres: Option<VeMut<Self>>,
+    ) -> crate::Result<()>;
+}
+
+/// y = relu?(y + res?) in place, as `add::forward_cpu` and `relu::forward_cpu` compute it.
+fn residual_relu_cpu<T: Real>(y: &mut [T], res: Option<&[T]>, relu: bool) {
+    if let Some(r) = res {
+        y.par_iter_mut().zip(r).for_each(|(o, &b)| *o = *o + b);
+    }
+    if relu {
+        y.par_iter_mut()
+            .for_each(|o| *o = if *o > T::zero() { *o } else { T::zero() });
+    }
+}
+
+impl<T: Real + Elem> BnKernels for Cpu<T> {
+    fn bn_forward_train(
+        &self,
+        p: &BnParams,
+        x: &&[T],
+        (gamma, beta): (&&[T], &&[T]),
+        running: &mut &mut [T],
+        res: Option<&[T]>,
+        relu: bool,
+        y: &mut &mut [T],
+        saved: &mut &mut [T],
+    ) -> crate::Result<()> {
+        let (rm, rv) = running.split_at_mut(p.c as usize);
+        let (mean, rstd) = saved.split_at_mut(saved.len() / 2);
+        forward_train_cpu(x, gamma, beta, y, mean, rstd, rm, rv, p);
+        residual_relu_cpu(y, res, relu);
+        Ok(())
+    }
+    fn bn_forward_eval(
+        &self,
+        p: &BnParams,
+        x: &&[T],
+        (gamma, beta): (&&[T], &&[T]),
+        (rm, rv): (&&[T], &&[T]),
+        res: Option<&[T]>,
+        relu: bool,
+        y: &mut &mut [T],
+        _saved: &mut &mut [T],
+    ) -> crate::Result<()> {
+        forward_eval_cpu(x, gamma, beta, rm, rv, y, p);
+        residual_relu_cpu(y, res, relu);
+        Ok(())
+    }
+    fn bn_backward(
+        &self,
+        p: &BnParams,
+        train: bool,
+        (x, dy): (&&[T], &&[T]),
+        y: Option<&[T]>,
+        (mean, rstd): (&&[T], &&[T]),
+        (rm, rv): (&&[T], &&[T]),
+        gamma: &&[T],
+        dgb: &mut &mut [T],
+        dx: &mut &mut [T],
+        dres: Option<&mut [T]>,
+    ) -> crate::Result<()> {
+        let (dg, db) = dgb.split_at_mut(p.c as usize);
+        let rest = |dy: &[T]| {
+            if let Some(dr) = dres {
+                crate::ops::add::backward_cpu(dy, dr);
+            }
+            if train {
+                backward_train_cpu(x, dy, gamma, mean, rstd, dx, dg, db, p);
+            } else {
+                backward_eval_cpu(x, dy, gamma, rm, rv, dx, dg, db, p);
+            }
+        };
+        match y {
+            // The ReLU's backward first, into a zeroed temporary.
+            Some(y) => self.with_scratch(dy.len(), |m| {
+                crate::ops::relu::backward_cpu(y, dy, m);
+                rest(m)
+            }),
+            None => rest(dy),
+        }
+        Ok(())
+    }
+}
+
+impl<E: GpuFloat> BnKernels for Cuda<E>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<E>,
+{
+    fn bn_forward_train(
+        &self,
+        p: &BnParams,
+        x: &Ve<Self>,
+        affine: (&Vf<Self>, &Vf<Self>),
+        running: &mut VfMut<Self>,
+        res: Option<Ve<Self>>,
+        relu: bool,
+        y: &mut VeMut<Self>,
+        saved: &mut VfMut<Self>,
+    ) -> crate::Result<()> {
+        let (mut rm, mut rv) = running.split_at_mut(p.c as usize);
+        let half = saved.len() / 2;
+        let (mut mean, mut rstd) = saved.split_at_mut(half);
+        let (running, saved) = ((&mut rm, &mut rv), (&mut mean, &mut rstd));
+        forward_train_cuda(&self.gpu, p, x, affine, running, res, relu, y, saved)
+    }
+    fn bn_forward_eval(
+        &self,
+        p: &BnParams,
+        x: &Ve<Self>,
+        affine: (&Vf<Self>, &Vf<Self>),
+        running: (&Vf<Self>, &Vf<Self>),
+        res: Option<Ve<Self>>,
+        relu: bool,
+        y: &mut VeMut<Self>,
+        saved: &mut VfMut<Self>,
+    ) -> crate::Result<()> {
+        let half = saved.len() / 2;
+        let (mut mean, mut rstd) = saved.split_at_mut(half);
+        let saved = (&mut mean, &mut rstd);
+        forward_eval_cuda(&self.gpu, p, x, affine, running, res, relu, y, saved)
+    }
+    fn bn_backward(
+        &self,
+        p: &BnParams,
+        train: bool,
+        (x, dy): (&Ve<Self>, &Ve<Self>),
+        y: Option<Ve<Self>>,
+        saved: (&Vf<Self>, &Vf<Self>),
+        _running: (&Vf<Self>, &Vf<Self>),
+        gamma: &Vf<Self>,
+        dgb: &mut VfMut<Self>,
+        dx: &mut VeMut<Self>,
+        dres: Option<VeMut<Self>>,
+    ) -> crate::Result<()> {
+        let (mut dg, mut db) = dgb.split_at_mut(p.c as usize);
+        let dgb = (&mut dg, &mut db);
+        backward_cuda(&self.gpu, p, train, x, dy, y, saved, gamma, dgb, dx, dres)
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Tests
 
 #[cfg(test)]

@@ -209,6 +209,122 @@ pub fn split_backward_cuda<T: GpuFloat>(
 unsafe impl cudarc::driver::DeviceRepr for ConcatParams {}
 
 // ----------------------------------------------------------------------------
+// Kernels
+
+use crate::backend::{Backend, Cpu, Cuda, Elem, Ve, VeMut};
+
+/// Concat and split along positions on a backend (the graph's concat and split nodes).
+pub trait ConcatKernels: Backend {
+    fn concat(
+        &self,
+        p: &ConcatParams,
+        g: &Ve<Self>,
+        x: &Ve<Self>,
+        u: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+    fn concat_backward(
+        &self,
+        p: &ConcatParams,
+        du: &Ve<Self>,
+        dg: &mut VeMut<Self>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+    fn split(
+        &self,
+        p: &ConcatParams,
+        z: &Ve<Self>,
+        zg: &mut VeMut<Self>,
+        a: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+    fn split_backward(
+        &self,
+        p: &ConcatParams,
+        dzg: &Ve<Self>,
+        da: &Ve<Self>,
+        dz: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+}
+
+impl<T: Real + Elem> ConcatKernels for Cpu<T> {
+    fn concat(&self, p: &ConcatParams, g: &&[T], x: &&[T], u: &mut &mut [T]) -> crate::Result<()> {
+        concat_cpu(g, x, u, p);
+        Ok(())
+    }
+    fn concat_backward(
+        &self,
+        p: &ConcatParams,
+        du: &&[T],
+        dg: &mut &mut [T],
+        dx: &mut &mut [T],
+    ) -> crate::Result<()> {
+        concat_backward_cpu(du, dg, dx, p);
+        Ok(())
+    }
+    fn split(
+        &self,
+        p: &ConcatParams,
+        z: &&[T],
+        zg: &mut &mut [T],
+        a: &mut &mut [T],
+    ) -> crate::Result<()> {
+        split_cpu(z, zg, a, p);
+        Ok(())
+    }
+    fn split_backward(
+        &self,
+        p: &ConcatParams,
+        dzg: &&[T],
+        da: &&[T],
+        dz: &mut &mut [T],
+    ) -> crate::Result<()> {
+        split_backward_cpu(dzg, da, dz, p);
+        Ok(())
+    }
+}
+
+impl<E: GpuFloat> ConcatKernels for Cuda<E>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<E>,
+{
+    fn concat(
+        &self,
+        p: &ConcatParams,
+        g: &Ve<Self>,
+        x: &Ve<Self>,
+        u: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        concat_cuda(&self.gpu, p, g, x, u)
+    }
+    fn concat_backward(
+        &self,
+        p: &ConcatParams,
+        du: &Ve<Self>,
+        dg: &mut VeMut<Self>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        concat_backward_cuda(&self.gpu, p, du, dg, dx)
+    }
+    fn split(
+        &self,
+        p: &ConcatParams,
+        z: &Ve<Self>,
+        zg: &mut VeMut<Self>,
+        a: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        split_cuda(&self.gpu, p, z, zg, a)
+    }
+    fn split_backward(
+        &self,
+        p: &ConcatParams,
+        dzg: &Ve<Self>,
+        da: &Ve<Self>,
+        dz: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        split_backward_cuda(&self.gpu, p, dzg, da, dz)
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Tests
 
 #[cfg(test)]

@@ -756,6 +756,103 @@ pub fn backward_weight_cuda<T: GpuFloat>(
 }
 
 // ----------------------------------------------------------------------------
+// Kernels
+
+use crate::backend::{Backend, Cpu, Cuda, Elem, Ve, VeMut};
+use cudarc::cublas::{CudaBlas, Gemm};
+
+/// The convolution's kernels on a backend (the graph's conv node).
+pub trait ConvKernels: Backend {
+    fn conv_forward(
+        &self,
+        p: &ConvParams,
+        x: &Ve<Self>,
+        w: &Ve<Self>,
+        y: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+    fn conv_backward_data(
+        &self,
+        p: &ConvParams,
+        dy: &Ve<Self>,
+        w: &Ve<Self>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+    fn conv_backward_weight(
+        &self,
+        p: &ConvParams,
+        x: &Ve<Self>,
+        dy: &Ve<Self>,
+        dw: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+}
+
+impl<T: Real + Elem> ConvKernels for Cpu<T> {
+    fn conv_forward(
+        &self,
+        p: &ConvParams,
+        x: &&[T],
+        w: &&[T],
+        y: &mut &mut [T],
+    ) -> crate::Result<()> {
+        forward_cpu(x, w, y, p);
+        Ok(())
+    }
+    fn conv_backward_data(
+        &self,
+        p: &ConvParams,
+        dy: &&[T],
+        w: &&[T],
+        dx: &mut &mut [T],
+    ) -> crate::Result<()> {
+        backward_data_cpu(dy, w, dx, p);
+        Ok(())
+    }
+    fn conv_backward_weight(
+        &self,
+        p: &ConvParams,
+        x: &&[T],
+        dy: &&[T],
+        dw: &mut &mut [T],
+    ) -> crate::Result<()> {
+        backward_weight_cpu(x, dy, dw, p);
+        Ok(())
+    }
+}
+
+impl<E: GpuFloat> ConvKernels for Cuda<E>
+where
+    CudaBlas: Gemm<E>,
+{
+    fn conv_forward(
+        &self,
+        p: &ConvParams,
+        x: &Ve<Self>,
+        w: &Ve<Self>,
+        y: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        forward_cuda(&self.gpu, p, x, w, y)
+    }
+    fn conv_backward_data(
+        &self,
+        p: &ConvParams,
+        dy: &Ve<Self>,
+        w: &Ve<Self>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        backward_data_cuda(&self.gpu, p, dy, w, dx)
+    }
+    fn conv_backward_weight(
+        &self,
+        p: &ConvParams,
+        x: &Ve<Self>,
+        dy: &Ve<Self>,
+        dw: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        backward_weight_cuda(&self.gpu, p, x, dy, dw)
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Tests
 
 #[cfg(test)]

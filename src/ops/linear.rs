@@ -235,6 +235,102 @@ where
 }
 
 // ----------------------------------------------------------------------------
+// Kernels
+
+use crate::backend::{Backend, Cpu, Cuda, Elem, Ve, VeMut};
+
+/// The linear map's kernels on a backend (the graph's linear node).
+pub trait LinearKernels: Backend {
+    fn linear_forward(
+        &self,
+        p: &LinearParams,
+        x: &Ve<Self>,
+        w: &Ve<Self>,
+        y: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+    fn linear_backward_data(
+        &self,
+        p: &LinearParams,
+        dy: &Ve<Self>,
+        w: &Ve<Self>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+    fn linear_backward_weight(
+        &self,
+        p: &LinearParams,
+        x: &Ve<Self>,
+        dy: &Ve<Self>,
+        dw: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+}
+
+impl<T: Real + Elem> LinearKernels for Cpu<T> {
+    fn linear_forward(
+        &self,
+        p: &LinearParams,
+        x: &&[T],
+        w: &&[T],
+        y: &mut &mut [T],
+    ) -> crate::Result<()> {
+        forward_cpu(x, w, y, p);
+        Ok(())
+    }
+    fn linear_backward_data(
+        &self,
+        p: &LinearParams,
+        dy: &&[T],
+        w: &&[T],
+        dx: &mut &mut [T],
+    ) -> crate::Result<()> {
+        backward_data_cpu(dy, w, dx, p);
+        Ok(())
+    }
+    fn linear_backward_weight(
+        &self,
+        p: &LinearParams,
+        x: &&[T],
+        dy: &&[T],
+        dw: &mut &mut [T],
+    ) -> crate::Result<()> {
+        backward_weight_cpu(x, dy, dw, p);
+        Ok(())
+    }
+}
+
+impl<E: GpuFloat> LinearKernels for Cuda<E>
+where
+    CudaBlas: Gemm<E>,
+{
+    fn linear_forward(
+        &self,
+        p: &LinearParams,
+        x: &Ve<Self>,
+        w: &Ve<Self>,
+        y: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        forward_cuda(&self.gpu, p, x, w, y)
+    }
+    fn linear_backward_data(
+        &self,
+        p: &LinearParams,
+        dy: &Ve<Self>,
+        w: &Ve<Self>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        backward_data_cuda(&self.gpu, p, dy, w, dx)
+    }
+    fn linear_backward_weight(
+        &self,
+        p: &LinearParams,
+        x: &Ve<Self>,
+        dy: &Ve<Self>,
+        dw: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        backward_weight_cuda(&self.gpu, p, x, dy, dw)
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Tests
 
 #[cfg(test)]

@@ -161,6 +161,78 @@ pub fn backward_cuda<T: GpuFloat>(
 unsafe impl cudarc::driver::DeviceRepr for LossParams {}
 
 // ----------------------------------------------------------------------------
+// Kernels
+
+use crate::backend::{Backend, Cpu, Cuda, Elem, Ve, VeMut, Vf, VfMut};
+
+/// The loss's kernels on a backend (the graph's loss node).
+pub trait LossKernels: Backend {
+    /// out[0] = the loss; `cosv` is per-row scratch (B f32 values) where the backend wants one.
+    fn loss_forward(
+        &self,
+        p: &LossParams,
+        pt: (&Ve<Self>, &Ve<Self>),
+        cosv: &mut VfMut<Self>,
+        out: &mut VfMut<Self>,
+    ) -> crate::Result<()>;
+    /// dpred += d loss / d pred * dloss[0].
+    fn loss_backward(
+        &self,
+        p: &LossParams,
+        pt: (&Ve<Self>, &Ve<Self>),
+        dloss: &Vf<Self>,
+        dpred: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+}
+
+impl<T: Real + Elem> LossKernels for Cpu<T> {
+    fn loss_forward(
+        &self,
+        p: &LossParams,
+        (pred, target): (&&[T], &&[T]),
+        _cosv: &mut &mut [T],
+        out: &mut &mut [T],
+    ) -> crate::Result<()> {
+        out[0] = forward_cpu(pred, target, p);
+        Ok(())
+    }
+    fn loss_backward(
+        &self,
+        p: &LossParams,
+        (pred, target): (&&[T], &&[T]),
+        dloss: &&[T],
+        dpred: &mut &mut [T],
+    ) -> crate::Result<()> {
+        backward_cpu(pred, target, dloss[0], dpred, p);
+        Ok(())
+    }
+}
+
+impl<E: GpuFloat> LossKernels for Cuda<E>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<E>,
+{
+    fn loss_forward(
+        &self,
+        p: &LossParams,
+        pt: (&Ve<Self>, &Ve<Self>),
+        cosv: &mut VfMut<Self>,
+        out: &mut VfMut<Self>,
+    ) -> crate::Result<()> {
+        forward_cuda(&self.gpu, p, pt, cosv, out)
+    }
+    fn loss_backward(
+        &self,
+        p: &LossParams,
+        pt: (&Ve<Self>, &Ve<Self>),
+        dloss: &Vf<Self>,
+        dpred: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        backward_cuda(&self.gpu, p, pt, dloss, dpred)
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Tests
 
 #[cfg(test)]

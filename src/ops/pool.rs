@@ -310,6 +310,112 @@ pub fn avgpool_backward_cuda<T: GpuFloat>(
 unsafe impl cudarc::driver::DeviceRepr for PoolParams {}
 
 // ----------------------------------------------------------------------------
+// Kernels
+
+use crate::backend::{Backend, Cpu, Cuda, Elem, Ve, VeMut, View, ViewMut};
+
+/// The pools' kernels on a backend (the graph's maxpool and avgpool nodes).
+pub trait PoolKernels: Backend {
+    fn maxpool_forward(
+        &self,
+        p: &PoolParams,
+        x: &Ve<Self>,
+        y: &mut VeMut<Self>,
+        argmax: &mut ViewMut<Self, Self::I>,
+    ) -> crate::Result<()>;
+    fn maxpool_backward(
+        &self,
+        p: &PoolParams,
+        dy: &Ve<Self>,
+        argmax: &View<Self, Self::I>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+    fn avgpool_forward(
+        &self,
+        p: &PoolParams,
+        x: &Ve<Self>,
+        y: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+    fn avgpool_backward(
+        &self,
+        p: &PoolParams,
+        dy: &Ve<Self>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+}
+
+impl<T: Real + Elem> PoolKernels for Cpu<T> {
+    fn maxpool_forward(
+        &self,
+        p: &PoolParams,
+        x: &&[T],
+        y: &mut &mut [T],
+        argmax: &mut &mut [T],
+    ) -> crate::Result<()> {
+        maxpool_forward_cpu(x, y, argmax, p);
+        Ok(())
+    }
+    fn maxpool_backward(
+        &self,
+        p: &PoolParams,
+        dy: &&[T],
+        argmax: &&[T],
+        dx: &mut &mut [T],
+    ) -> crate::Result<()> {
+        maxpool_backward_cpu(dy, argmax, dx, p);
+        Ok(())
+    }
+    fn avgpool_forward(&self, p: &PoolParams, x: &&[T], y: &mut &mut [T]) -> crate::Result<()> {
+        avgpool_forward_cpu(x, y, p);
+        Ok(())
+    }
+    fn avgpool_backward(&self, p: &PoolParams, dy: &&[T], dx: &mut &mut [T]) -> crate::Result<()> {
+        avgpool_backward_cpu(dy, dx, p);
+        Ok(())
+    }
+}
+
+impl<E: GpuFloat> PoolKernels for Cuda<E>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<E>,
+{
+    fn maxpool_forward(
+        &self,
+        p: &PoolParams,
+        x: &Ve<Self>,
+        y: &mut VeMut<Self>,
+        argmax: &mut ViewMut<Self, u8>,
+    ) -> crate::Result<()> {
+        maxpool_forward_cuda(&self.gpu, p, x, y, argmax)
+    }
+    fn maxpool_backward(
+        &self,
+        p: &PoolParams,
+        dy: &Ve<Self>,
+        argmax: &View<Self, u8>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        maxpool_backward_cuda(&self.gpu, p, dy, argmax, dx)
+    }
+    fn avgpool_forward(
+        &self,
+        p: &PoolParams,
+        x: &Ve<Self>,
+        y: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        avgpool_forward_cuda(&self.gpu, p, x, y)
+    }
+    fn avgpool_backward(
+        &self,
+        p: &PoolParams,
+        dy: &Ve<Self>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        avgpool_backward_cuda(&self.gpu, p, dy, dx)
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Tests
 
 #[cfg(test)]

@@ -207,6 +207,87 @@ unsafe impl cudarc::driver::DeviceRepr for SoftmaxParams {}
 unsafe impl cudarc::driver::DeviceRepr for AlignParams {}
 
 // ----------------------------------------------------------------------------
+// Kernels
+
+use crate::backend::{Backend, Cpu, Cuda, Elem, Ve, VeMut, VfMut};
+
+/// LEWEL's alignment map on a backend (the graph's fused align node): on the CPU, the L2
+/// normalization and this softmax composed.
+pub trait AlignKernels: Backend {
+    fn align_forward(
+        &self,
+        p: &AlignParams,
+        x: &Ve<Self>,
+        y: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+    /// dx += the map's backward; `scratch` holds B*L*D values of `F`.
+    fn align_backward(
+        &self,
+        p: &AlignParams,
+        xydy: (&Ve<Self>, &Ve<Self>, &Ve<Self>),
+        scratch: &mut VfMut<Self>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()>;
+}
+
+impl AlignParams {
+    /// The two CPU steps: the L2 normalization of rows, the softmax over positions.
+    fn steps(&self) -> (crate::ops::l2norm::L2NormParams, SoftmaxParams) {
+        let (b, l, d) = (self.b as usize, self.l as usize, self.d as usize);
+        let lp = crate::ops::l2norm::L2NormParams::new(b * l, d, self.scale);
+        assert_eq!(lp.eps, self.eps, "AlignParams: eps differs from l2norm's");
+        (lp, SoftmaxParams::new(b, l, d))
+    }
+}
+
+impl<T: Real + Elem> AlignKernels for Cpu<T> {
+    fn align_forward(&self, p: &AlignParams, x: &&[T], y: &mut &mut [T]) -> crate::Result<()> {
+        let (lp, sp) = p.steps();
+        self.with_scratch(x.len(), |a| {
+            crate::ops::l2norm::forward_cpu(x, a, &lp);
+            forward_cpu(a, y, &sp);
+        });
+        Ok(())
+    }
+    fn align_backward(
+        &self,
+        p: &AlignParams,
+        (x, y, dy): (&&[T], &&[T], &&[T]),
+        scratch: &mut &mut [T],
+        dx: &mut &mut [T],
+    ) -> crate::Result<()> {
+        let (lp, sp) = p.steps();
+        scratch.fill(T::zero());
+        backward_cpu(y, dy, scratch, &sp);
+        crate::ops::l2norm::backward_cpu(x, scratch, dx, &lp);
+        Ok(())
+    }
+}
+
+impl<E: GpuFloat> AlignKernels for Cuda<E>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<E>,
+{
+    fn align_forward(
+        &self,
+        p: &AlignParams,
+        x: &Ve<Self>,
+        y: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        align_forward_cuda(&self.gpu, p, x, y)
+    }
+    fn align_backward(
+        &self,
+        p: &AlignParams,
+        xydy: (&Ve<Self>, &Ve<Self>, &Ve<Self>),
+        scratch: &mut VfMut<Self>,
+        dx: &mut VeMut<Self>,
+    ) -> crate::Result<()> {
+        align_backward_cuda(&self.gpu, p, xydy, scratch, dx)
+    }
+}
+
+// ----------------------------------------------------------------------------
 // Tests
 
 #[cfg(test)]

@@ -4,13 +4,13 @@
 //! running statistics for EMAN). The CPU [`Lewel`] it wraps holds the module handles, the configs
 //! and the host copy that checkpoints read ([`GpuLewel::sync_host`]).
 
-use crate::autograd::cuda::DevGraph;
-use crate::autograd::{BnMode, Tape};
+use crate::backend::Cuda;
 use crate::data::loader::CropBuf;
 use crate::data::photometric_cuda::{AugBuffers, AugParams};
 use crate::data::pinned::PinnedBuf;
 use crate::error::Result;
 use crate::gpu::{Gpu, GpuFloat};
+use crate::graph::{BnMode, Graph};
 use crate::optim::{self, ExcludeRule, GpuLars};
 use crate::tensor::{Shape, Tensor};
 use crate::train::{Lewel, Method, StepConfig};
@@ -19,11 +19,14 @@ use cudarc::driver::{CudaEvent, CudaSlice};
 use std::rc::Rc;
 
 /// Online and target graphs on one GPU, with the LARS momentum.
-pub struct GpuLewel<E: GpuFloat> {
+pub struct GpuLewel<E: GpuFloat>
+where
+    CudaBlas: Gemm<E>,
+{
     pub host: Lewel,
     pub gpu: Rc<Gpu>,
-    pub g: DevGraph<E>,
-    pub tg: DevGraph<E>,
+    pub g: Graph<Cuda<E>>,
+    pub tg: Graph<Cuda<E>>,
     momentum: CudaSlice<f32>,
     lars: Option<(ExcludeRule, GpuLars)>,
     /// Buffers of the photometric augmentation, for (batch, size).
@@ -53,8 +56,8 @@ where
 {
     /// Uploads a model (fresh or loaded from a checkpoint) with its LARS momentum.
     pub fn new(host: Lewel, gpu: Rc<Gpu>) -> Result<Self> {
-        let g = DevGraph::new(gpu.clone(), &host.g.store)?;
-        let tg = DevGraph::new(gpu.clone(), &host.tg.store)?;
+        let g = Graph::upload_new(gpu.clone(), &host.g.store)?;
+        let tg = Graph::upload_new(gpu.clone(), &host.tg.store)?;
         let momentum = gpu
             .stream
             .clone_htod(&host.momentum)
@@ -199,7 +202,7 @@ where
     fn forward_backward_inputs(&mut self, a: Tensor, b: Tensor, sc: &StepConfig) -> Result<()> {
         let (online_mode, target_mode) = sc.bn_modes();
         let (tg, target) = (&mut self.tg, &self.host.target);
-        let mut run_target = |v: Tensor, og: &mut DevGraph<E>| {
+        let mut run_target = |v: Tensor, og: &mut Graph<Cuda<E>>| {
             tg.reset();
             let x = tg.input_from(og, v);
             let (z, o) = target.forward(tg, x, target_mode);
@@ -245,8 +248,8 @@ where
         let lars = &mut self.lars.as_mut().unwrap().1;
         lars.step(
             gpu,
-            &mut self.g.params,
-            &self.g.grads,
+            &mut self.g.w.params,
+            &self.g.w.grads,
             &mut self.momentum,
             &sc.lars,
         )?;
@@ -254,15 +257,15 @@ where
         let (np, nb) = (self.host.online_params, self.host.online_buffers);
         optim::ema_update_cuda(
             gpu,
-            &mut self.tg.params,
-            &self.g.params.slice(..np),
+            &mut self.tg.w.params,
+            &self.g.w.params.slice(..np),
             sc.ema_m,
         )?;
         if sc.method == Method::LewelBEman {
             optim::ema_update_cuda(
                 gpu,
-                &mut self.tg.buffers,
-                &self.g.buffers.slice(..nb),
+                &mut self.tg.w.buffers,
+                &self.g.w.buffers.slice(..nb),
                 sc.ema_m,
             )?;
             let nc = self.host.online_counters;

@@ -9,9 +9,10 @@
 
 pub mod cuda;
 
-use crate::autograd::{BnMode, Graph};
+use crate::backend::Cpu;
 use crate::checkpoint::{self, Owned, Tensors};
 use crate::error::{Error, Result};
+use crate::graph::{BnMode, Graph};
 use crate::memory::ParamStore;
 use crate::model::lewel::{EncoderObj, LewelConfig, LewelOnline};
 use crate::optim::{self, ExcludeRule, LarsConfig};
@@ -100,9 +101,9 @@ impl StepConfig {
 pub struct Lewel {
     pub cfg: LewelConfig,
     pub online: LewelOnline,
-    pub g: Graph<f32>,
+    pub g: Graph<Cpu<f32>>,
     pub target: EncoderObj,
-    pub tg: Graph<f32>,
+    pub tg: Graph<Cpu<f32>>,
     /// LARS momentum, laid out by the online store's table.
     pub momentum: Vec<f32>,
     /// Lengths of the online_net part of the parameter and buffer tables, and its counter count.
@@ -157,9 +158,9 @@ impl Lewel {
         let mut m = Lewel {
             cfg,
             online,
-            g: Graph::new(s),
+            g: Graph::cpu(s),
             target,
-            tg: Graph::new(ts),
+            tg: Graph::cpu(ts),
             momentum: vec![0.0; n],
             online_params,
             online_buffers,
@@ -196,7 +197,7 @@ impl Lewel {
         let a = self.g.input(shape, v1);
         let b = self.g.input(shape, v2);
         let (tg, target) = (&mut self.tg, &self.target);
-        let mut run_target = |v: Tensor, og: &mut Graph<f32>| {
+        let mut run_target = |v: Tensor, og: &mut Graph<Cpu<f32>>| {
             tg.reset();
             let x = tg.input(v.shape, og.value(v));
             let (z, o) = target.forward(tg, x, target_mode);
@@ -208,7 +209,9 @@ impl Lewel {
         let loss = self
             .online
             .loss(&mut self.g, a, b, online_mode, &mut run_target);
-        self.g.backward(loss);
+        self.g
+            .backward(loss)
+            .expect("the CPU backend does not fail");
         self.g.value(loss)[0]
     }
 
