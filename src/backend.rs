@@ -79,10 +79,25 @@ pub trait Backend: Sized {
         st: &'a mut ParamStore<Self::F>,
         w: &'a mut Self::Weights,
     ) -> (
-        &'a Self::Buf<Self::F>,
+        &'a mut Self::Buf<Self::F>,
         &'a mut Self::Buf<Self::F>,
         &'a mut Self::Buf<Self::F>,
     );
+    /// The compute-dtype copy of the parameters from the masters (after every update).
+    fn refresh(&self, st: &mut ParamStore<Self::F>, w: &mut Self::Weights) -> Result<()>;
+    /// A buffer holding host values.
+    fn upload_buf<T: Elem>(&self, v: &[T]) -> Result<Self::Buf<T>>;
+    /// The store with its values on the host: `st` itself where they live there, else
+    /// downloaded into `cache` (waits).
+    fn host_store<'a>(
+        &self,
+        st: &'a ParamStore<Self::F>,
+        w: &Self::Weights,
+        cache: &'a mut ParamStore<Self::F>,
+    ) -> Result<&'a ParamStore<Self::F>>;
+    /// A buffer's values on the host: the buffer itself where it lives there, else downloaded
+    /// into `cache` (waits).
+    fn host_vec<'a, T: Elem>(&self, b: &'a Self::Buf<T>, cache: &'a mut Vec<T>) -> Result<&'a [T]>;
     /// Zeroes every parameter gradient (the start of backward).
     fn zero_grads(&self, st: &mut ParamStore<Self::F>, w: &mut Self::Weights) -> Result<()>;
     /// Folds compute-dtype weight gradients into the `F` gradients (the end of backward).
@@ -126,6 +141,13 @@ pub struct Cpu<T> {
     /// A temporary of the fused nodes' CPU forms (the masked gradient of BN+ReLU, the L2-normalized
     /// rows of the alignment map), kept so a steady state allocates nothing.
     scratch: Mutex<Vec<T>>,
+}
+
+impl<T> Clone for Cpu<T> {
+    /// Another handle on the CPU (with its own temporary).
+    fn clone(&self) -> Self {
+        Cpu::default()
+    }
 }
 
 impl<T> Default for Cpu<T> {
@@ -207,8 +229,25 @@ impl<T: Real + Elem> Backend for Cpu<T> {
     fn f_side<'a>(
         st: &'a mut ParamStore<T>,
         _w: &'a mut (),
-    ) -> (&'a Vec<T>, &'a mut Vec<T>, &'a mut Vec<T>) {
-        (&st.params, &mut st.grads, &mut st.buffers)
+    ) -> (&'a mut Vec<T>, &'a mut Vec<T>, &'a mut Vec<T>) {
+        (&mut st.params, &mut st.grads, &mut st.buffers)
+    }
+    fn refresh(&self, _st: &mut ParamStore<T>, _w: &mut ()) -> Result<()> {
+        Ok(())
+    }
+    fn upload_buf<U: Elem>(&self, v: &[U]) -> Result<Vec<U>> {
+        Ok(v.to_vec())
+    }
+    fn host_store<'a>(
+        &self,
+        st: &'a ParamStore<T>,
+        _w: &(),
+        _cache: &'a mut ParamStore<T>,
+    ) -> Result<&'a ParamStore<T>> {
+        Ok(st)
+    }
+    fn host_vec<'a, U: Elem>(&self, b: &'a Vec<U>, _cache: &'a mut Vec<U>) -> Result<&'a [U]> {
+        Ok(b)
     }
     fn zero_grads(&self, st: &mut ParamStore<T>, _w: &mut ()) -> Result<()> {
         st.zero_grads();
@@ -223,6 +262,7 @@ impl<T: Real + Elem> Backend for Cpu<T> {
 // CUDA
 
 /// One GPU, activations in `E`.
+#[derive(Clone)]
 pub struct Cuda<E> {
     pub gpu: Rc<Gpu>,
     _e: std::marker::PhantomData<E>,
@@ -363,11 +403,55 @@ where
         _st: &'a mut ParamStore<f32>,
         w: &'a mut DevWeights<E>,
     ) -> (
-        &'a CudaSlice<f32>,
+        &'a mut CudaSlice<f32>,
         &'a mut CudaSlice<f32>,
         &'a mut CudaSlice<f32>,
     ) {
-        (&w.params, &mut w.grads, &mut w.buffers)
+        (&mut w.params, &mut w.grads, &mut w.buffers)
+    }
+    fn refresh(&self, _st: &mut ParamStore<f32>, w: &mut DevWeights<E>) -> Result<()> {
+        crate::gpu::cast_from_f32_cuda(&self.gpu, &w.params, &mut w.params_c)
+    }
+    fn upload_buf<U: Elem>(&self, v: &[U]) -> Result<CudaSlice<U>> {
+        let g = &self.gpu;
+        let b = g
+            .stream
+            .clone_htod(v)
+            .map_err(|e| g.err("uploading a buffer", e))?;
+        // The copy reads pageable host memory: done before the caller may free it.
+        g.sync()?;
+        Ok(b)
+    }
+    fn host_store<'a>(
+        &self,
+        st: &'a ParamStore<f32>,
+        w: &DevWeights<E>,
+        cache: &'a mut ParamStore<f32>,
+    ) -> Result<&'a ParamStore<f32>> {
+        let g = &self.gpu;
+        cache.table.clone_from(&st.table);
+        cache.buffer_table.clone_from(&st.buffer_table);
+        cache.counters.clone_from(&st.counters);
+        cache.params.resize(st.table.total, 0.0);
+        cache.grads.resize(st.table.total, 0.0);
+        cache.buffers.resize(st.buffer_table.total, 0.0);
+        g.stream
+            .memcpy_dtoh(&w.params, &mut cache.params)
+            .map_err(|e| g.err("downloading parameters", e))?;
+        g.stream
+            .memcpy_dtoh(&w.buffers, &mut cache.buffers)
+            .map_err(|e| g.err("downloading BN statistics", e))?;
+        g.sync()?;
+        Ok(cache)
+    }
+    fn host_vec<'a, U: Elem>(&self, b: &'a CudaSlice<U>, cache: &'a mut Vec<U>) -> Result<&'a [U]> {
+        let g = &self.gpu;
+        cache.resize(b.len(), U::default());
+        g.stream
+            .memcpy_dtoh(b, cache)
+            .map_err(|e| g.err("downloading a buffer", e))?;
+        g.sync()?;
+        Ok(cache)
     }
     fn zero_grads(&self, _st: &mut ParamStore<f32>, w: &mut DevWeights<E>) -> Result<()> {
         self.gpu.memset_zero(&mut w.grads)?;

@@ -20,7 +20,7 @@
 
 use crate::backend::{Backend, Cpu, Cuda, Elem, Kernels};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, GpuFloat};
+use crate::gpu::GpuFloat;
 use crate::memory::{BufferId, CounterId, ParamId, ParamStore};
 use crate::ops::aggregate::AggregateParams;
 use crate::ops::batchnorm::BnParams;
@@ -34,7 +34,6 @@ use crate::ops::softmax::AlignParams;
 use crate::ops::Real;
 use crate::tensor::{Shape, Tensor};
 use cudarc::cublas::{CudaBlas, Gemm};
-use std::rc::Rc;
 
 /// A batch-norm layer's handles: affine parameters, running statistics, batch counter.
 #[derive(Clone, Copy, Debug)]
@@ -1211,33 +1210,9 @@ impl<E: GpuFloat> Graph<Cuda<E>>
 where
     CudaBlas: Gemm<E>,
 {
-    /// A graph on `gpu` with a host store's weights uploaded (the store is left as it is).
-    pub fn upload_new(gpu: Rc<Gpu>, host: &ParamStore<f32>) -> Result<Self> {
-        Graph::new(Cuda::new(gpu), host.clone())
-    }
-
-    /// Parameters, running statistics and counters into a host store of the same table (waits).
-    pub fn download(&self, host: &mut ParamStore<f32>) -> Result<()> {
-        let g = &self.dev.gpu;
-        let st = &g.stream;
-        host.params.resize(self.store.table.total, 0.0);
-        host.buffers.resize(self.store.buffer_table.total, 0.0);
-        st.memcpy_dtoh(&self.w.params, &mut host.params)
-            .map_err(|e| g.err("downloading parameters", e))?;
-        st.memcpy_dtoh(&self.w.buffers, &mut host.buffers)
-            .map_err(|e| g.err("downloading BN statistics", e))?;
-        host.counters.clone_from(&self.store.counters);
-        g.sync()
-    }
-
     /// The f32 gradients on the host (waits).
     pub fn download_grads(&self) -> Result<Vec<f32>> {
         self.dev.gpu.download(&self.w.grads)
-    }
-
-    /// The compute-dtype copy of the parameters from the masters (after every update).
-    pub fn refresh(&mut self) -> Result<()> {
-        crate::gpu::cast_from_f32_cuda(&self.dev.gpu, &self.w.params, &mut self.w.params_c)
     }
 
     /// An input made on the device from u8 crops (B, S, S, 3): the photometric half of the

@@ -266,6 +266,87 @@ pub fn ema_update_cuda(
     run(g, b, grid_1d(n as usize), "ema_update")
 }
 
+// ----------------------------------------------------------------------------
+// Kernels
+
+use crate::backend::{Backend, Cpu, Cuda};
+use crate::gpu::GpuFloat;
+use cudarc::cublas::{CudaBlas, Gemm};
+
+/// The optimizer's kernels on a backend: the LARS step and the EMA over flat buffers.
+pub trait OptimKernels: Backend<F = f32> {
+    /// What a LARS step over one table and one exclusion rule keeps between steps.
+    type Lars;
+    fn lars_new(&self, table: &SizeTable, excluded: Vec<bool>) -> crate::Result<Self::Lars>;
+    fn lars_step(
+        &self,
+        lars: &mut Self::Lars,
+        params: &mut Self::Buf<f32>,
+        grads: &Self::Buf<f32>,
+        momentum: &mut Self::Buf<f32>,
+        c: &LarsConfig,
+    ) -> crate::Result<()>;
+    /// target = m * target + (1 - m) * online[..target's length].
+    fn ema(
+        &self,
+        target: &mut Self::Buf<f32>,
+        online: &Self::Buf<f32>,
+        m: f64,
+    ) -> crate::Result<()>;
+}
+
+impl OptimKernels for Cpu<f32> {
+    type Lars = (SizeTable, Vec<bool>);
+    fn lars_new(&self, table: &SizeTable, excluded: Vec<bool>) -> crate::Result<Self::Lars> {
+        Ok((table.clone(), excluded))
+    }
+    fn lars_step(
+        &self,
+        (table, excluded): &mut Self::Lars,
+        params: &mut Vec<f32>,
+        grads: &Vec<f32>,
+        momentum: &mut Vec<f32>,
+        c: &LarsConfig,
+    ) -> crate::Result<()> {
+        lars_step(table, excluded, params, grads, momentum, c);
+        Ok(())
+    }
+    fn ema(&self, target: &mut Vec<f32>, online: &Vec<f32>, m: f64) -> crate::Result<()> {
+        let n = target.len();
+        ema_update(target, &online[..n], m);
+        Ok(())
+    }
+}
+
+impl<E: GpuFloat> OptimKernels for Cuda<E>
+where
+    CudaBlas: Gemm<E>,
+{
+    type Lars = GpuLars;
+    fn lars_new(&self, table: &SizeTable, excluded: Vec<bool>) -> crate::Result<GpuLars> {
+        GpuLars::new(&self.gpu, table, &excluded)
+    }
+    fn lars_step(
+        &self,
+        lars: &mut GpuLars,
+        params: &mut CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        momentum: &mut CudaSlice<f32>,
+        c: &LarsConfig,
+    ) -> crate::Result<()> {
+        lars.step(&self.gpu, params, grads, momentum, c)
+    }
+    fn ema(
+        &self,
+        target: &mut CudaSlice<f32>,
+        online: &CudaSlice<f32>,
+        m: f64,
+    ) -> crate::Result<()> {
+        let n = target.len();
+        ema_update_cuda(&self.gpu, target, &online.slice(..n), m)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,9 +8,10 @@
 //! augmentation) is a pure function of (seed, epoch, sample, view), the schedules are functions of the
 //! iteration, and the checkpoint holds the weights, BN statistics, counters and LARS momentum.
 
+use crate::backend::Cuda;
 use crate::checkpoint::{self, Owned, Tensors};
 use crate::data::augment;
-use crate::data::loader::{Batch, Loader, LoaderConfig, Samples};
+use crate::data::loader::{Loader, LoaderConfig, Samples};
 use crate::data::photometric_cuda::AugParams;
 use crate::data::synthetic::{Split, Synthetic, CLASSES};
 use crate::data::{pil, transforms};
@@ -23,8 +24,7 @@ use crate::model::resnet::Arch;
 use crate::optim::{self, ExcludeRule, LarsConfig};
 use crate::rng::Rng;
 use crate::tensor::Shape;
-use crate::train::cuda::GpuLewel;
-use crate::train::{Lewel, Method, StepConfig};
+use crate::train::{HostView, Lewel, Method, StepConfig, TrainBackend, Trainer};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::io::{IsTerminal, Write};
@@ -604,25 +604,33 @@ fn views_batch(
 
 /// Pooled online backbone features (eval mode), L2-normalized, of the items `item` yields: its
 /// normalized (size, size, 3) eval view and label, or None for an image that could not be read.
-fn features(
-    m: &mut Engine,
+fn features<B: TrainBackend>(
+    m: &mut Trainer<B>,
     n: usize,
     size: usize,
     item: &(dyn Fn(usize) -> Option<(Vec<f32>, usize)> + Sync),
 ) -> Result<(Vec<f32>, Vec<usize>)> {
-    let c = m.cpu().cfg.arch.out_channels();
+    let c = m.cfg.arch.out_channels();
     let (mut feats, mut labels) = (Vec::with_capacity(n * c), Vec::with_capacity(n));
     let all: Vec<usize> = (0..n).collect();
     // At most the training batch at a time: the pass shares the training graph's memory, so it
     // never asks for more than a training step did.
-    let per = m.feature_batch();
+    let per = m.feature_batch;
     for chunk in all.chunks(per) {
         let items: Vec<(Vec<f32>, usize)> = chunk.par_iter().filter_map(|&i| item(i)).collect();
         if items.is_empty() {
             continue;
         }
         let x: Vec<f32> = items.iter().flat_map(|(v, _)| v.iter().copied()).collect();
-        feats.extend(m.features(&x, Shape::new(&[items.len(), size, size, 3]))?);
+        let shape = Shape::new(&[items.len(), size, size, 3]);
+        feats.extend(m.features(&x, shape).map_err(|e| match e {
+            Error::OutOfMemory(m) => Error::user(format!(
+                "out of GPU memory: {m}; in the kNN monitor's feature pass ({} images at a time): \
+                 try a smaller --batch-size",
+                items.len()
+            )),
+            e => e,
+        })?);
         labels.extend(items.iter().map(|(_, l)| *l));
     }
     knn::normalize_rows(&mut feats, c);
@@ -738,8 +746,12 @@ impl KnnData {
 }
 
 /// kNN accuracy (%) of the online backbone's features; None when the monitor is off.
-fn knn_monitor(m: &mut Engine, data: &KnnData, cfg: &PretrainConfig) -> Result<Option<f64>> {
-    let c = m.cpu().cfg.arch.out_channels();
+fn knn_monitor<B: TrainBackend>(
+    m: &mut Trainer<B>,
+    data: &KnnData,
+    cfg: &PretrainConfig,
+) -> Result<Option<f64>> {
+    let c = m.cfg.arch.out_channels();
     let size = cfg.size();
     let ((mem, ml), (q, ql), classes) = match data {
         KnnData::Off => return Ok(None),
@@ -855,185 +867,48 @@ impl TrainData {
     }
 }
 
-/// The model where it trains: the CPU reference, or the GPU in f32 or bf16.
-enum Engine {
-    Cpu(Box<Lewel>),
-    F32(Box<GpuLewel<f32>>),
-    Bf16(Box<GpuLewel<half::bf16>>),
+/// Where the model trains: the CPU reference, or a GPU in f32 or bf16.
+enum Target {
+    Cpu,
+    Gpu(Rc<Gpu>, bool),
 }
 
-/// Runs the same expression on either GPU engine.
-macro_rules! on_gpu {
-    ($e:expr, $m:ident => $body:expr, $c:ident => $cpu:expr) => {
-        match $e {
-            Engine::Cpu($c) => $cpu,
-            Engine::F32($m) => $body,
-            Engine::Bf16($m) => $body,
+/// Opens the chosen device. `auto` falls back to the CPU with a note when the GPU cannot be
+/// opened; `cuda` stops with the reason (exit code 2).
+fn open_device(choice: DeviceChoice, cfg: &PretrainConfig) -> Result<(Target, Option<String>)> {
+    let precision = cfg.precision.as_str();
+    let ordinal = match device::resolve(choice) {
+        Device::Cpu => {
+            if precision == "bf16" {
+                return Err(Error::user(
+                    "--precision bf16: the CPU computes in f32 only; use --precision auto or f32, or --device cuda",
+                ));
+            }
+            return Ok((Target::Cpu, None));
         }
+        Device::Cuda(n) => n,
     };
-}
-
-impl Engine {
-    /// Moves the model to the chosen device. `auto` falls back to the CPU with a note when the GPU
-    /// cannot be opened; `cuda` stops with the reason (exit code 2).
-    fn open(
-        m: Lewel,
-        choice: DeviceChoice,
-        cfg: &PretrainConfig,
-    ) -> Result<(Engine, Option<String>)> {
-        let precision = cfg.precision.as_str();
-        let ordinal = match device::resolve(choice) {
-            Device::Cpu => {
-                if precision == "bf16" {
-                    return Err(Error::user(
-                        "--precision bf16: the CPU computes in f32 only; use --precision auto or f32, or --device cuda",
-                    ));
-                }
-                return Ok((Engine::Cpu(Box::new(m)), None));
-            }
-            Device::Cuda(n) => n,
-        };
-        let gpu = match Gpu::new(ordinal, cfg.deterministic) {
-            Ok(g) => Rc::new(g),
-            Err(e) if choice == DeviceChoice::Auto => {
-                let note = format!("{e}; training on the CPU");
-                return Ok((Engine::Cpu(Box::new(m)), Some(note)));
-            }
-            Err(Error::Cuda(m)) => {
-                return Err(Error::user(format!(
-                    "--device {}: {m}; `lewel info` shows what was found; --device cpu trains on the CPU",
-                    cfg.device
-                )))
-            }
-            Err(e) => return Err(e),
-        };
-        let batch = cfg.batch_size;
-        // bf16 GEMMs and convolutions need compute capability 8.0 (cuBLAS CUDA_R_16BF, cuDNN).
-        let bf16_ok = gpu.cc >= (8, 0);
-        if precision == "bf16" && !bf16_ok {
-            return Err(Error::user(format!(
-                "--precision bf16: {} has compute capability {}.{}; bf16 needs 8.0 or newer: use --precision auto or f32",
-                gpu.name, gpu.cc.0, gpu.cc.1
-            )));
+    let gpu = match Gpu::new(ordinal, cfg.deterministic) {
+        Ok(g) => Rc::new(g),
+        Err(e) if choice == DeviceChoice::Auto => {
+            return Ok((Target::Cpu, Some(format!("{e}; training on the CPU"))));
         }
-        let mut e = if precision == "f32" || !bf16_ok {
-            Engine::F32(Box::new(GpuLewel::new(m, gpu).map_err(|e| oom(e, batch))?))
-        } else {
-            Engine::Bf16(Box::new(GpuLewel::new(m, gpu).map_err(|e| oom(e, batch))?))
-        };
-        on_gpu!(&mut e, g => g.feature_batch = batch.clamp(1, 128), _c => ());
-        Ok((e, None))
+        Err(Error::Cuda(m)) => return Err(Error::user(format!(
+            "--device {}: {m}; `lewel info` shows what was found; --device cpu trains on the CPU",
+            cfg.device
+        ))),
+        Err(e) => return Err(e),
+    };
+    // bf16 GEMMs and convolutions need compute capability 8.0 (cuBLAS CUDA_R_16BF, cuDNN).
+    let bf16_ok = gpu.cc >= (8, 0);
+    if precision == "bf16" && !bf16_ok {
+        return Err(Error::user(format!(
+            "--precision bf16: {} has compute capability {}.{}; bf16 needs 8.0 or newer: use --precision auto or f32",
+            gpu.name, gpu.cc.0, gpu.cc.1
+        )));
     }
-
-    /// The device, for the run's first line.
-    fn describe(&self) -> String {
-        let threads = rayon::current_num_threads();
-        on_gpu!(self,
-            m => format!("{} cuda:{} {}{} ({threads} CPU threads for data)", m.gpu.name, m.gpu.ordinal,
-                if matches!(self, Engine::F32(_)) { "f32" } else { "bf16" },
-                if m.gpu.deterministic { " deterministic" } else { "" }),
-            _c => format!("cpu f32 ({threads} threads)"))
-    }
-
-    /// The CUDA context, on a GPU.
-    fn context(&self) -> Option<Arc<cudarc::driver::CudaContext>> {
-        on_gpu!(self, m => Some(m.gpu.ctx.clone()), _c => None)
-    }
-
-    /// The host model (module handles and configs; its values are stale on a GPU until `host`).
-    fn cpu(&self) -> &Lewel {
-        on_gpu!(self, m => &m.host, c => c)
-    }
-
-    fn forward_backward(
-        &mut self,
-        v1: &[f32],
-        v2: &[f32],
-        shape: Shape,
-        sc: &StepConfig,
-        batch: usize,
-    ) -> Result<Option<f32>> {
-        on_gpu!(self,
-            m => m.queue_forward_backward(v1, v2, shape, sc).map(|_| None).map_err(|e| oom(e, batch)),
-            c => Ok(Some(c.forward_backward(v1, v2, shape, sc))))
-    }
-
-    /// The loss of the oldest step queued on a GPU (waits for it) and its milliseconds on the
-    /// device.
-    fn take_loss(&mut self) -> Result<(f32, f64)> {
-        on_gpu!(self, m => m.take_loss(),
-            _c => Err(Error::Other("take_loss: the CPU engine queues nothing".into())))
-    }
-
-    /// After a pause (kNN, checkpoint): the next step's time runs from its own start.
-    fn restart_step_clock(&mut self) {
-        on_gpu!(self, m => m.restart_step_clock(), _c => ())
-    }
-
-    /// The same from a batch of u8 crops: the photometric augmentation runs on the GPU.
-    fn forward_backward_crops(
-        &mut self,
-        b: &Batch,
-        shape: Shape,
-        sc: &StepConfig,
-        batch: usize,
-    ) -> Result<Option<f32>> {
-        let p = |i: usize| b.params[i].iter().map(AugParams::new).collect::<Vec<_>>();
-        let (p1, p2) = (p(0), p(1));
-        on_gpu!(self,
-            m => m.queue_forward_backward_crops([&b.crops[0], &b.crops[1]], [&p1, &p2], shape, sc)
-                .map(|_| None).map_err(|e| oom(e, batch)),
-            _c => Err(Error::Other("u8 crops reach the CPU engine: the loader should normalize".into())))
-    }
-
-    fn update(&mut self, sc: &StepConfig) -> Result<()> {
-        on_gpu!(self, m => m.update(sc), c => {
-            c.update(sc);
-            Ok(())
-        })
-    }
-
-    /// The model with current values, for checkpoints.
-    fn host(&mut self) -> Result<&Lewel> {
-        on_gpu!(self, m => m.sync_host(), c => Ok(&**c))
-    }
-
-    /// Images per feature pass of the kNN monitor: 128, and on a GPU at most the training batch.
-    fn feature_batch(&self) -> usize {
-        on_gpu!(self, m => m.feature_batch, _c => 128)
-    }
-
-    /// Pooled online backbone features (eval mode) of images (B, H, W, 3).
-    fn features(&mut self, x: &[f32], shape: Shape) -> Result<Vec<f32>> {
-        let oom = |e| match e {
-            Error::OutOfMemory(m) => Error::user(format!(
-                "out of GPU memory: {m}; in the kNN monitor's feature pass ({} images at a time): \
-                 try a smaller --batch-size",
-                shape.dims()[0]
-            )),
-            e => e,
-        };
-        on_gpu!(self, m => m.features(x, shape).map_err(oom), c => {
-            c.g.set_recording(false);
-            c.g.reset();
-            let xt = c.g.input(shape, x);
-            let f = c.online.encoder.backbone.forward(&mut c.g, xt, crate::graph::BnMode::Eval);
-            let p = c.g.avgpool(f);
-            let out = c.g.value(p).to_vec();
-            c.g.set_recording(true);
-            Ok(out)
-        })
-    }
-
-    /// Why cuDNN benchmarking failed, once (the heuristic was used instead).
-    fn take_find_failure(&self) -> Option<String> {
-        on_gpu!(self, m => m.gpu.find_failure.borrow_mut().take(), _c => None)
-    }
-
-    /// Device bytes held (None on the CPU).
-    fn device_bytes(&self) -> Option<usize> {
-        on_gpu!(self, m => Some(m.device_bytes()), _c => None)
-    }
+    let bf16 = precision != "f32" && bf16_ok;
+    Ok((Target::Gpu(gpu, bf16), None))
 }
 
 /// A step whose work is done or queued, waiting for its loss to be logged.
@@ -1044,8 +919,6 @@ struct StepDone {
     lr: f64,
     ema_m: f64,
     data_ms: f64,
-    /// When the step began (its data included).
-    start: Instant,
     /// Bad samples skipped so far.
     skipped: usize,
     mib: Option<usize>,
@@ -1059,15 +932,15 @@ struct StepLog {
 
 impl StepLog {
     /// Logs a step once its loss is known (metrics.jsonl, the step line, the bar) and returns the
-    /// loss; a non-finite loss stops the run. A step's time: on a GPU, `device_ms` (CUDA events:
-    /// from the end of the step before, so waits for data count); on the CPU, from its start.
+    /// loss; a non-finite loss stops the run. A step's time `ms` runs on the device's timeline
+    /// (CUDA events on a GPU) from the end of the step before, so waits for data count.
     fn log(
         &mut self,
         log: &mut Log,
         cfg: &PretrainConfig,
         d: StepDone,
         loss: f32,
-        device_ms: Option<f64>,
+        ms: f64,
         total: usize,
     ) -> Result<f64> {
         let k = d.k;
@@ -1079,7 +952,6 @@ impl StepLog {
         }
         self.first_loss.get_or_insert(loss);
         self.last_loss = Some(loss);
-        let ms = device_ms.unwrap_or_else(|| d.start.elapsed().as_secs_f64() * 1e3);
         let ips = cfg.batch_size as f64 / (ms / 1e3);
         let (mib, data_ms, skipped) = (d.mib, d.data_ms, d.skipped);
         log.json(serde_json::json!({"step": k + 1, "epoch": d.epoch + 1, "loss": loss, "lr": d.lr, "ema_m": d.ema_m, "ms": ms, "img_per_s": ips, "data_ms": data_ms, "skipped": skipped, "device_mib": mib}))?;
@@ -1143,11 +1015,11 @@ impl Log {
     }
 }
 
-fn save(m: &Lewel, dir: &Path, man: &mut Manifest) -> Result<()> {
-    let mut state = checkpoint::store_tensors(&m.g.store);
-    state.extend(checkpoint::store_tensors(&m.tg.store));
+fn save(m: HostView<'_>, dir: &Path, man: &mut Manifest) -> Result<()> {
+    let mut state = checkpoint::store_tensors(m.online);
+    state.extend(checkpoint::store_tensors(m.target));
     let mut opt = Tensors::new();
-    for e in &m.g.store.table.entries {
+    for e in &m.online.table.entries {
         let (sh, v) = checkpoint::to_torch(e.shape, &m.momentum[e.range()]);
         opt.insert(format!("momentum.{}", e.name), Owned::f32(sh, &v));
     }
@@ -1400,10 +1272,10 @@ fn run(
     opts: &RunOptions,
 ) -> Result<Summary> {
     let t0 = Instant::now();
-    let (lc, mut sc) = cfg.validate()?;
+    let (lc, sc) = cfg.validate()?;
     let choice = cfg.device.parse::<DeviceChoice>()?;
     crate::data::decode::set_jpeg_decoder(cfg.jpeg_decoder.parse()?)?;
-    let (mut train, iters, data_line, train_samples) = TrainData::open(&cfg)?;
+    let (train, iters, data_line, train_samples) = TrainData::open(&cfg)?;
     let plan = Plan::new(&cfg, iters);
     let (knn_data, knn_line, warnings) = KnnData::open(&cfg, train_samples.as_ref())?;
 
@@ -1429,19 +1301,104 @@ fn run(
     }
 
     let params = m.g.store.num_params();
-    let (mut m, note) = Engine::open(m, choice, &cfg)?;
+    let (target, note) = open_device(choice, &cfg)?;
+    let batch = cfg.batch_size;
+    let opened = OpenRun {
+        t0,
+        cfg,
+        man,
+        warmup_note,
+        notes,
+        lc,
+        sc,
+        train,
+        iters,
+        data_line,
+        plan,
+        knn_data,
+        knn_line,
+        warnings: note.into_iter().chain(warnings).collect(),
+        start_epoch,
+        params,
+    };
+    // Dispatched once, on the device and the precision: the loop is generic over the backend.
+    match target {
+        Target::Cpu => train_loop(m, opened, opts),
+        Target::Gpu(gpu, false) => {
+            let m = m
+                .to_device(Cuda::<f32>::new(gpu))
+                .map_err(|e| oom(e, batch))?;
+            train_loop(m, opened, opts)
+        }
+        Target::Gpu(gpu, true) => {
+            let m = m
+                .to_device(Cuda::<half::bf16>::new(gpu))
+                .map_err(|e| oom(e, batch))?;
+            train_loop(m, opened, opts)
+        }
+    }
+}
+
+/// A run opened: its config, data, schedule and monitor, before the device takes the model.
+struct OpenRun {
+    t0: Instant,
+    cfg: PretrainConfig,
+    man: Option<Manifest>,
+    warmup_note: String,
+    notes: String,
+    lc: LewelConfig,
+    sc: StepConfig,
+    train: TrainData,
+    iters: usize,
+    data_line: String,
+    plan: Plan,
+    knn_data: KnnData,
+    knn_line: String,
+    warnings: Vec<String>,
+    start_epoch: usize,
+    params: usize,
+}
+
+/// The loop over epochs and steps, the end of each epoch (kNN, checkpoint), on any device.
+fn train_loop<B: TrainBackend>(
+    mut m: Trainer<B>,
+    o: OpenRun,
+    opts: &RunOptions,
+) -> Result<Summary> {
+    let OpenRun {
+        t0,
+        cfg,
+        man,
+        warmup_note,
+        notes,
+        lc,
+        mut sc,
+        mut train,
+        iters,
+        data_line,
+        plan,
+        knn_data,
+        knn_line,
+        warnings,
+        start_epoch,
+        params,
+    } = o;
+    let dev = m.g.dev.clone();
+    if dev.has_device_memory() {
+        m.feature_batch = cfg.batch_size.clamp(1, 128);
+    }
     let mut log = Log {
         jsonl: None,
         bar: None,
     };
-    for w in note.iter().chain(&warnings) {
+    for w in &warnings {
         log.warn(w);
     }
     log.line(&format!(
         "lewel pretrain | {} {} | {params} params | device {} | {data_line}{knn_line} | batch {} | {} epochs x {iters} iters = {} steps, warmup {}{} | lr {} wd {} m0 {} | out {}{notes}",
         cfg.method,
         lc.arch.name(),
-        m.describe(),
+        dev.describe(),
         cfg.batch_size,
         cfg.epochs,
         plan.total(),
@@ -1485,7 +1442,7 @@ fn run(
             .open(&metrics)
             .map_err(|e| Error::io(&metrics, e))?,
     );
-    if let (TrainData::Real(l), Some(ctx)) = (&mut train, m.context()) {
+    if let (TrainData::Real(l), Some(ctx)) = (&mut train, dev.context()) {
         // On a GPU the loader makes the crops, in pinned memory; jitter, blur, solarize and
         // normalize run there.
         l.cfg.photometric = false;
@@ -1542,19 +1499,21 @@ fn run(
             TrainData::Real(l) => Some(l.epoch(epoch as u64, 0)),
             TrainData::Synthetic => None,
         };
-        // On a GPU a step's loss is read once the next step is queued (the host never waits with
-        // the GPU idle); on the CPU it is known at once. Either way steps are logged in order.
+        // A step's loss is read once the next step is queued (on a GPU the host never waits with
+        // the GPU idle); steps are logged in order.
         let mut waiting: Option<StepDone> = None;
         for i in 0..iters {
             let ts = Instant::now();
             let k = epoch * iters + i;
             plan.set_step(&cfg, &mut sc, k);
-            let (loss, data_ms) = match &mut batches {
+            let batch = cfg.batch_size;
+            let data_ms = match &mut batches {
                 None => {
                     let (v1, v2, shape) = views_for_step(&cfg, k);
                     let data_ms = ts.elapsed().as_secs_f64() * 1e3;
-                    let loss = m.forward_backward(&v1, &v2, shape, &sc, cfg.batch_size)?;
-                    (loss, data_ms)
+                    m.queue_forward_backward(&v1, &v2, shape, &sc)
+                        .map_err(|e| oom(e, batch))?;
+                    data_ms
                 }
                 Some(ep) => {
                     let b = ep
@@ -1564,12 +1523,21 @@ fn run(
                         log.warn(&format!("skipped sample {j}: {why}"));
                     }
                     let s = cfg.size();
-                    let shape = Shape::new(&[cfg.batch_size, s, s, 3]);
-                    let loss = if b.view1.is_empty() {
-                        m.forward_backward_crops(&b, shape, &sc, cfg.batch_size)?
+                    let shape = Shape::new(&[batch, s, s, 3]);
+                    if b.view1.is_empty() {
+                        let p =
+                            |i: usize| b.params[i].iter().map(AugParams::new).collect::<Vec<_>>();
+                        let (p1, p2) = (p(0), p(1));
+                        m.queue_forward_backward_crops(
+                            [&b.crops[0], &b.crops[1]],
+                            [&p1, &p2],
+                            shape,
+                            &sc,
+                        )
                     } else {
-                        m.forward_backward(&b.view1, &b.view2, shape, &sc, cfg.batch_size)?
-                    };
+                        m.queue_forward_backward(&b.view1, &b.view2, shape, &sc)
+                    }
+                    .map_err(|e| oom(e, batch))?;
                     let wait = b.wait_ms;
                     skipped += b.bad;
                     if let TrainData::Real(l) = &train {
@@ -1577,11 +1545,11 @@ fn run(
                         // recorded behind them.
                         l.recycle(b);
                     }
-                    (loss, wait)
+                    wait
                 }
             };
             m.update(&sc)?;
-            if let Some(why) = m.take_find_failure() {
+            if let Some(why) = dev.take_find_failure() {
                 log.warn(&format!(
                     "benchmarking cuDNN algorithms failed ({why}); using cuDNN's heuristic choice"
                 ));
@@ -1593,22 +1561,17 @@ fn run(
                 lr: sc.lars.lr,
                 ema_m: sc.ema_m,
                 data_ms,
-                start: ts,
                 skipped,
-                mib: m.device_bytes().map(|b| b >> 20),
+                mib: dev.has_device_memory().then(|| m.device_bytes() >> 20),
             };
-            if let Some(w) = waiting.take() {
+            if let Some(w) = waiting.replace(done) {
                 let (l, ms) = m.take_loss()?;
-                loss_sum += steps.log(&mut log, &cfg, w, l, Some(ms), total)?;
-            }
-            match loss {
-                Some(l) => loss_sum += steps.log(&mut log, &cfg, done, l, None, total)?,
-                None => waiting = Some(done),
+                loss_sum += steps.log(&mut log, &cfg, w, l, ms, total)?;
             }
         }
         if let Some(w) = waiting.take() {
             let (l, ms) = m.take_loss()?;
-            loss_sum += steps.log(&mut log, &cfg, w, l, Some(ms), total)?;
+            loss_sum += steps.log(&mut log, &cfg, w, l, ms, total)?;
         }
         m.restart_step_clock();
         knn_last = knn_monitor(&mut m, &knn_data, &cfg)?;

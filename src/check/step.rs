@@ -4,6 +4,7 @@
 
 use super::Row;
 use super::{Gpu, GpuFloat};
+use crate::backend::Cuda;
 use crate::error::Result;
 use crate::memory::SizeTable;
 use crate::model::lewel::LewelConfig;
@@ -11,7 +12,6 @@ use crate::model::resnet::Arch;
 use crate::rng::Rng;
 use crate::run::PretrainConfig;
 use crate::tensor::Shape;
-use crate::train::cuda::GpuLewel;
 use crate::train::{Lewel, Method, StepConfig};
 use cudarc::cublas::{CudaBlas, Gemm};
 use std::rc::Rc;
@@ -157,11 +157,13 @@ impl Floors {
                         .collect()
                 };
                 let (p1, p2) = (perturb(v1), perturb(v2));
-                other.forward_backward(&p1, &p2, shape, sc);
+                other
+                    .forward_backward(&p1, &p2, shape, sc)
+                    .expect("the CPU backend does not fail");
             }
         }
         let grads = nmse(&other.g.store.grads, &cpu.g.store.grads);
-        other.update(sc);
+        other.update(sc).expect("the CPU backend does not fail");
         Floors {
             grads,
             params: nmse(&other.g.store.params, &cpu.g.store.params),
@@ -267,8 +269,8 @@ where
         let name = format!("whole step {} tiny 8x64", method.name());
         // Both from the same seed: the same initial state.
         let mut cpu = Lewel::new(cfg, seed);
-        let mut gpu = GpuLewel::<E>::new(Lewel::new(cfg, seed), g.clone())?;
-        let lc = cpu.forward_backward(&v1, &v2, shape, &sc);
+        let mut gpu = Lewel::new(cfg, seed).to_device(Cuda::<E>::new(g.clone()))?;
+        let lc = cpu.forward_backward(&v1, &v2, shape, &sc)?;
         let lg = gpu.forward_backward(&v1, &v2, shape, &sc)?;
         rows.push(row(&name, dt, "loss", &[lg], &[lc], tol));
         // Activation gradients are lent only while backward needs them: what the pools hold
@@ -291,7 +293,7 @@ where
         let gg = gpu.g.download_grads()?;
         let (table, btable) = (cpu.g.store.table.clone(), cpu.g.store.buffer_table.clone());
         let ttable = cpu.tg.store.table.clone();
-        cpu.update(&sc);
+        cpu.update(&sc)?;
         let floors = Floors::measure::<E>(cfg, seed, (&v1, &v2, shape), &sc, &cpu);
         println!(
             "{name} {dt}: the CPU reference's own error (NMSE, {}): grads {:.2e}, params {:.2e}, \
@@ -309,33 +311,33 @@ where
         let r = row(&name, dt, "grads", &gg, &cpu.g.store.grads, grads_tol);
         rows.push(name_worst(r, &table, &gg, &cpu.g.store.grads, 4));
         gpu.update(&sc)?;
-        let h = gpu.sync_host()?;
+        let h = gpu.host()?;
         for (output, got, want, t, floor) in [
             (
                 "params",
-                &h.g.store.params,
-                &cpu.g.store.params,
+                &h.online.params[..],
+                &cpu.g.store.params[..],
                 &table,
                 floors.params,
             ),
             (
                 "bn stats",
-                &h.g.store.buffers,
-                &cpu.g.store.buffers,
+                &h.online.buffers[..],
+                &cpu.g.store.buffers[..],
                 &btable,
                 0.0,
             ),
             (
                 "target",
-                &h.tg.store.params,
-                &cpu.tg.store.params,
+                &h.target.params[..],
+                &cpu.tg.store.params[..],
                 &ttable,
                 0.0,
             ),
             (
                 "momentum",
-                &h.momentum,
-                &cpu.momentum,
+                h.momentum,
+                &cpu.momentum[..],
                 &table,
                 floors.momentum,
             ),
@@ -343,8 +345,8 @@ where
             let r = row(&name, dt, output, got, want, tol.max(FLOOR_K * floor));
             rows.push(name_worst(r, t, got, want, 4));
         }
-        let counters_match = h.tg.store.counters == cpu.tg.store.counters
-            && h.g.store.counters == cpu.g.store.counters;
+        let counters_match =
+            h.target.counters == cpu.tg.store.counters && h.online.counters == cpu.g.store.counters;
         let mut c = row(&name, dt, "counters", &[0.0], &[0.0], 0.0);
         if !counters_match {
             c.failure = "num_batches_tracked differs".into();
@@ -367,7 +369,7 @@ where
     let shape = Shape::new(&[8, 64, 64, 3]);
     let sc = StepConfig::recipe(Method::LewelBEman, 0.5, 0.99);
     let run = || -> Result<(Vec<f32>, Vec<f32>)> {
-        let mut m = GpuLewel::<E>::new(Lewel::new(cfg, seed), g.clone())?;
+        let mut m = Lewel::new(cfg, seed).to_device(Cuda::<E>::new(g.clone()))?;
         let mut r = Rng::keyed(&[seed, 0xde7]);
         let mut losses = Vec::new();
         for _ in 0..3 {
@@ -376,11 +378,11 @@ where
             losses.push(m.forward_backward(&v1, &v2, shape, &sc)?);
             m.update(&sc)?;
         }
-        let h = m.sync_host()?;
-        let mut all = h.g.store.params.clone();
-        all.extend(&h.g.store.buffers);
-        all.extend(&h.tg.store.params);
-        all.extend(&h.momentum);
+        let h = m.host()?;
+        let mut all = h.online.params.clone();
+        all.extend(&h.online.buffers);
+        all.extend(&h.target.params);
+        all.extend(h.momentum);
         Ok((losses, all))
     };
     let (l1, a1) = run()?;
@@ -418,7 +420,7 @@ fn loss_curve(g: &Rc<Gpu>, rows: &mut Vec<Row>) -> Result<()> {
     let (lc, mut sc) = cfg.validate()?;
     let mut cpu = Lewel::new(lc, cfg.seed);
     let mut cpu_p = Lewel::new(lc, cfg.seed);
-    let mut gpu = GpuLewel::<half::bf16>::new(Lewel::new(lc, cfg.seed), g.clone())?;
+    let mut gpu = Lewel::new(lc, cfg.seed).to_device(Cuda::<half::bf16>::new(g.clone()))?;
     let (mut lcpu, mut lcpu_p, mut lgpu) = (Vec::new(), Vec::new(), Vec::new());
     let plan = crate::run::Plan::new(&cfg, crate::run::synthetic_iters(&cfg));
     let mut r = Rng::keyed(&[cfg.seed, 0xf101]);
@@ -430,11 +432,11 @@ fn loss_curve(g: &Rc<Gpu>, rows: &mut Vec<Row>) -> Result<()> {
     for k in 0..20 {
         let (v1, v2, shape) = crate::run::views_for_step(&cfg, k);
         plan.set_step(&cfg, &mut sc, k);
-        lcpu.push(cpu.forward_backward(&v1, &v2, shape, &sc));
-        cpu.update(&sc);
+        lcpu.push(cpu.forward_backward(&v1, &v2, shape, &sc)?);
+        cpu.update(&sc)?;
         let (p1, p2) = (perturb(&v1), perturb(&v2));
-        lcpu_p.push(cpu_p.forward_backward(&p1, &p2, shape, &sc));
-        cpu_p.update(&sc);
+        lcpu_p.push(cpu_p.forward_backward(&p1, &p2, shape, &sc)?);
+        cpu_p.update(&sc)?;
         lgpu.push(gpu.forward_backward(&v1, &v2, shape, &sc)?);
         gpu.update(&sc)?;
     }

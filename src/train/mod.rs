@@ -9,15 +9,19 @@
 
 pub mod cuda;
 
-use crate::backend::Cpu;
+use crate::backend::{Cpu, Kernels};
 use crate::checkpoint::{self, Owned, Tensors};
+use crate::data::loader::CropBuf;
+use crate::data::photometric_cuda::AugParams;
 use crate::error::{Error, Result};
 use crate::graph::{BnMode, Graph};
 use crate::memory::ParamStore;
 use crate::model::lewel::{EncoderObj, LewelConfig, LewelOnline};
-use crate::optim::{self, ExcludeRule, LarsConfig};
+use crate::optim::{self, ExcludeRule, LarsConfig, OptimKernels};
 use crate::rng::Rng;
 use crate::tensor::{Shape, Tensor};
+use std::collections::VecDeque;
+use std::time::Instant;
 
 /// The LEWEL variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,25 +101,146 @@ impl StepConfig {
     }
 }
 
-/// Online and target models with their graphs and the LARS momentum buffer.
-pub struct Lewel {
+/// What a training loop needs of its device beyond the graph's kernels and the optimizer's: points
+/// on its timeline, a loss on its way to the host, and the inputs it makes itself. Implemented by
+/// the CPU here and by CUDA in `cuda.rs`.
+pub trait TrainBackend: Kernels + OptimKernels + Clone {
+    /// A point on the device's timeline: an instant on the CPU, a CUDA event on a GPU.
+    type Mark;
+    /// A step's loss on its way to the host.
+    type Pending;
+    /// Buffers of the photometric augmentation where the device runs it.
+    type Aug: Default;
+    /// A point now (reusing `reuse` where it can).
+    fn mark(&self, reuse: Option<Self::Mark>) -> Result<Self::Mark>;
+    fn elapsed_ms(&self, from: &Self::Mark, to: &Self::Mark) -> Result<f64>;
+    /// Queues the copy of a loss to the host without waiting (into `reuse` where it can).
+    fn queue_loss(
+        g: &Graph<Self>,
+        t: Tensor,
+        reuse: Option<Self::Pending>,
+    ) -> Result<Self::Pending>;
+    /// The loss (waits for its copy).
+    fn read_loss(&self, p: &Self::Pending) -> Result<f32>;
+    /// The device, for the run's first line.
+    fn describe(&self) -> String;
+    /// Whether the device has memory of its own (reported with every step).
+    fn has_device_memory(&self) -> bool;
+    /// Both views made from u8 crops (B, S, S, 3) on the device: the photometric half of the
+    /// augmentation runs there.
+    fn input_crops(
+        g: &mut Graph<Self>,
+        aug: &mut Self::Aug,
+        crops: [&CropBuf; 2],
+        params: [&[AugParams]; 2],
+        shape: Shape,
+    ) -> Result<(Tensor, Tensor)>;
+    /// The CUDA context, on a GPU (the loader pins its buffers there).
+    fn context(&self) -> Option<std::sync::Arc<cudarc::driver::CudaContext>>;
+    /// Why cuDNN benchmarking failed, once (the heuristic was used instead).
+    fn take_find_failure(&self) -> Option<String>;
+}
+
+impl TrainBackend for Cpu<f32> {
+    type Mark = Instant;
+    type Pending = f32;
+    type Aug = ();
+    fn mark(&self, _reuse: Option<Instant>) -> Result<Instant> {
+        Ok(Instant::now())
+    }
+    fn elapsed_ms(&self, from: &Instant, to: &Instant) -> Result<f64> {
+        Ok(to.duration_since(*from).as_secs_f64() * 1e3)
+    }
+    fn queue_loss(g: &Graph<Self>, t: Tensor, _reuse: Option<f32>) -> Result<f32> {
+        Ok(g.value(t)[0])
+    }
+    fn read_loss(&self, p: &f32) -> Result<f32> {
+        Ok(*p)
+    }
+    fn describe(&self) -> String {
+        format!("cpu f32 ({} threads)", rayon::current_num_threads())
+    }
+    fn has_device_memory(&self) -> bool {
+        false
+    }
+    fn input_crops(
+        _g: &mut Graph<Self>,
+        _aug: &mut (),
+        _crops: [&CropBuf; 2],
+        _params: [&[AugParams]; 2],
+        _shape: Shape,
+    ) -> Result<(Tensor, Tensor)> {
+        Err(Error::Other(
+            "u8 crops reach the CPU engine: the loader should normalize".into(),
+        ))
+    }
+    fn context(&self) -> Option<std::sync::Arc<cudarc::driver::CudaContext>> {
+        None
+    }
+    fn take_find_failure(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A step queued on the device: its loss on the way, and the marks its time runs between.
+struct Queued<B: TrainBackend> {
+    loss: B::Pending,
+    /// Where the step clock was restarted before it.
+    start: Option<B::Mark>,
+    /// Behind its update.
+    end: Option<B::Mark>,
+}
+
+/// The online and target models with their graphs on one device, the LARS momentum, and the
+/// queue of steps whose losses are on their way to the host. One iteration, on every device:
+/// [`Trainer::queue_forward_backward`] (or its crops form), [`Trainer::update`], and a step or more
+/// later [`Trainer::take_loss`].
+pub struct Trainer<B: TrainBackend> {
     pub cfg: LewelConfig,
     pub online: LewelOnline,
-    pub g: Graph<Cpu<f32>>,
     pub target: EncoderObj,
-    pub tg: Graph<Cpu<f32>>,
+    pub g: Graph<B>,
+    pub tg: Graph<B>,
     /// LARS momentum, laid out by the online store's table.
-    pub momentum: Vec<f32>,
+    pub momentum: B::Buf<f32>,
     /// Lengths of the online_net part of the parameter and buffer tables, and its counter count.
     pub(crate) online_params: usize,
     pub(crate) online_buffers: usize,
     pub(crate) online_counters: usize,
-    /// LARS exclusion flags per online parameter, for the rule they were computed for.
-    excluded: Option<(ExcludeRule, Vec<bool>)>,
+    /// The LARS state for the exclusion rule it was made for.
+    lars: Option<(ExcludeRule, B::Lars)>,
+    aug: B::Aug,
+    /// Steps whose losses are on their way, oldest first: a training loop reads a step's loss once
+    /// the next step is queued, so the host never waits with a GPU idle.
+    queued: VecDeque<Queued<B>>,
+    /// Loss slots already read, for reuse.
+    spare: Vec<B::Pending>,
+    /// The end of the step read last: a step's time runs from it.
+    last_end: Option<B::Mark>,
+    /// The start of the step being queued, where it needs one.
+    start: Option<B::Mark>,
+    /// Marks no longer needed, for reuse (a step makes none once running).
+    spare_marks: Vec<B::Mark>,
+    /// Images per eval-mode feature pass (the kNN monitor): at most the training batch on a GPU,
+    /// so the pass never needs more activation memory than a step (128 by default).
+    pub feature_batch: usize,
+    /// Host copies of the weights and the momentum where they live elsewhere (checkpoints).
+    host_cache: (ParamStore<f32>, ParamStore<f32>, Vec<f32>),
 }
 
-impl Lewel {
-    /// Fresh models: online initialized from `seed`, target a copy of online_net (LEWEL_SPEC 3.1).
+/// The LEWEL trainer on the CPU (the reference).
+pub type Lewel = Trainer<Cpu<f32>>;
+
+/// A trainer's state on the host, for checkpoints and comparisons.
+pub struct HostView<'a> {
+    pub online: &'a ParamStore<f32>,
+    pub target: &'a ParamStore<f32>,
+    pub momentum: &'a [f32],
+}
+
+impl Trainer<Cpu<f32>> {
+    /// Fresh models on the CPU: online initialized from `seed`, target a copy of online_net
+    /// (LEWEL_SPEC 3.1). [`Trainer::to_device`] moves them.
     pub fn new(cfg: LewelConfig, seed: u64) -> Lewel {
         let mut s = ParamStore::new();
         let online = LewelOnline::build(&mut s, &cfg, &mut Rng::keyed(&[seed, 0x041]));
@@ -155,17 +280,25 @@ impl Lewel {
             (ts.table.total, ts.buffer_table.total, ts.counters.len())
         );
         let n = s.num_params();
-        let mut m = Lewel {
+        let mut m = Trainer {
             cfg,
             online,
-            g: Graph::cpu(s),
             target,
+            g: Graph::cpu(s),
             tg: Graph::cpu(ts),
             momentum: vec![0.0; n],
             online_params,
             online_buffers,
             online_counters: nc,
-            excluded: None,
+            lars: None,
+            aug: (),
+            queued: VecDeque::new(),
+            spare: Vec::new(),
+            last_end: None,
+            start: None,
+            spare_marks: Vec::new(),
+            feature_batch: 128,
+            host_cache: Default::default(),
         };
         m.copy_online_to_target();
         m
@@ -181,74 +314,221 @@ impl Lewel {
         }
     }
 
-    /// Forward and backward of one iteration on views (B, H, W, 3); leaves the gradients in
-    /// `g.store.grads` and returns the loss.
+    /// The models (fresh or loaded from a checkpoint) with their LARS momentum on `dev`.
+    pub fn to_device<D: TrainBackend<F = f32>>(self, dev: D) -> Result<Trainer<D>> {
+        let momentum = dev.upload_buf(&self.momentum)?;
+        Ok(Trainer {
+            cfg: self.cfg,
+            online: self.online,
+            target: self.target,
+            g: Graph::new(dev.clone(), self.g.store)?,
+            tg: Graph::new(dev, self.tg.store)?,
+            momentum,
+            online_params: self.online_params,
+            online_buffers: self.online_buffers,
+            online_counters: self.online_counters,
+            lars: None,
+            aug: D::Aug::default(),
+            queued: VecDeque::new(),
+            spare: Vec::new(),
+            last_end: None,
+            start: None,
+            spare_marks: Vec::new(),
+            feature_batch: self.feature_batch,
+            host_cache: Default::default(),
+        })
+    }
+}
+
+impl<B: TrainBackend> Trainer<B> {
+    /// Bytes held by both graphs and the momentum.
+    pub fn device_bytes(&self) -> usize {
+        self.g.device_bytes() + self.tg.device_bytes() + B::len(&self.momentum) * 4
+    }
+
+    /// Forward and backward of one iteration on views (B, H, W, 3); leaves the f32 gradients in
+    /// the online graph and returns the loss (waits for it).
     pub fn forward_backward(
         &mut self,
         v1: &[f32],
         v2: &[f32],
         shape: Shape,
         sc: &StepConfig,
-    ) -> f32 {
-        let (online_mode, target_mode) = sc.bn_modes();
-        self.g.reset();
-        self.g.store.zero_grads();
-        self.tg.set_recording(false);
+    ) -> Result<f32> {
+        self.queue_forward_backward(v1, v2, shape, sc)?;
+        Ok(self.take_loss()?.0)
+    }
+
+    /// The same without waiting: the loss joins the queue [`Self::take_loss`] reads.
+    pub fn queue_forward_backward(
+        &mut self,
+        v1: &[f32],
+        v2: &[f32],
+        shape: Shape,
+        sc: &StepConfig,
+    ) -> Result<()> {
+        self.begin()?;
         let a = self.g.input(shape, v1);
         let b = self.g.input(shape, v2);
+        self.forward_backward_inputs(a, b, sc)
+    }
+
+    /// The same from u8 crops (B, S, S, 3) of both views and their parameters: the photometric
+    /// half of the augmentation runs on the device.
+    pub fn queue_forward_backward_crops(
+        &mut self,
+        crops: [&CropBuf; 2],
+        params: [&[AugParams]; 2],
+        shape: Shape,
+        sc: &StepConfig,
+    ) -> Result<()> {
+        self.begin()?;
+        let (a, b) = B::input_crops(&mut self.g, &mut self.aug, crops, params, shape)?;
+        self.forward_backward_inputs(a, b, sc)
+    }
+
+    /// Forgets the last step's end: the next step's time runs from its own start (after a pause
+    /// such as the kNN monitor and a checkpoint).
+    pub fn restart_step_clock(&mut self) {
+        self.spare_marks.extend(self.last_end.take());
+    }
+
+    /// The oldest queued loss (waits for it), and the step's milliseconds on the device: from
+    /// the end of the step read before it (or from its own start after a restart of the clock)
+    /// to its end.
+    pub fn take_loss(&mut self) -> Result<(f32, f64)> {
+        let q = self
+            .queued
+            .pop_front()
+            .ok_or_else(|| Error::Other("take_loss: no step is queued".into()))?;
+        let dev = &self.g.dev;
+        let loss = dev.read_loss(&q.loss)?;
+        self.spare.push(q.loss);
+        let Some(end) = q.end else {
+            // No update followed (a check): no step time.
+            self.spare_marks.extend(q.start);
+            return Ok((loss, 0.0));
+        };
+        let ms = match q.start.as_ref().or(self.last_end.as_ref()) {
+            Some(s) => dev.elapsed_ms(s, &end)?,
+            None => 0.0,
+        };
+        self.spare_marks.extend(q.start);
+        self.spare_marks.extend(self.last_end.replace(end));
+        Ok((loss, ms))
+    }
+
+    /// A point on the device's timeline now.
+    fn mark(&mut self) -> Result<B::Mark> {
+        let reuse = self.spare_marks.pop();
+        self.g.dev.mark(reuse)
+    }
+
+    fn begin(&mut self) -> Result<()> {
+        // The step's start, where no queued or read step's end stands before it.
+        let start = if self.last_end.is_none() && self.queued.is_empty() {
+            Some(self.mark()?)
+        } else {
+            None
+        };
+        let unused = std::mem::replace(&mut self.start, start);
+        self.spare_marks.extend(unused);
+        self.g.reset();
+        self.g.set_recording(true);
+        self.tg.set_recording(false);
+        Ok(())
+    }
+
+    /// online(v1), online(v2) in train mode; target(v1), target(v2) without gradient; the loss;
+    /// backward (the gradients in the online graph); the loss queued to the host.
+    fn forward_backward_inputs(&mut self, a: Tensor, b: Tensor, sc: &StepConfig) -> Result<()> {
+        let (online_mode, target_mode) = sc.bn_modes();
         let (tg, target) = (&mut self.tg, &self.target);
-        let mut run_target = |v: Tensor, og: &mut Graph<Cpu<f32>>| {
+        let mut run_target = |v: Tensor, og: &mut Graph<B>| {
             tg.reset();
-            let x = tg.input(v.shape, og.value(v));
+            let x = tg.input_from(og, v);
             let (z, o) = target.forward(tg, x, target_mode);
-            (
-                og.input(z.shape, tg.value(z)),
-                og.input(o.shape, tg.value(o)),
-            )
+            (og.input_from(tg, z), og.input_from(tg, o))
         };
         let loss = self
             .online
             .loss(&mut self.g, a, b, online_mode, &mut run_target);
-        self.g
-            .backward(loss)
-            .expect("the CPU backend does not fail");
-        self.g.value(loss)[0]
+        self.tg.check()?;
+        self.g.backward(loss)?;
+        let loss = B::queue_loss(&self.g, loss, self.spare.pop())?;
+        let start = self.start.take();
+        self.queued.push_back(Queued {
+            loss,
+            start,
+            end: None,
+        });
+        Ok(())
     }
 
-    /// The LARS step over the online parameters, then the EMA of the target.
-    pub fn update(&mut self, sc: &StepConfig) {
-        let s = &mut self.g.store;
-        // The exclusion flags depend only on the names and the rule: computed once per rule.
-        if self.excluded.as_ref().is_none_or(|(r, _)| *r != sc.exclude) {
-            let flags = s
-                .table
+    /// The LARS step over the online parameters, then the EMA of the target (parameters, and for
+    /// EMAN the BN running statistics with num_batches_tracked copied).
+    pub fn update(&mut self, sc: &StepConfig) -> Result<()> {
+        let dev = &self.g.dev;
+        if self.lars.as_ref().is_none_or(|(r, _)| *r != sc.exclude) {
+            // The exclusion flags depend only on the names and the rule: computed once per rule.
+            let t = &self.g.store.table;
+            let flags = t
                 .entries
                 .iter()
                 .map(|e| optim::lars_excluded(&e.name, sc.exclude))
                 .collect();
-            self.excluded = Some((sc.exclude, flags));
+            self.lars = Some((sc.exclude, dev.lars_new(t, flags)?));
         }
-        let excluded = &self.excluded.as_ref().unwrap().1;
-        optim::lars_step(
-            &s.table,
-            excluded,
-            &mut s.params,
-            &s.grads,
-            &mut self.momentum,
-            &sc.lars,
-        );
-        let t = &mut self.tg.store;
-        optim::ema_update(&mut t.params, &s.params[..self.online_params], sc.ema_m);
+        let lars = &mut self.lars.as_mut().unwrap().1;
+        let (params, grads, buffers) = B::f_side(&mut self.g.store, &mut self.g.w);
+        dev.lars_step(lars, params, grads, &mut self.momentum, &sc.lars)?;
+        let (tparams, _, tbuffers) = B::f_side(&mut self.tg.store, &mut self.tg.w);
+        dev.ema(tparams, params, sc.ema_m)?;
         if sc.method == Method::LewelBEman {
-            optim::ema_update(&mut t.buffers, &s.buffers[..self.online_buffers], sc.ema_m);
-            for (tc, oc) in t
-                .counters
-                .iter_mut()
-                .zip(&s.counters[..self.online_counters])
-            {
+            dev.ema(tbuffers, buffers, sc.ema_m)?;
+            let nc = self.online_counters;
+            let (t, s) = (&mut self.tg.store.counters, &self.g.store.counters);
+            for (tc, oc) in t.iter_mut().zip(&s[..nc]) {
                 tc.1 = oc.1;
             }
         }
+        dev.refresh(&mut self.g.store, &mut self.g.w)?;
+        self.tg.dev.refresh(&mut self.tg.store, &mut self.tg.w)?;
+        // The step ends here, for its time (`take_loss`).
+        let end = self.mark()?;
+        match self.queued.back_mut() {
+            Some(q) => self.spare_marks.extend(q.end.replace(end)),
+            None => self.spare_marks.push(end),
+        }
+        Ok(())
+    }
+
+    /// The state on the host: the stores themselves on the CPU, downloaded copies elsewhere.
+    pub fn host(&mut self) -> Result<HostView<'_>> {
+        let (co, ct, cm) = &mut self.host_cache;
+        let dev = &self.g.dev;
+        Ok(HostView {
+            online: dev.host_store(&self.g.store, &self.g.w, co)?,
+            target: dev.host_store(&self.tg.store, &self.tg.w, ct)?,
+            momentum: dev.host_vec(&self.momentum, cm)?,
+        })
+    }
+
+    /// Pooled online backbone features (eval mode) of images (B, H, W, 3), not normalized.
+    pub fn features(&mut self, x: &[f32], shape: Shape) -> Result<Vec<f32>> {
+        self.g.set_recording(false);
+        self.g.reset();
+        let x = self.g.input(shape, x);
+        let f = self
+            .online
+            .encoder
+            .backbone
+            .forward(&mut self.g, x, BnMode::Eval);
+        let p = self.g.avgpool(f);
+        let out = self.g.fetch(p);
+        self.g.set_recording(true);
+        self.g.check()?;
+        out
     }
 }
 
@@ -377,14 +657,14 @@ pub fn step_files(
             None => {}
         }
     }
-    let loss = m.forward_backward(&v1, &v2, shape, sc);
+    let loss = m.forward_backward(&v1, &v2, shape, sc)?;
     let mut o = Tensors::new();
     o.insert("loss".into(), Owned::f32(vec![], &[loss]));
     for e in &m.g.store.table.entries {
         let (sh, v) = checkpoint::to_torch(e.shape, &m.g.store.grads[e.range()]);
         o.insert(format!("grad.{}", e.name), Owned::f32(sh, &v));
     }
-    m.update(sc);
+    m.update(sc)?;
     for (n, v) in checkpoint::store_tensors(&m.g.store)
         .into_iter()
         .chain(checkpoint::store_tensors(&m.tg.store))
@@ -428,11 +708,11 @@ mod tests {
         let (v1, v2) = views(1, 4, 32);
         let sh = Shape::new(&[4, 32, 32, 3]);
         let c = sc(Method::LewelBEman);
-        let l0 = m.forward_backward(&v1, &v2, sh, &c);
+        let l0 = m.forward_backward(&v1, &v2, sh, &c).unwrap();
         assert!((l0 - 4.0).abs() < 0.6, "{l0}");
         let before = m.g.store.params.clone();
         let tb = m.tg.store.buffers.clone();
-        m.update(&c);
+        m.update(&c).unwrap();
         assert_ne!(before, m.g.store.params);
         // EMAN: the target's running stats moved toward the online ones (which two forwards changed).
         assert_ne!(tb, m.tg.store.buffers);
@@ -443,9 +723,9 @@ mod tests {
         // LEWEL-B: the target keeps its own buffers (updated by its own train-mode forwards).
         let mut m2 = Lewel::new(cfg, 0);
         let c2 = sc(Method::LewelB);
-        m2.forward_backward(&v1, &v2, sh, &c2);
+        m2.forward_backward(&v1, &v2, sh, &c2).unwrap();
         let tb2 = m2.tg.store.buffers.clone();
-        m2.update(&c2);
+        m2.update(&c2).unwrap();
         assert_eq!(tb2, m2.tg.store.buffers);
         assert_eq!(
             m2.tg.store.counters[0].1, 2,
@@ -501,12 +781,14 @@ mod tests {
         let out = checkpoint::read_file(&op).unwrap();
         // The same step in memory.
         let (v1, v2) = views(5, 2, 32);
-        let l2 = m.forward_backward(&v1, &v2, Shape::new(&[2, 32, 32, 3]), &c);
+        let l2 = m
+            .forward_backward(&v1, &v2, Shape::new(&[2, 32, 32, 3]), &c)
+            .unwrap();
         assert_eq!(loss.to_bits(), l2.to_bits());
         let e = m.g.store.table.entries[0].clone();
         let (_, g) = checkpoint::to_torch(e.shape, &m.g.store.grads[e.range()]);
         assert_eq!(out[&format!("grad.{}", e.name)].to_f32().unwrap(), g);
-        m.update(&c);
+        m.update(&c).unwrap();
         let (_, p) = checkpoint::to_torch(e.shape, &m.g.store.params[e.range()]);
         assert_eq!(out[&format!("state.{}", e.name)].to_f32().unwrap(), p);
         let n_state = out
