@@ -61,6 +61,10 @@ pub trait Backend: Sized {
     fn seed_one(&self, b: &mut Self::Buf<Self::F>) -> Result<()>;
     /// Wait and check after every node (`LEWEL_SYNC_LAUNCH=1`).
     fn sync_launch(&self) -> bool;
+    /// Opens a named range around the launches that follow (NVTX on a GPU, for Nsight); ranges
+    /// nest and [`Backend::range_pop`] closes the innermost.
+    fn range_push(&self, name: &'static std::ffi::CStr);
+    fn range_pop(&self);
     fn sync(&self) -> Result<()>;
     /// An allocation failure of `bytes`, restated with what the device has and the graph holds.
     fn out_of_memory(&self, e: Error, bytes: usize, held: usize) -> Error;
@@ -214,6 +218,8 @@ impl<T: Real + Elem> Backend for Cpu<T> {
     fn sync_launch(&self) -> bool {
         false
     }
+    fn range_push(&self, _name: &'static std::ffi::CStr) {}
+    fn range_pop(&self) {}
     fn sync(&self) -> Result<()> {
         Ok(())
     }
@@ -357,6 +363,12 @@ where
     }
     fn sync_launch(&self) -> bool {
         self.gpu.sync_launch
+    }
+    fn range_push(&self, name: &'static std::ffi::CStr) {
+        self.gpu.range_push(name)
+    }
+    fn range_pop(&self) {
+        self.gpu.range_pop()
     }
     fn sync(&self) -> Result<()> {
         self.gpu.sync()

@@ -34,6 +34,7 @@ use crate::ops::softmax::AlignParams;
 use crate::ops::Real;
 use crate::tensor::{Shape, Tensor};
 use cudarc::cublas::{CudaBlas, Gemm};
+use std::ffi::CStr;
 
 /// A batch-norm layer's handles: affine parameters, running statistics, batch counter.
 #[derive(Clone, Copy, Debug)]
@@ -178,6 +179,24 @@ pub enum Node {
 }
 
 impl Node {
+    /// The NVTX range names of the node's forward and backward.
+    fn ranges(&self) -> (&'static CStr, &'static CStr) {
+        match self {
+            Node::Conv { .. } => (c"conv", c"conv backward"),
+            Node::Bn { .. } => (c"batchnorm", c"batchnorm backward"),
+            Node::MaxPool { .. } => (c"maxpool", c"maxpool backward"),
+            Node::AvgPool { .. } => (c"avgpool", c"avgpool backward"),
+            Node::Linear { .. } => (c"linear", c"linear backward"),
+            Node::Concat { .. } => (c"concat", c"concat backward"),
+            Node::Split { .. } => (c"split", c"split backward"),
+            Node::Align { .. } => (c"align", c"align backward"),
+            Node::Aggregate { .. } => (c"aggregate", c"aggregate backward"),
+            Node::Loss { .. } => (c"loss", c"loss backward"),
+            Node::Scale { .. } => (c"scale", c"scale backward"),
+            Node::Add { .. } => (c"add", c"add backward"),
+        }
+    }
+
     /// The op's name, for errors.
     pub fn name(&self) -> &'static str {
         match self {
@@ -440,7 +459,18 @@ impl<B: Kernels> Graph<B> {
         self.meta[t.slot as usize].kind
     }
 
+    /// Opens the NVTX range of the op about to launch; [`Self::record`] closes it.
+    fn begin(&self, op: &'static CStr) {
+        self.dev.range_push(op);
+    }
+
     fn record(&mut self, n: Node) {
+        self.dev.range_pop();
+        debug_assert_eq!(
+            n.ranges().0.to_str().ok(),
+            Some(n.name()),
+            "a node's range and name differ"
+        );
         if self.dev.sync_launch() && !self.failed() {
             let r = self.dev.sync().map_err(|e| {
                 Error::Other(format!(
@@ -547,6 +577,7 @@ impl<B: Kernels> Graph<B> {
 
     /// x (N, H, W, C) conv w (O, k, k, C), stride, pad -> (N, Ho, Wo, O).
     pub fn conv2d(&mut self, x: Tensor, w: ParamId, stride: usize, pad: usize) -> Tensor {
+        self.begin(c"conv");
         let ws = self.store.shape(w);
         let [n, h, wd, c] = dims4("conv2d", x.shape);
         assert!(
@@ -587,6 +618,7 @@ impl<B: Kernels> Graph<B> {
         res: Option<Tensor>,
         relu: bool,
     ) -> Tensor {
+        self.begin(c"batchnorm");
         let c = x.shape.dim(-1);
         let rows = x.numel() / c;
         let per_sample = rows / x.shape.dim(0);
@@ -679,6 +711,7 @@ impl<B: Kernels> Graph<B> {
 
     /// Max pooling k x k, stride, pad on (N, H, W, C).
     pub fn maxpool(&mut self, x: Tensor, k: usize, stride: usize, pad: usize) -> Tensor {
+        self.begin(c"maxpool");
         let [n, h, w, c] = dims4("maxpool", x.shape);
         let p = PoolParams::max(n, h, w, c, k, stride, pad);
         let shape = Shape::new(&[n, p.h_out as usize, p.w_out as usize, c]);
@@ -698,6 +731,7 @@ impl<B: Kernels> Graph<B> {
 
     /// Global average pool: (N, H, W, C) -> (N, C).
     pub fn avgpool(&mut self, x: Tensor) -> Tensor {
+        self.begin(c"avgpool");
         let [n, h, w, c] = dims4("avgpool", x.shape);
         let p = PoolParams::global_avg(n, h, w, c);
         let y = self.alloc(Kind::E, Shape::new(&[n, c]), self.ng(x));
@@ -708,6 +742,7 @@ impl<B: Kernels> Graph<B> {
 
     /// Linear map of the last axis: (..., I) -> (..., O) with w (O, I).
     pub fn linear(&mut self, x: Tensor, w: ParamId) -> Tensor {
+        self.begin(c"linear");
         let ws = self.store.shape(w);
         let ci = x.shape.dim(-1);
         assert!(
@@ -739,6 +774,7 @@ impl<B: Kernels> Graph<B> {
 
     /// [g (B, C); x (B, L, C)] along positions -> (B, 1+L, C).
     pub fn concat_positions(&mut self, g: Tensor, x: Tensor) -> Tensor {
+        self.begin(c"concat");
         let (b, c) = (g.shape.dim(0), g.shape.dim(-1));
         assert!(
             g.numel() == b * c && x.shape.dim(0) == b && x.shape.dim(-1) == c,
@@ -760,6 +796,7 @@ impl<B: Kernels> Graph<B> {
 
     /// z (B, 1+L, D) -> (z_g (B, D), a (B, L, D)).
     pub fn split_positions(&mut self, z: Tensor) -> (Tensor, Tensor) {
+        self.begin(c"split");
         let [b, l1, d] = dims3("split", z.shape);
         let p = ConcatParams::new(b, l1 - 1, d);
         let zg = self.alloc(Kind::E, Shape::new(&[b, d]), self.ng(z));
@@ -779,6 +816,7 @@ impl<B: Kernels> Graph<B> {
     /// LEWEL's alignment maps of a (B, L, D): softmax over positions of each row divided by its
     /// L2 norm and by `scale`.
     pub fn align_maps(&mut self, a: Tensor, scale: f32) -> Tensor {
+        self.begin(c"align");
         let [b, l, d] = dims3("align_maps", a.shape);
         let p = AlignParams {
             b: b as i32,
@@ -803,6 +841,7 @@ impl<B: Kernels> Graph<B> {
 
     /// Head-split aggregation of x (B, L, C) by maps w (B, L, D) -> (B, D/heads, C).
     pub fn aggregate(&mut self, x: Tensor, w: Tensor, heads: usize) -> Tensor {
+        self.begin(c"aggregate");
         let [b, l, c] = dims3("aggregate", x.shape);
         let [b2, l2, d] = dims3("aggregate", w.shape);
         assert!(
@@ -827,6 +866,7 @@ impl<B: Kernels> Graph<B> {
     /// Normalized MSE of pred rows against target rows (last axis = features) -> scalar.
     /// The target takes no gradient.
     pub fn loss(&mut self, pred: Tensor, target: Tensor) -> Tensor {
+        self.begin(c"loss");
         assert_eq!(
             pred.numel(),
             target.numel(),
@@ -856,6 +896,7 @@ impl<B: Kernels> Graph<B> {
 
     /// alpha * x.
     pub fn scale(&mut self, x: Tensor, alpha: f64) -> Tensor {
+        self.begin(c"scale");
         let kind = self.kind(x);
         let y = self.alloc(kind, x.shape, self.ng(x));
         match kind {
@@ -867,6 +908,7 @@ impl<B: Kernels> Graph<B> {
     }
 
     pub fn add(&mut self, a: Tensor, b: Tensor) -> Tensor {
+        self.begin(c"add");
         assert_eq!(a.shape, b.shape, "add: {} + {}", a.shape, b.shape);
         let kind = self.kind(a);
         assert_eq!(kind, self.kind(b), "add: operands of different storage");
@@ -912,7 +954,10 @@ impl<B: Kernels> Graph<B> {
                         self.lend(s)?;
                     }
                 }
-                self.backward_node(node)?;
+                self.dev.range_push(node.ranges().1);
+                let r = self.backward_node(node);
+                self.dev.range_pop();
+                r?;
                 if self.dev.sync_launch() {
                     self.dev.sync().map_err(|e| {
                         Error::Other(format!("backward of node {j} ({}): {e}", node.name()))

@@ -893,10 +893,12 @@ fn open_device(choice: DeviceChoice, cfg: &PretrainConfig) -> Result<(Target, Op
         Err(e) if choice == DeviceChoice::Auto => {
             return Ok((Target::Cpu, Some(format!("{e}; training on the CPU"))));
         }
-        Err(Error::Cuda(m)) => return Err(Error::user(format!(
+        Err(Error::Cuda(m)) => {
+            return Err(Error::user(format!(
             "--device {}: {m}; `lewel info` shows what was found; --device cpu trains on the CPU",
             cfg.device
-        ))),
+        )))
+        }
         Err(e) => return Err(e),
     };
     // bf16 GEMMs and convolutions need compute capability 8.0 (cuBLAS CUDA_R_16BF, cuDNN).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the software GPU into OUTDIR:
-#   libcuda.so.1, libnvrtc.so.13 (+ unversioned links)   swgpu/driver/
+#   libcuda.so.1, libnvrtc.so.13, libnvToolsExt.so.1 (+ unversioned links)   swgpu/driver/
 #   kernels/<file>.so for every kernels/*.cu                swgpu/kernels/ + the kernel sources
 #   libcublas/libcudnn stand-ins                            swgpu/blas/build.sh, when it exists
 # Usage: swgpu/build.sh OUTDIR [--asan]
@@ -36,8 +36,10 @@ fi
 # 1. the driver and NVRTC stand-ins
 "$cxx" "${flags[@]}" -Wall -shared -Wl,-soname,libcuda.so.1 -o "$out/libcuda.so.1" "$here/driver/cuda.cpp" -ldl
 "$cxx" "${flags[@]}" -Wall -shared -Wl,-soname,libnvrtc.so.13 -o "$out/libnvrtc.so.13" "$here/driver/nvrtc.cpp" -ldl
+"$cxx" "${flags[@]}" -Wall -shared -Wl,-soname,libnvToolsExt.so.1 -o "$out/libnvToolsExt.so.1" "$here/driver/nvtx.cpp"
 ln -sf libcuda.so.1 "$out/libcuda.so"
 ln -sf libnvrtc.so.13 "$out/libnvrtc.so"
+ln -sf libnvToolsExt.so.1 "$out/libnvToolsExt.so"
 
 # 2. the kernel runtime and the source-hash tool
 "$cxx" "${flags[@]}" -Wall -c -o "$out/obj/runtime.o" "$here/kernels/runtime.cpp"

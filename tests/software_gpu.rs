@@ -398,3 +398,70 @@ fn bf16_needs_compute_capability_8() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Every graph node's launches sit in an NVTX range named after its op (forward) or "<op>
+/// backward", nested properly: the software GPU's libnvToolsExt stand-in logs them. One epoch of
+/// 4 steps has 4 loss nodes per step (two directions, instance and object), each with a backward.
+#[test]
+fn every_node_has_an_nvtx_range() {
+    if !available("every_node_has_an_nvtx_range") {
+        return;
+    }
+    let d = tmp("nvtx");
+    let log = d.join("nvtx.log");
+    let out = d.join("run");
+    let args = with(&[
+        "--device",
+        "cuda",
+        "--stop-after",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    emu_with(&args, &[("SWGPU_NVTX_LOG", log.to_str().unwrap())]);
+    let text = std::fs::read_to_string(&log).expect("no NVTX log: libnvToolsExt not found");
+    let mut depth = 0i64;
+    let mut pushes = std::collections::HashMap::<&str, usize>::new();
+    for line in text.lines() {
+        match line.strip_prefix("push ") {
+            Some(name) => {
+                assert_eq!(
+                    depth, 0,
+                    "graph nodes' ranges do not nest: {name} inside another"
+                );
+                depth += 1;
+                *pushes.entry(name).or_default() += 1;
+            }
+            None => {
+                assert_eq!(line, "pop", "{line}");
+                depth -= 1;
+                assert!(depth >= 0, "a range closed twice");
+            }
+        }
+    }
+    assert_eq!(depth, 0, "a range left open");
+    for op in [
+        "conv",
+        "batchnorm",
+        "maxpool",
+        "avgpool",
+        "linear",
+        "concat",
+        "split",
+        "align",
+        "aggregate",
+        "loss",
+        "scale",
+        "add",
+    ] {
+        assert!(pushes.contains_key(op), "no range for {op}: {pushes:?}");
+        let bwd = format!("{op} backward");
+        assert!(
+            pushes.contains_key(bwd.as_str()),
+            "no range for {bwd}: {pushes:?}"
+        );
+    }
+    assert_eq!(pushes["loss"], 16, "{pushes:?}");
+    assert_eq!(pushes["loss backward"], 16, "{pushes:?}");
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -226,6 +226,9 @@ pub struct Gpu {
     /// error surfaced at (a debugging switch: asynchronous errors otherwise surface at a later
     /// call).
     pub sync_launch: bool,
+    /// Whether NVTX (libnvToolsExt) was found: the graphs then name every node's launches with a
+    /// range, which Nsight Systems shows on the GPU's timeline.
+    pub nvtx: bool,
     /// What ops keep per GPU, one value per type ([`Gpu::with_state`]).
     op_state: RefCell<HashMap<std::any::TypeId, Box<dyn std::any::Any>>>,
     /// Why benchmarking failed the first time it did (the heuristic was used instead).
@@ -302,6 +305,7 @@ impl Gpu {
             cc,
             deterministic,
             sync_launch: std::env::var("LEWEL_SYNC_LAUNCH").is_ok_and(|v| v == "1"),
+            nvtx: unsafe { cudarc::nvtx::sys::is_culib_present() },
             op_state: Default::default(),
             find_failure: Default::default(),
             workspace: Default::default(),
@@ -406,6 +410,21 @@ impl Gpu {
 
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| self.err("kernel", e))
+    }
+
+    /// Opens an NVTX range (where NVTX is there); [`Gpu::range_pop`] closes it.
+    pub fn range_push(&self, name: &std::ffi::CStr) {
+        if self.nvtx {
+            // SAFETY: the library is present (checked at open) and the name is a C string.
+            unsafe { cudarc::nvtx::sys::nvtxRangePushA(name.as_ptr()) };
+        }
+    }
+
+    pub fn range_pop(&self) {
+        if self.nvtx {
+            // SAFETY: as in range_push.
+            unsafe { cudarc::nvtx::sys::nvtxRangePop() };
+        }
     }
 
     /// A workspace of at least `bytes`, grown (never shrunk) as plans need.

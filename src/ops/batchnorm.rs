@@ -346,9 +346,7 @@ pub fn backward_eval_cpu<T: Real>(
 }
 
 // ----------------------------------------------------------------------------
-// CUDA launchers
-
-// ---- CUDA launchers (kernels/batchnorm.cu)
+// CUDA launchers (kernels/batchnorm.cu)
 
 use crate::gpu::{grid_1d, need, opt, opt_mut, run, Dev, DevMut, Gpu, GpuFloat, NULL};
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
@@ -421,22 +419,21 @@ pub fn forward_train_cuda<T: GpuFloat>(
     let x = x.view();
     let (mut mean, mut rstd) = (mean.view_mut(), rstd.view_mut());
     let (mut rm, mut rv) = (running_mean.view_mut(), running_var.view_mut());
-    let mut b = g.stream.launch_builder(g.k.bn_stats_partial.get::<T>());
-    b.arg(&x).arg(p).arg(&ch).arg(&NULL).arg(&mut partial);
-    run(g, b, stats_cfg(p, ch), "bn_stats_partial")?;
-    let pv = partial.as_view();
-    let mut b = g.stream.launch_builder(&g.k.bn_finalize_mean);
-    b.arg(&pv).arg(p).arg(&ch).arg(&mut mean);
-    run(g, b, grid_1d(gc), "bn_finalize_mean")?;
+    // The CPU's four steps (stats_sum, stats_sq around the mean, finalize, apply), in launches;
+    // SyncBN's all-reduce of the partial sums goes between each stats step and its finalize.
+    stats_partial_cuda(g, p, &x, None, ch, &mut partial)?;
+    finalize_mean_cuda(g, p, ch, &partial.as_view(), &mut mean)?;
     let mv = mean.as_view();
-    let mut b = g.stream.launch_builder(g.k.bn_stats_partial.get::<T>());
-    b.arg(&x).arg(p).arg(&ch).arg(&mv).arg(&mut partial);
-    run(g, b, stats_cfg(p, ch), "bn_stats_partial")?;
-    let pv = partial.as_view();
-    let mut b = g.stream.launch_builder(&g.k.bn_finalize_var);
-    b.arg(&pv).arg(p).arg(&ch).arg(&mv).arg(&mut rstd);
-    b.arg(&mut rm).arg(&mut rv);
-    run(g, b, grid_1d(gc), "bn_finalize_var")?;
+    stats_partial_cuda(g, p, &x, Some(&mv), ch, &mut partial)?;
+    finalize_var_cuda(
+        g,
+        p,
+        ch,
+        &partial.as_view(),
+        &mv,
+        &mut rstd,
+        (&mut rm, &mut rv),
+    )?;
     apply(
         g,
         p,
@@ -447,6 +444,56 @@ pub fn forward_train_cuda<T: GpuFloat>(
         relu,
         y,
     )
+}
+
+/// The train forward's statistics passes: per chunk of each group's rows, partial sums of x
+/// (`mean` None; the CPU's stats_sum_cpu) or of (x - mean)^2 (stats_sq_cpu), (G, chunks, C).
+fn stats_partial_cuda<T: GpuFloat>(
+    g: &Gpu,
+    p: &BnParams,
+    x: &CudaView<'_, T>,
+    mean: Option<&CudaView<'_, f32>>,
+    ch: i32,
+    partial: &mut CudaViewMut<'_, f32>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(g.k.bn_stats_partial.get::<T>());
+    b.arg(x).arg(p).arg(&ch);
+    match mean {
+        Some(m) => b.arg(m),
+        None => b.arg(&NULL),
+    };
+    b.arg(partial);
+    run(g, b, stats_cfg(p, ch), "bn_stats_partial")
+}
+
+/// Every group's mean from its partial sums (the first half of the CPU's finalize_cpu).
+fn finalize_mean_cuda(
+    g: &Gpu,
+    p: &BnParams,
+    ch: i32,
+    partial: &CudaView<'_, f32>,
+    mean: &mut CudaViewMut<'_, f32>,
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(&g.k.bn_finalize_mean);
+    b.arg(partial).arg(p).arg(&ch).arg(mean);
+    run(g, b, grid_1d(p.groups() * p.c as usize), "bn_finalize_mean")
+}
+
+/// Every group's rstd from its partial squared deviations, and group 0's running statistics
+/// updated (the second half of finalize_cpu).
+fn finalize_var_cuda(
+    g: &Gpu,
+    p: &BnParams,
+    ch: i32,
+    partial: &CudaView<'_, f32>,
+    mean: &CudaView<'_, f32>,
+    rstd: &mut CudaViewMut<'_, f32>,
+    (rm, rv): (&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>),
+) -> crate::Result<()> {
+    let mut b = g.stream.launch_builder(&g.k.bn_finalize_var);
+    b.arg(partial).arg(p).arg(&ch).arg(mean).arg(rstd);
+    b.arg(rm).arg(rv);
+    run(g, b, grid_1d(p.groups() * p.c as usize), "bn_finalize_var")
 }
 
 /// Eval-mode forward with the running statistics; `mean`/`rstd` (C) receive them for backward.

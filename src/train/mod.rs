@@ -9,7 +9,7 @@
 
 pub mod cuda;
 
-use crate::backend::{Cpu, Kernels};
+use crate::backend::{Backend, Cpu, Kernels};
 use crate::checkpoint::{self, Owned, Tensors};
 use crate::data::loader::CropBuf;
 use crate::data::photometric_cuda::AugParams;
@@ -226,10 +226,17 @@ pub struct Trainer<B: TrainBackend> {
     pub feature_batch: usize,
     /// Host copies of the weights and the momentum where they live elsewhere (checkpoints).
     host_cache: (ParamStore<f32>, ParamStore<f32>, Vec<f32>),
+    /// Runs on the gradients after every backward ([`GradHook`]).
+    pub grad_hook: Option<GradHook<B>>,
 }
 
 /// The LEWEL trainer on the CPU (the reference).
 pub type Lewel = Trainer<Cpu<f32>>;
+
+/// Called after every backward with the device and the flat f32 gradient buffer (every online
+/// parameter, laid out by the online store's table), before the loss is queued: where
+/// data-parallel training all-reduces the gradients. On a GPU it launches on the graph's stream.
+pub type GradHook<B> = Box<dyn FnMut(&B, &mut <B as Backend>::Buf<f32>) -> Result<()>>;
 
 /// A trainer's state on the host, for checkpoints and comparisons.
 pub struct HostView<'a> {
@@ -299,6 +306,7 @@ impl Trainer<Cpu<f32>> {
             spare_marks: Vec::new(),
             feature_batch: 128,
             host_cache: Default::default(),
+            grad_hook: None,
         };
         m.copy_online_to_target();
         m
@@ -336,6 +344,7 @@ impl Trainer<Cpu<f32>> {
             spare_marks: Vec::new(),
             feature_batch: self.feature_batch,
             host_cache: Default::default(),
+            grad_hook: None,
         })
     }
 }
@@ -455,6 +464,10 @@ impl<B: TrainBackend> Trainer<B> {
             .loss(&mut self.g, a, b, online_mode, &mut run_target);
         self.tg.check()?;
         self.g.backward(loss)?;
+        if let Some(hook) = &mut self.grad_hook {
+            let (_, grads, _) = B::f_side(&mut self.g.store, &mut self.g.w);
+            hook(&self.g.dev, grads)?;
+        }
         let loss = B::queue_loss(&self.g, loss, self.spare.pop())?;
         let start = self.start.take();
         self.queued.push_back(Queued {
@@ -844,6 +857,43 @@ mod tests {
         );
         assert!(!op.exists(), "nothing written on failure");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The gradient hook sees the whole flat gradient buffer once per step, after backward, and
+    /// what it writes is what the update uses.
+    #[test]
+    fn the_gradient_hook_runs_after_backward_on_the_flat_buffer() {
+        let cfg = LewelConfig::new(Arch::TINY, 4, 1.0, 0.5);
+        let (v1, v2) = views(7, 4, 32);
+        let sh = Shape::new(&[4, 32, 32, 3]);
+        let c = sc(Method::LewelBEman);
+        let mut plain = Lewel::new(cfg, 0);
+        plain.forward_backward(&v1, &v2, sh, &c).unwrap();
+        let mut hooked = Lewel::new(cfg, 0);
+        let calls = std::rc::Rc::new(std::cell::Cell::new(0));
+        let seen = calls.clone();
+        let n = plain.g.store.num_params();
+        hooked.grad_hook = Some(Box::new(move |_dev, grads: &mut Vec<f32>| {
+            assert_eq!(grads.len(), n, "the whole flat buffer");
+            assert!(grads.iter().any(|&g| g != 0.0), "after backward");
+            grads.iter_mut().for_each(|g| *g *= 2.0);
+            seen.set(seen.get() + 1);
+            Ok(())
+        }));
+        hooked.forward_backward(&v1, &v2, sh, &c).unwrap();
+        assert_eq!(calls.get(), 1);
+        let doubled: Vec<f32> = plain.g.store.grads.iter().map(|g| g * 2.0).collect();
+        assert_eq!(hooked.g.store.grads, doubled);
+        hooked.update(&c).unwrap();
+        plain.g.store.grads = doubled;
+        plain.update(&c).unwrap();
+        assert_eq!(hooked.g.store.params, plain.g.store.params);
+        // A failing hook fails the step.
+        hooked.grad_hook = Some(Box::new(|_, _| {
+            Err(Error::Other("all-reduce failed".into()))
+        }));
+        let e = hooked.forward_backward(&v1, &v2, sh, &c).unwrap_err();
+        assert!(e.to_string().contains("all-reduce failed"), "{e}");
     }
 
     #[test]
