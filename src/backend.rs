@@ -71,6 +71,11 @@ pub trait Backend: Sized {
 
     /// The weights of `store` on this device; returns them with their bytes.
     fn weights(&self, store: &mut ParamStore<Self::F>) -> Result<(Self::Weights, usize)>;
+    /// The parameters in the compute dtype (what convolutions and GEMMs read).
+    fn compute_params<'a>(
+        st: &'a ParamStore<Self::F>,
+        w: &'a Self::Weights,
+    ) -> &'a Self::Buf<Self::E>;
     /// (parameters in the compute dtype, their gradients in the compute dtype).
     #[allow(clippy::type_complexity)]
     fn compute_side<'a>(
@@ -123,20 +128,6 @@ pub trait Kernels:
 {
 }
 
-impl<B> Kernels for B where
-    B: Backend
-        + crate::ops::conv::ConvKernels
-        + crate::ops::batchnorm::BnKernels
-        + crate::ops::pool::PoolKernels
-        + crate::ops::linear::LinearKernels
-        + crate::ops::concat::ConcatKernels
-        + crate::ops::softmax::AlignKernels
-        + crate::ops::aggregate::AggregateKernels
-        + crate::ops::loss::LossKernels
-        + crate::ops::add::AddKernels
-{
-}
-
 // ----------------------------------------------------------------------------
 // CPU
 
@@ -171,6 +162,8 @@ impl<T: Real + Elem> Cpu<T> {
         f(&mut s)
     }
 }
+
+impl<T: Real + Elem> Kernels for Cpu<T> {}
 
 impl<T: Real + Elem> Backend for Cpu<T> {
     type E = T;
@@ -228,6 +221,9 @@ impl<T: Real + Elem> Backend for Cpu<T> {
     }
     fn weights(&self, _store: &mut ParamStore<T>) -> Result<((), usize)> {
         Ok(((), 0))
+    }
+    fn compute_params<'a>(st: &'a ParamStore<T>, _w: &'a ()) -> &'a Vec<T> {
+        &st.params
     }
     fn compute_side<'a>(st: &'a mut ParamStore<T>, _w: &'a mut ()) -> (&'a Vec<T>, &'a mut Vec<T>) {
         (&st.params, &mut st.grads)
@@ -405,6 +401,9 @@ where
         upload_store(g, store, &mut w)?;
         Ok((w, bytes))
     }
+    fn compute_params<'a>(_st: &'a ParamStore<f32>, w: &'a DevWeights<E>) -> &'a CudaSlice<E> {
+        &w.params_c
+    }
     fn compute_side<'a>(
         _st: &'a mut ParamStore<f32>,
         w: &'a mut DevWeights<E>,
@@ -473,6 +472,8 @@ where
         crate::gpu::accum_f32_cuda(&self.gpu, &w.grads_c, &mut w.grads)
     }
 }
+
+impl<E: GpuFloat> Kernels for Cuda<E> where CudaBlas: Gemm<E> {}
 
 /// Moves a host store's parameters, running statistics and counters into device weights (the host
 /// vectors are left empty: the values live on the device), and refreshes the compute copy.

@@ -519,6 +519,12 @@ impl<B: Kernels> Graph<B> {
         self.fail(r);
     }
 
+    /// A parameter in the compute dtype.
+    fn weight(&self, w: ParamId) -> B::View<'_, B::E> {
+        let r = self.store.table.range(w.0);
+        B::view(B::compute_params(&self.store, &self.w), r)
+    }
+
     pub fn param_shape(&self, w: ParamId) -> Shape {
         self.store.shape(w)
     }
@@ -591,20 +597,9 @@ impl<B: Kernels> Graph<B> {
             Shape::new(&[n, p.h_out as usize, p.w_out as usize, ws.dim(0)]),
             true,
         );
-        if !self.failed() {
-            let i = y.slot as usize;
-            let mut yb = self.e.take(i);
-            let r = self.store.table.range(w.0);
-            let (wc, _) = B::compute_side(&mut self.store, &mut self.w);
-            let res = self.dev.conv_forward(
-                &p,
-                &ev!(self, x),
-                &B::view(wc, r),
-                &mut B::view_mut(&mut yb, 0..y.numel()),
-            );
-            self.e.put(i, yb);
-            self.fail(res);
-        }
+        self.with_e(y, |s, yb| {
+            s.dev.conv_forward(&p, &ev!(s, x), &s.weight(w), yb)
+        });
         self.record(Node::Conv { x, w, y, p });
         y
     }
@@ -754,20 +749,9 @@ impl<B: Kernels> Graph<B> {
         let mut d = x.shape.dims().to_vec();
         *d.last_mut().unwrap() = ws.dim(0);
         let y = self.alloc(Kind::E, Shape::new(&d), true);
-        if !self.failed() {
-            let i = y.slot as usize;
-            let mut yb = self.e.take(i);
-            let r = self.store.table.range(w.0);
-            let (wc, _) = B::compute_side(&mut self.store, &mut self.w);
-            let res = self.dev.linear_forward(
-                &p,
-                &ev!(self, x),
-                &B::view(wc, r),
-                &mut B::view_mut(&mut yb, 0..y.numel()),
-            );
-            self.e.put(i, yb);
-            self.fail(res);
-        }
+        self.with_e(y, |s, yb| {
+            s.dev.linear_forward(&p, &ev!(s, x), &s.weight(w), yb)
+        });
         self.record(Node::Linear { x, w, y, p });
         y
     }
@@ -1050,12 +1034,10 @@ impl<B: Kernels> Graph<B> {
                     &p,
                     &ev!(self, x),
                     &gv!(self, y),
-                    &mut B::view_mut(wg, r.clone()),
+                    &mut B::view_mut(wg, r),
                 )?;
                 self.with_ge(x, |s, dx| {
-                    let (wc, _) = B::compute_side(&mut s.store, &mut s.w);
-                    s.dev
-                        .conv_backward_data(&p, &gv!(s, y), &B::view(wc, r), dx)
+                    s.dev.conv_backward_data(&p, &gv!(s, y), &s.weight(w), dx)
                 })
             }
             Node::Bn {
@@ -1128,12 +1110,10 @@ impl<B: Kernels> Graph<B> {
                     &p,
                     &ev!(self, x),
                     &gv!(self, y),
-                    &mut B::view_mut(wg, r.clone()),
+                    &mut B::view_mut(wg, r),
                 )?;
                 self.with_ge(x, |s, dx| {
-                    let (wc, _) = B::compute_side(&mut s.store, &mut s.w);
-                    s.dev
-                        .linear_backward_data(&p, &gv!(s, y), &B::view(wc, r), dx)
+                    s.dev.linear_backward_data(&p, &gv!(s, y), &s.weight(w), dx)
                 })
             }
             Node::Concat { g, x, u, p } => {

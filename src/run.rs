@@ -984,6 +984,52 @@ fn oom(e: Error, batch: usize) -> Error {
     }
 }
 
+/// What the end of an epoch reports and records.
+struct EpochEnd {
+    /// Epochs done.
+    epoch: usize,
+    iters: usize,
+    mean_loss: f64,
+    knn_init: Option<f64>,
+    first_loss: Option<f64>,
+}
+
+/// The end of an epoch, on any device: the kNN monitor, the epoch's line and metrics, the
+/// checkpoint and its manifest (written atomically). Returns the kNN accuracy.
+fn end_of_epoch<B: TrainBackend>(
+    m: &mut Trainer<B>,
+    knn_data: &KnnData,
+    cfg: &PretrainConfig,
+    log: &mut Log,
+    e: EpochEnd,
+) -> Result<Option<f64>> {
+    m.restart_step_clock();
+    let knn_last = knn_monitor(m, knn_data, cfg)?;
+    let (epoch, mean) = (e.epoch, e.mean_loss);
+    match knn_last {
+        Some(a) => log.line(&format!(
+            "knn | epoch {epoch} | acc {a:.2}% | mean loss {mean:.4}"
+        )),
+        None => log.line(&format!("epoch {epoch} | mean loss {mean:.4}")),
+    }
+    log.json(serde_json::json!({"epoch": epoch, "knn_acc": knn_last, "mean_loss": mean}))?;
+    let mut mf = Manifest {
+        epoch,
+        step: epoch * e.iters,
+        weights: String::new(),
+        weights_crc32: 0,
+        optimizer: String::new(),
+        optimizer_crc32: 0,
+        knn_init: e.knn_init,
+        knn_last,
+        first_loss: e.first_loss,
+        rng: "none saved: every draw is a pure function of (seed, epoch, sample, view)".into(),
+        config: cfg.clone(),
+    };
+    save(m.host()?, &cfg.out, &mut mf)?;
+    Ok(knn_last)
+}
+
 /// Where a run reports: log and step lines on stdout, warnings on stderr (above the progress bar,
 /// which draws on stderr when it is a terminal), metrics into metrics.jsonl.
 struct Log {
@@ -1575,32 +1621,16 @@ fn train_loop<B: TrainBackend>(
             let (l, ms) = m.take_loss()?;
             loss_sum += steps.log(&mut log, &cfg, w, l, ms, total)?;
         }
-        m.restart_step_clock();
-        knn_last = knn_monitor(&mut m, &knn_data, &cfg)?;
-        let mean = loss_sum / iters as f64;
-        match knn_last {
-            Some(a) => log.line(&format!(
-                "knn | epoch {} | acc {a:.2}% | mean loss {mean:.4}",
-                epoch + 1
-            )),
-            None => log.line(&format!("epoch {} | mean loss {mean:.4}", epoch + 1)),
-        }
-        log.json(serde_json::json!({"epoch": epoch + 1, "knn_acc": knn_last, "mean_loss": mean}))?;
         epochs_done = epoch + 1;
-        let mut mf = Manifest {
+        let mean = loss_sum / iters as f64;
+        let end = EpochEnd {
             epoch: epochs_done,
-            step: epochs_done * iters,
-            weights: String::new(),
-            weights_crc32: 0,
-            optimizer: String::new(),
-            optimizer_crc32: 0,
+            iters,
+            mean_loss: mean,
             knn_init,
-            knn_last,
             first_loss: steps.first_loss,
-            rng: "none saved: every draw is a pure function of (seed, epoch, sample, view)".into(),
-            config: cfg.clone(),
         };
-        save(m.host()?, &cfg.out, &mut mf)?;
+        knn_last = end_of_epoch(&mut m, &knn_data, &cfg, &mut log, end)?;
         if opts.stop_after == Some(epochs_done) {
             break;
         }
