@@ -1,7 +1,7 @@
 //! The device a [`crate::graph::Graph`] runs on: its buffers, windows of them, copies, and where a
 //! model's weights live. The graph records and replays ops once for every device; the op kernels
-//! are per op family traits in `src/ops/<op>.rs` ([`Kernels`] gathers them), each implemented here
-//! for both backends:
+//! are per op family traits in `src/ops/<op>.rs` (`graph::Kernels` gathers them), each implemented
+//! there for both backends:
 //! - [`Cpu<T>`]: host vectors, the reference functions of `src/ops/` in `T` (f32; f64 for gradient
 //!   checks). Activations, parameters and statistics all in `T`; the weights stay in the graph's
 //!   `ParamStore` itself.
@@ -13,9 +13,9 @@ use crate::error::{Error, Result};
 pub use crate::gpu::Elem;
 use crate::gpu::{Dev, Gpu, GpuFloat};
 use crate::memory::ParamStore;
-use crate::ops::Real;
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use num_traits::Float;
 use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Mutex;
@@ -36,7 +36,7 @@ pub trait Backend: Sized {
     /// Activations and convolution/GEMM operands.
     type E: Elem;
     /// Parameters, gradients, BN statistics, losses.
-    type F: Elem + Real;
+    type F: Elem + Float;
     /// Maxpool argmax.
     type I: Elem;
     type Buf<T: Elem>;
@@ -113,21 +113,6 @@ pub trait Backend: Sized {
     fn finish_grads(&self, st: &mut ParamStore<Self::F>, w: &mut Self::Weights) -> Result<()>;
 }
 
-/// Every op family's kernels: what a [`crate::graph::Graph`] needs of its backend.
-pub trait Kernels:
-    Backend
-    + crate::ops::conv::ConvKernels
-    + crate::ops::batchnorm::BnKernels
-    + crate::ops::pool::PoolKernels
-    + crate::ops::linear::LinearKernels
-    + crate::ops::concat::ConcatKernels
-    + crate::ops::softmax::AlignKernels
-    + crate::ops::aggregate::AggregateKernels
-    + crate::ops::loss::LossKernels
-    + crate::ops::add::AddKernels
-{
-}
-
 // ----------------------------------------------------------------------------
 // CPU
 
@@ -153,7 +138,7 @@ impl<T> Default for Cpu<T> {
     }
 }
 
-impl<T: Real + Elem> Cpu<T> {
+impl<T: Float + Elem> Cpu<T> {
     /// Runs `f` on a zeroed temporary of `n` elements.
     pub(crate) fn with_scratch<R>(&self, n: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
         let mut s = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
@@ -163,9 +148,7 @@ impl<T: Real + Elem> Cpu<T> {
     }
 }
 
-impl<T: Real + Elem> Kernels for Cpu<T> {}
-
-impl<T: Real + Elem> Backend for Cpu<T> {
+impl<T: Float + Elem> Backend for Cpu<T> {
     type E = T;
     type F = T;
     type I = T;
@@ -472,8 +455,6 @@ where
         crate::gpu::accum_f32_cuda(&self.gpu, &w.grads_c, &mut w.grads)
     }
 }
-
-impl<E: GpuFloat> Kernels for Cuda<E> where CudaBlas: Gemm<E> {}
 
 /// Moves a host store's parameters, running statistics and counters into device weights (the host
 /// vectors are left empty: the values live on the device), and refreshes the compute copy.

@@ -18,7 +18,7 @@
 //!
 //! Forward without recording (`set_recording(false)`) serves the EMA target and evaluation.
 
-use crate::backend::{Backend, Cpu, Cuda, Elem, Kernels};
+use crate::backend::{Backend, Cpu, Cuda, Elem};
 use crate::error::{Error, Result};
 use crate::gpu::GpuFloat;
 use crate::memory::{BufferId, CounterId, ParamId, ParamStore};
@@ -35,6 +35,25 @@ use crate::ops::Real;
 use crate::tensor::{Shape, Tensor};
 use cudarc::cublas::{CudaBlas, Gemm};
 use std::ffi::CStr;
+
+/// Every op family's kernels: what a [`Graph`] needs of its backend.
+pub trait Kernels:
+    Backend
+    + crate::ops::conv::ConvKernels
+    + crate::ops::batchnorm::BnKernels
+    + crate::ops::pool::PoolKernels
+    + crate::ops::linear::LinearKernels
+    + crate::ops::concat::ConcatKernels
+    + crate::ops::softmax::AlignKernels
+    + crate::ops::aggregate::AggregateKernels
+    + crate::ops::loss::LossKernels
+    + crate::ops::add::AddKernels
+{
+}
+
+impl<T: Real + Elem> Kernels for Cpu<T> {}
+
+impl<E: GpuFloat> Kernels for Cuda<E> where CudaBlas: Gemm<E> {}
 
 /// A batch-norm layer's handles: affine parameters, running statistics, batch counter.
 #[derive(Clone, Copy, Debug)]

@@ -4,8 +4,8 @@
 //! `num_batches_tracked` counters a list of their own. Activations of a step come from the graph's
 //! slot arena (`crate::graph`), reused every step, so the steady state allocates nothing.
 
-use crate::ops::Real;
 use crate::tensor::Shape;
+use num_traits::Zero;
 use std::ops::Range;
 
 // ----------------------------------------------------------------------------
@@ -79,7 +79,7 @@ pub struct ParamStore<T> {
     pub counters: Vec<(String, i64)>,
 }
 
-impl<T: Real> ParamStore<T> {
+impl<T: Copy + Zero> ParamStore<T> {
     pub fn new() -> Self {
         ParamStore {
             table: SizeTable::default(),

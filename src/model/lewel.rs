@@ -12,7 +12,7 @@
 
 use super::resnet::{Arch, ResNet};
 use super::{bn_layer, linear_weight};
-use crate::backend::Kernels;
+use crate::graph::Kernels;
 use crate::graph::{BnLayer, BnMode, Graph};
 use crate::memory::{ParamId, ParamStore};
 use crate::ops::Real;

@@ -6,7 +6,7 @@
 //! last BN of each block is not zeroed (LEWEL_SPEC 1).
 
 use super::{bn_layer, conv_weight};
-use crate::backend::Kernels;
+use crate::graph::Kernels;
 use crate::graph::{BnLayer, BnMode, Graph};
 use crate::memory::{ParamId, ParamStore};
 use crate::ops::Real;

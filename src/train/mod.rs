@@ -9,11 +9,12 @@
 
 pub mod cuda;
 
-use crate::backend::{Backend, Cpu, Kernels};
+use crate::backend::{Backend, Cpu};
 use crate::checkpoint::{self, Owned, Tensors};
 use crate::data::loader::CropBuf;
 use crate::data::photometric_cuda::AugParams;
 use crate::error::{Error, Result};
+use crate::graph::Kernels;
 use crate::graph::{BnMode, Graph};
 use crate::memory::ParamStore;
 use crate::model::lewel::{EncoderObj, LewelConfig, LewelOnline};
