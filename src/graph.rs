@@ -198,7 +198,7 @@ pub enum Node {
 }
 
 impl Node {
-    /// The NVTX range names of the node's forward and backward.
+    /// The node's forward and backward names (NVTX ranges; the first names it in errors).
     fn ranges(&self) -> (&'static CStr, &'static CStr) {
         match self {
             Node::Conv { .. } => (c"conv", c"conv backward"),
@@ -218,20 +218,7 @@ impl Node {
 
     /// The op's name, for errors.
     pub fn name(&self) -> &'static str {
-        match self {
-            Node::Conv { .. } => "conv",
-            Node::Bn { .. } => "batchnorm",
-            Node::MaxPool { .. } => "maxpool",
-            Node::AvgPool { .. } => "avgpool",
-            Node::Linear { .. } => "linear",
-            Node::Concat { .. } => "concat",
-            Node::Split { .. } => "split",
-            Node::Align { .. } => "align",
-            Node::Aggregate { .. } => "aggregate",
-            Node::Loss { .. } => "loss",
-            Node::Scale { .. } => "scale",
-            Node::Add { .. } => "add",
-        }
+        self.ranges().0.to_str().unwrap_or("?")
     }
 
     /// The gradient slots its backward touches: the inputs whose gradients it adds to, and the
@@ -355,6 +342,8 @@ pub struct Graph<B: Backend> {
     err: Option<Error>,
     /// Bytes held by this graph (weights and arena), which only grows.
     bytes: usize,
+    /// The range the op being recorded opened.
+    open: Option<&'static CStr>,
 }
 
 impl<T: Real + Elem> Graph<Cpu<T>> {
@@ -391,6 +380,7 @@ impl<B: Kernels> Graph<B> {
             recording: true,
             err: None,
             bytes,
+            open: None,
         })
     }
 
@@ -479,17 +469,15 @@ impl<B: Kernels> Graph<B> {
     }
 
     /// Opens the NVTX range of the op about to launch; [`Self::record`] closes it.
-    fn begin(&self, op: &'static CStr) {
+    fn begin(&mut self, op: &'static CStr) {
+        self.open = Some(op);
         self.dev.range_push(op);
     }
 
     fn record(&mut self, n: Node) {
         self.dev.range_pop();
-        debug_assert_eq!(
-            n.ranges().0.to_str().ok(),
-            Some(n.name()),
-            "a node's range and name differ"
-        );
+        let open = self.open.take();
+        debug_assert_eq!(open, Some(n.ranges().0), "an op opened another op's range");
         if self.dev.sync_launch() && !self.failed() {
             let r = self.dev.sync().map_err(|e| {
                 Error::Other(format!(
