@@ -27,6 +27,7 @@ pub mod tensor;
 pub use error::{Context, Error, Result};
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod gpu;
 pub mod graph;
