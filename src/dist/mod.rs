@@ -3,5 +3,6 @@
 //! communicator's id over TCP). The communicator over NCCL, the launcher (`--gpus N`) and SyncBN
 //! build on these (issue 17).
 
+pub mod local;
 pub mod ranks;
 pub mod rendezvous;

@@ -229,10 +229,18 @@ pub struct Trainer<B: TrainBackend> {
     host_cache: (ParamStore<f32>, ParamStore<f32>, Vec<f32>),
     /// Runs on the gradients after every backward ([`GradHook`]).
     pub grad_hook: Option<GradHook<B>>,
+    /// Runs on the BN running statistics before every forward ([`BufferHook`]).
+    pub buffer_hook: Option<BufferHook<B>>,
 }
 
 /// The LEWEL trainer on the CPU (the reference).
 pub type Lewel = Trainer<Cpu<f32>>;
+
+/// Called at the start of every step's forward with the device and the online and target BN
+/// running statistics (flat f32 buffers): where data-parallel training broadcasts rank 0's, as
+/// PyTorch DDP's `broadcast_buffers` does in the official runs (LEWEL_SPEC 6).
+pub type BufferHook<B> =
+    Box<dyn FnMut(&B, &mut <B as Backend>::Buf<f32>, &mut <B as Backend>::Buf<f32>) -> Result<()>>;
 
 /// Called after every backward with the device and the flat f32 gradient buffer (every online
 /// parameter, laid out by the online store's table), before the loss is queued: where
@@ -308,6 +316,7 @@ impl Trainer<Cpu<f32>> {
             feature_batch: 128,
             host_cache: Default::default(),
             grad_hook: None,
+            buffer_hook: None,
         };
         m.copy_online_to_target();
         m
@@ -346,6 +355,7 @@ impl Trainer<Cpu<f32>> {
             feature_batch: self.feature_batch,
             host_cache: Default::default(),
             grad_hook: None,
+            buffer_hook: None,
         })
     }
 }
@@ -446,6 +456,11 @@ impl<B: TrainBackend> Trainer<B> {
         self.g.reset();
         self.g.set_recording(true);
         self.tg.set_recording(false);
+        if let Some(hook) = &mut self.buffer_hook {
+            let (_, _, online) = B::f_side(&mut self.g.store, &mut self.g.w);
+            let (_, _, target) = B::f_side(&mut self.tg.store, &mut self.tg.w);
+            hook(&self.g.dev, online, target)?;
+        }
         Ok(())
     }
 
