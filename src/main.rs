@@ -597,6 +597,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Some(Cmd::Info) => {
             print!("{}", device::probe().report());
+            // How this process reads its launcher's variables (torchrun, Slurm), for multi-GPU
+            // runs: a misread environment shows here before a run starts.
+            let env = |k: &str| std::env::var(k).ok();
+            let flags = lewel::dist::ranks::RankFlags::default();
+            let ranks = match lewel::dist::ranks::Ranks::resolve(&flags, &env) {
+                Ok(r) => r.describe(),
+                Err(e) => e.to_string(),
+            };
+            println!("ranks      {ranks}");
             Ok(())
         }
         Some(Cmd::Check(a)) => check(a),

@@ -440,3 +440,63 @@ fn embed_takes_images_and_checkpoints_are_verified() {
     assert!(!d.join("out.safetensors").exists());
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `lewel info` says how it reads the launcher's variables: one process by default, torchrun's
+/// and Slurm's ranks, and a misread environment as its one-line reason.
+#[test]
+fn info_reports_the_ranks() {
+    let clean = |c: &mut Command| {
+        for k in [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "SLURM_PROCID",
+            "SLURM_NTASKS",
+            "SLURM_LOCALID",
+            "SLURM_JOB_NODELIST",
+            "SLURM_NODELIST",
+            "SLURM_JOB_ID",
+        ] {
+            c.env_remove(k);
+        }
+    };
+    let info = |vars: &[(&str, &str)]| {
+        let mut c = lewel();
+        c.arg("info");
+        clean(&mut c);
+        c.envs(vars.iter().copied());
+        let (code, out, err) = run(&mut c);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .find(|l| l.starts_with("ranks "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(info(&[]).contains("one process"), "{}", info(&[]));
+    let t = info(&[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("LOCAL_RANK", "1"),
+        ("MASTER_ADDR", "n0"),
+        ("MASTER_PORT", "29400"),
+    ]);
+    assert_eq!(
+        t,
+        "ranks      torchrun: rank 1 of 2, local rank 1, rendezvous n0:29400"
+    );
+    let s = info(&[
+        ("SLURM_PROCID", "3"),
+        ("SLURM_NTASKS", "4"),
+        ("SLURM_LOCALID", "1"),
+        ("SLURM_JOB_NODELIST", "gpu[05-06]"),
+        ("MASTER_PORT", "4000"),
+    ]);
+    assert_eq!(
+        s,
+        "ranks      Slurm: rank 3 of 4, local rank 1, rendezvous gpu05:4000"
+    );
+    let bad = info(&[("RANK", "0")]);
+    assert!(bad.contains("WORLD_SIZE is not set, but RANK is"), "{bad}");
+}

@@ -56,6 +56,26 @@ impl Ranks {
         }
     }
 
+    /// One line for `lewel info`.
+    pub fn describe(&self) -> String {
+        let from = match self.source {
+            Source::Single => {
+                return "one process (no --rank/--world-size, torchrun or Slurm variables)".into()
+            }
+            Source::Flags => "flags",
+            Source::Torchrun => "torchrun",
+            Source::Slurm => "Slurm",
+        };
+        let meet = match &self.master {
+            Some((a, p)) => format!(", rendezvous {a}:{p}"),
+            None => String::new(),
+        };
+        format!(
+            "{from}: rank {} of {}, local rank {}{meet}",
+            self.rank, self.world, self.local_rank
+        )
+    }
+
     /// From the flags, else the environment `env` reads (`std::env::var` in the binary).
     pub fn resolve(flags: &RankFlags, env: &dyn Fn(&str) -> Option<String>) -> Result<Ranks> {
         let get = |k: &str| env(k).filter(|v| !v.trim().is_empty());
