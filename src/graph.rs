@@ -493,37 +493,40 @@ impl<B: Kernels> Graph<B> {
         }
     }
 
-    /// Runs `f` with slot `y`'s activation storage taken out (so other slots can be read
-    /// meanwhile); a failure becomes the graph's error.
+    /// Runs `f` with slot `y`'s storage in the pool `pool` picks taken out (so other slots can
+    /// be read meanwhile); a failure becomes the graph's error.
+    fn with_slot<T: Elem>(
+        &mut self,
+        pool: fn(&mut Self) -> &mut Pool<B, T>,
+        y: Tensor,
+        f: impl FnOnce(&Self, &mut B::ViewMut<'_, T>) -> Result<()>,
+    ) {
+        if self.failed() {
+            return;
+        }
+        let i = y.slot as usize;
+        let mut b = pool(self).take(i);
+        let r = f(self, &mut B::view_mut(&mut b, 0..y.numel()));
+        pool(self).put(i, b);
+        self.fail(r);
+    }
+
+    /// [`Self::with_slot`] for an activation slot.
     fn with_e(
         &mut self,
         y: Tensor,
         f: impl FnOnce(&Self, &mut B::ViewMut<'_, B::E>) -> Result<()>,
     ) {
-        if self.failed() {
-            return;
-        }
-        let i = y.slot as usize;
-        let mut b = self.e.take(i);
-        let r = f(self, &mut B::view_mut(&mut b, 0..y.numel()));
-        self.e.put(i, b);
-        self.fail(r);
+        self.with_slot(|s| &mut s.e, y, f)
     }
 
-    /// The same for a slot of `F`.
+    /// [`Self::with_slot`] for a slot of `F`.
     fn with_f(
         &mut self,
         y: Tensor,
         f: impl FnOnce(&Self, &mut B::ViewMut<'_, B::F>) -> Result<()>,
     ) {
-        if self.failed() {
-            return;
-        }
-        let i = y.slot as usize;
-        let mut b = self.f.take(i);
-        let r = f(self, &mut B::view_mut(&mut b, 0..y.numel()));
-        self.f.put(i, b);
-        self.fail(r);
+        self.with_slot(|s| &mut s.f, y, f)
     }
 
     /// A parameter in the compute dtype.
