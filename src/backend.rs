@@ -76,12 +76,11 @@ pub trait Backend: Sized {
         st: &'a ParamStore<Self::F>,
         w: &'a Self::Weights,
     ) -> &'a Self::Buf<Self::E>;
-    /// (parameters in the compute dtype, their gradients in the compute dtype).
-    #[allow(clippy::type_complexity)]
-    fn compute_side<'a>(
+    /// The weight gradients in the compute dtype (what convolutions and GEMMs write).
+    fn weight_grads<'a>(
         st: &'a mut ParamStore<Self::F>,
         w: &'a mut Self::Weights,
-    ) -> (&'a Self::Buf<Self::E>, &'a mut Self::Buf<Self::E>);
+    ) -> &'a mut Self::Buf<Self::E>;
     /// (parameters, their gradients, BN running statistics), all in `F`.
     #[allow(clippy::type_complexity)]
     fn f_side<'a>(
@@ -208,8 +207,8 @@ impl<T: Float + Elem> Backend for Cpu<T> {
     fn compute_params<'a>(st: &'a ParamStore<T>, _w: &'a ()) -> &'a Vec<T> {
         &st.params
     }
-    fn compute_side<'a>(st: &'a mut ParamStore<T>, _w: &'a mut ()) -> (&'a Vec<T>, &'a mut Vec<T>) {
-        (&st.params, &mut st.grads)
+    fn weight_grads<'a>(st: &'a mut ParamStore<T>, _w: &'a mut ()) -> &'a mut Vec<T> {
+        &mut st.grads
     }
     fn f_side<'a>(
         st: &'a mut ParamStore<T>,
@@ -387,11 +386,11 @@ where
     fn compute_params<'a>(_st: &'a ParamStore<f32>, w: &'a DevWeights<E>) -> &'a CudaSlice<E> {
         &w.params_c
     }
-    fn compute_side<'a>(
+    fn weight_grads<'a>(
         _st: &'a mut ParamStore<f32>,
         w: &'a mut DevWeights<E>,
-    ) -> (&'a CudaSlice<E>, &'a mut CudaSlice<E>) {
-        (&w.params_c, &mut w.grads_c)
+    ) -> &'a mut CudaSlice<E> {
+        &mut w.grads_c
     }
     fn f_side<'a>(
         _st: &'a mut ParamStore<f32>,

@@ -223,20 +223,20 @@ impl Node {
 
     /// The gradient slots its backward touches: the inputs whose gradients it adds to, and the
     /// outputs whose gradients it reads.
-    fn grad_touches(&self) -> Vec<Tensor> {
+    fn grad_touches(&self) -> [Option<Tensor>; 3] {
         match *self {
             Node::Conv { x, y, .. }
             | Node::MaxPool { x, y, .. }
             | Node::AvgPool { x, y, .. }
             | Node::Linear { x, y, .. }
             | Node::Align { x, y, .. }
-            | Node::Scale { x, y, .. } => vec![x, y],
-            Node::Bn { x, y, res, .. } => [Some(x), Some(y), res].into_iter().flatten().collect(),
-            Node::Concat { g, x, u, .. } => vec![g, x, u],
-            Node::Split { z, zg, a, .. } => vec![z, zg, a],
-            Node::Aggregate { x, w, v, .. } => vec![x, w, v],
-            Node::Loss { pred, y, .. } => vec![pred, y],
-            Node::Add { a, b, y } => vec![a, b, y],
+            | Node::Scale { x, y, .. }
+            | Node::Loss { pred: x, y, .. } => [Some(x), Some(y), None],
+            Node::Bn { x, y, res, .. } => [Some(x), Some(y), res],
+            Node::Concat { g, x, u, .. } => [Some(g), Some(x), Some(u)],
+            Node::Split { z, zg, a, .. } => [Some(z), Some(zg), Some(a)],
+            Node::Aggregate { x, w, v, .. } => [Some(x), Some(w), Some(v)],
+            Node::Add { a, b, y } => [Some(a), Some(b), Some(y)],
         }
     }
 }
@@ -344,6 +344,8 @@ pub struct Graph<B: Backend> {
     bytes: usize,
     /// The range the op being recorded opened.
     open: Option<&'static CStr>,
+    /// Backward's gradient lending plan, reused.
+    spans: Spans,
 }
 
 impl<T: Real + Elem> Graph<Cpu<T>> {
@@ -381,6 +383,7 @@ impl<B: Kernels> Graph<B> {
             err: None,
             bytes,
             open: None,
+            spans: Spans::default(),
         })
     }
 
@@ -577,6 +580,25 @@ impl<B: Kernels> Graph<B> {
             Kind::F => self.dev.download(&fv!(self, t)),
             Kind::I => panic!("fetch: index tensors are internal"),
         }
+    }
+
+    /// An f32 tensor's values, writable in place on the device (a step's loss, averaged over
+    /// the ranks of a data-parallel run).
+    pub fn with_f_mut<R>(
+        &mut self,
+        t: Tensor,
+        f: impl FnOnce(&B, &mut crate::backend::VfMut<'_, B>) -> Result<R>,
+    ) -> Result<R> {
+        if let Some(e) = &self.err {
+            return Err(e.again());
+        }
+        let m = self.meta[t.slot as usize];
+        assert_eq!(m.kind, Kind::F, "with_f_mut: f32 tensors only");
+        let b = self.f.bufs[t.slot as usize]
+            .as_mut()
+            .expect("Graph: slot without storage");
+        let mut v = B::view_mut(b, 0..m.len);
+        f(&self.dev, &mut v)
     }
 
     /// The same memory seen with another shape of equal size.
@@ -934,7 +956,9 @@ impl<B: Kernels> Graph<B> {
         self.ge.release_all();
         self.gf.release_all();
         let tape = std::mem::take(&mut self.tape);
-        let (born, dies) = grad_spans(&tape, &self.meta);
+        let mut spans = std::mem::take(&mut self.spans);
+        spans.compute(&tape, &self.meta);
+        let (mut nb, mut nd) = (0, 0);
         let r = (|| {
             self.dev.zero_grads(&mut self.store, &mut self.w)?;
             self.lend(out.slot)?;
@@ -943,7 +967,8 @@ impl<B: Kernels> Graph<B> {
             self.gf.put(out.slot as usize, b);
             r?;
             for (j, node) in tape.iter().enumerate().rev() {
-                for &s in &born[j] {
+                while let Some(&(_, s)) = spans.born.get(nb).filter(|b| b.0 as usize == j) {
+                    nb += 1;
                     if s != out.slot {
                         self.lend(s)?;
                     }
@@ -957,7 +982,8 @@ impl<B: Kernels> Graph<B> {
                         Error::Other(format!("backward of node {j} ({}): {e}", node.name()))
                     })?;
                 }
-                for &s in &dies[j] {
+                while let Some(&(_, s)) = spans.dies.get(nd).filter(|d| d.0 as usize == j) {
+                    nd += 1;
                     match self.meta[s as usize].kind {
                         Kind::E => self.ge.release(s as usize),
                         _ => self.gf.release(s as usize),
@@ -967,6 +993,7 @@ impl<B: Kernels> Graph<B> {
             Ok(())
         })();
         self.tape = tape;
+        self.spans = spans;
         self.ge.release_all();
         self.gf.release_all();
         r?;
@@ -1039,7 +1066,7 @@ impl<B: Kernels> Graph<B> {
         match *node {
             Node::Conv { x, w, y, p } => {
                 let r = self.store.table.range(w.0);
-                let (_, wg) = B::compute_side(&mut self.store, &mut self.w);
+                let wg = B::weight_grads(&mut self.store, &mut self.w);
                 self.dev.conv_backward_weight(
                     &p,
                     &ev!(self, x),
@@ -1115,7 +1142,7 @@ impl<B: Kernels> Graph<B> {
             }
             Node::Linear { x, w, y, p } => {
                 let r = self.store.table.range(w.0);
-                let (_, wg) = B::compute_side(&mut self.store, &mut self.w);
+                let wg = B::weight_grads(&mut self.store, &mut self.w);
                 self.dev.linear_backward_weight(
                     &p,
                     &ev!(self, x),
@@ -1205,27 +1232,50 @@ impl<B: Kernels> Graph<B> {
     }
 }
 
-/// For each node of the tape, the gradient slots first touched there by backward (which runs
-/// the tape in reverse) and the ones last touched there.
-fn grad_spans(tape: &[Node], meta: &[Meta]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
-    let (mut first, mut last) = (vec![None; meta.len()], vec![None; meta.len()]);
-    for (j, n) in tape.iter().enumerate() {
-        for t in n.grad_touches() {
-            let s = t.slot as usize;
-            if meta[s].needs_grad {
-                first[s] = Some(j);
-                last[s].get_or_insert(j);
+/// Where backward lends and takes back each slot's gradient, recomputed every backward into the
+/// same vectors (no allocation once running).
+#[derive(Default)]
+struct Spans {
+    /// Per slot: the last node in tape order touching its gradient (the first in backward's), and
+    /// the first (backward's last); `u32::MAX` where none does.
+    first: Vec<u32>,
+    last: Vec<u32>,
+    /// (node, slot) where a gradient is lent, and where it is given back: by node from the end of
+    /// the tape (backward's order), then by slot.
+    born: Vec<(u32, u32)>,
+    dies: Vec<(u32, u32)>,
+}
+
+impl Spans {
+    fn compute(&mut self, tape: &[Node], meta: &[Meta]) {
+        const NONE: u32 = u32::MAX;
+        self.first.clear();
+        self.first.resize(meta.len(), NONE);
+        self.last.clear();
+        self.last.resize(meta.len(), NONE);
+        for (j, n) in tape.iter().enumerate() {
+            for t in n.grad_touches().into_iter().flatten() {
+                let s = t.slot as usize;
+                if meta[s].needs_grad {
+                    self.first[s] = j as u32;
+                    if self.last[s] == NONE {
+                        self.last[s] = j as u32;
+                    }
+                }
             }
         }
-    }
-    let (mut born, mut dies) = (vec![Vec::new(); tape.len()], vec![Vec::new(); tape.len()]);
-    for s in 0..meta.len() {
-        if let (Some(f), Some(l)) = (first[s], last[s]) {
-            born[f].push(s as u32);
-            dies[l].push(s as u32);
+        self.born.clear();
+        self.dies.clear();
+        for s in 0..meta.len() {
+            if self.first[s] != NONE {
+                self.born.push((self.first[s], s as u32));
+                self.dies.push((self.last[s], s as u32));
+            }
         }
+        let backward_order = |&(j, s): &(u32, u32)| (std::cmp::Reverse(j), s);
+        self.born.sort_unstable_by_key(backward_order);
+        self.dies.sort_unstable_by_key(backward_order);
     }
-    (born, dies)
 }
 
 pub(crate) fn dims4(op: &str, s: Shape) -> [usize; 4] {
