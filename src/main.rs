@@ -397,6 +397,23 @@ struct PretrainArgs {
     /// memory: the driver then stages each upload, and the trainer waits for it.
     #[arg(long)]
     no_pin_memory: bool,
+    /// Train on N GPUs of this machine: N worker processes, one per GPU, each taking 1/N of the
+    /// batch (per-GPU BN, as the official EMAN runs). [default: 1]
+    #[arg(long)]
+    gpus: Option<usize>,
+    /// This process's rank in a run started by another launcher (with --world-size); torchrun's
+    /// RANK/WORLD_SIZE or Slurm's SLURM_PROCID/SLURM_NTASKS are read when no flag is given.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Processes (GPUs) in the run, over all nodes (with --rank).
+    #[arg(long)]
+    world_size: Option<usize>,
+    /// Rank 0's host, where the ranks meet. [default: MASTER_ADDR, else 127.0.0.1]
+    #[arg(long)]
+    master_addr: Option<String>,
+    /// Rank 0's rendezvous port. [default: MASTER_PORT, else 29500; with --gpus a free port]
+    #[arg(long)]
+    master_port: Option<u16>,
 }
 
 impl PretrainArgs {
@@ -463,6 +480,43 @@ impl PretrainArgs {
     }
 }
 
+/// `--gpus N` (N > 1): checks what can be checked here, then starts the workers and waits.
+fn launch_gpus(n: usize, a: &PretrainArgs, given: &run::Given) -> Result<()> {
+    if a.resume.is_none() {
+        let cfg = PretrainConfig::from_given(given)?;
+        cfg.validate()?;
+        run::check_world(&cfg, n)?;
+    }
+    let p = device::probe();
+    let found = (0..p.gpus.len()).filter(|&i| p.usable(i)).count();
+    if found < n {
+        let why = match &p.driver {
+            Err(e) if p.gpus.is_empty() => format!(" ({e})"),
+            _ => String::new(),
+        };
+        return Err(Error::user(format!(
+            "--gpus {n}: this machine has {found} usable GPU(s){why}; `lewel info` lists them"
+        )));
+    }
+    // The command line again without --gpus N (or --gpus=N).
+    let mut args = Vec::new();
+    let mut it = std::env::args_os().skip(2);
+    while let Some(x) = it.next() {
+        match x.to_str() {
+            Some("--gpus") => {
+                it.next();
+            }
+            Some(s) if s.starts_with("--gpus=") => {}
+            _ => args.push(x),
+        }
+    }
+    let code = lewel::dist::launch::launch(n, &args, a.master_port)?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
 /// `[default: ...]` after the help of every `pretrain` flag that is a config key, read from the
 /// defaults themselves; `[default: off]` after switches.
 fn with_defaults(cmd: clap::Command) -> clap::Command {
@@ -504,10 +558,38 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         return Err(Error::user("--stop-after: must be at least 1"));
     }
     let given = a.given()?;
+    if let Some(n) = a.gpus {
+        if n == 0 {
+            return Err(Error::user("--gpus: at least 1"));
+        }
+        if a.rank.is_some() || a.world_size.is_some() {
+            return Err(Error::user(
+                "--gpus starts its own ranks; it does not go with --rank/--world-size",
+            ));
+        }
+        if std::env::var_os("RANK").is_some() && std::env::var_os("LEWEL_LAUNCHER").is_none() {
+            return Err(Error::user(
+                "--gpus: this process was started by torchrun (RANK is set), which starts the ranks itself: drop --gpus",
+            ));
+        }
+        if n > 1 && std::env::var_os("LEWEL_LAUNCHER").is_none() {
+            return launch_gpus(n, &a, &given);
+        }
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let flags = lewel::dist::ranks::RankFlags {
+        rank: a.rank,
+        world_size: a.world_size,
+        master_addr: a.master_addr.clone(),
+        master_port: a.master_port,
+    };
+    let ranks = lewel::dist::ranks::Ranks::resolve(&flags, &env)?;
+    let lead = ranks.rank == 0;
     let opts = run::RunOptions {
         stop_after: a.stop_after,
         force: a.force,
         dry_run: a.dry_run,
+        ranks,
     };
     let s = match &a.resume {
         Some(r) => {
@@ -520,7 +602,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         }
         None => run::pretrain(&PretrainConfig::from_given(&given)?, &opts)?,
     };
-    if a.dry_run {
+    if a.dry_run || !lead {
         return Ok(());
     }
     let gain = s.knn_init.zip(s.knn_final).map(|(i, f)| f - i);

@@ -8,6 +8,7 @@
 //! augmentation) is a pure function of (seed, epoch, sample, view), the schedules are functions of the
 //! iteration, and the checkpoint holds the weights, BN statistics, counters and LARS momentum.
 
+use crate::backend::Backend;
 use crate::backend::Cuda;
 use crate::checkpoint::{self, Owned, Tensors};
 use crate::data::augment;
@@ -16,6 +17,8 @@ use crate::data::photometric_cuda::AugParams;
 use crate::data::synthetic::{Split, Synthetic, CLASSES};
 use crate::data::{pil, transforms};
 use crate::device::{self, Device, DeviceChoice};
+use crate::dist::nccl::Nccl;
+use crate::dist::ranks::Ranks;
 use crate::error::{Context, Error, Result};
 use crate::eval::knn;
 use crate::gpu::Gpu;
@@ -550,12 +553,30 @@ pub struct Manifest {
     pub first_loss: Option<f64>,
     /// How the data order and augmentation resume: no generator state is needed.
     pub rng: String,
+    /// Ranks (GPUs) of the run that wrote it.
+    #[serde(default = "one")]
+    pub world: usize,
     pub config: PretrainConfig,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The data of step k (0-based) of a run on the built-in set: a DistributedSampler-style shuffle
 /// per epoch from the seed (one rank, drop_last), then two augmented views of each sample.
 pub(crate) fn views_for_step(cfg: &PretrainConfig, k: usize) -> (Vec<f32>, Vec<f32>, Shape) {
+    views_for_rank(cfg, k, 0, 1)
+}
+
+/// Rank `rank`'s part of step k's batch in a run of `world` ranks: the slice of the global batch
+/// it takes (so the ranks together see exactly the batch one process would).
+pub(crate) fn views_for_rank(
+    cfg: &PretrainConfig,
+    k: usize,
+    rank: usize,
+    world: usize,
+) -> (Vec<f32>, Vec<f32>, Shape) {
     let data = Synthetic::new(cfg.seed, SOURCE_SIZE, cfg.train_len, cfg.val_len);
     let iters = synthetic_iters(cfg);
     let (epoch, i) = (k / iters, k % iters);
@@ -564,10 +585,11 @@ pub(crate) fn views_for_step(cfg: &PretrainConfig, k: usize) -> (Vec<f32>, Vec<f
     for j in (1..order.len()).rev() {
         order.swap(j, r.below(j as u64 + 1) as usize);
     }
-    let idx = &order[i * cfg.batch_size..][..cfg.batch_size];
+    let per = cfg.batch_size / world;
+    let idx = &order[i * cfg.batch_size + rank * per..][..per];
     let size = cfg.size();
     let (v1, v2) = views_batch(&data, cfg.seed, epoch, idx, size);
-    let shape = Shape::new(&[cfg.batch_size, size, size, 3]);
+    let shape = Shape::new(&[per, size, size, 3]);
     (v1, v2, shape)
 }
 
@@ -818,7 +840,14 @@ type Opened = (TrainData, usize, String, Option<Arc<dyn Samples>>);
 impl TrainData {
     /// The data, its iterations per epoch (the one place they are counted), its part of the run's
     /// first line, and the training images (real data).
+    #[cfg(test)]
     fn open(cfg: &PretrainConfig) -> Result<Opened> {
+        Self::open_rank(cfg, 0, 1)
+    }
+
+    /// The same for rank `rank` of `world`: it reads its own shard (DistributedSampler), in
+    /// batches of its part of the global batch.
+    fn open_rank(cfg: &PretrainConfig, rank: usize, world: usize) -> Result<Opened> {
         let Some(path) = &cfg.data else {
             let what = format!(
                 "synthetic {} train / {} val, {}px",
@@ -851,13 +880,13 @@ impl TrainData {
         let loader = Loader::new(
             samples.clone(),
             LoaderConfig {
-                batch: cfg.batch_size,
+                batch: cfg.batch_size / world,
                 size: cfg.size(),
                 seed: cfg.seed,
                 threads,
                 prefetch: 2,
-                world: 1,
-                rank: 0,
+                world,
+                rank,
                 max_bad: cfg.max_bad,
                 photometric: true,
             },
@@ -992,6 +1021,7 @@ struct EpochEnd {
     mean_loss: f64,
     knn_init: Option<f64>,
     first_loss: Option<f64>,
+    world: usize,
 }
 
 /// The end of an epoch, on any device: the kNN monitor, the epoch's line and metrics, the
@@ -1024,6 +1054,7 @@ fn end_of_epoch<B: TrainBackend>(
         knn_last,
         first_loss: e.first_loss,
         rng: "none saved: every draw is a pure function of (seed, epoch, sample, view)".into(),
+        world: e.world,
         config: cfg.clone(),
     };
     save(m.host()?, &cfg.out, &mut mf)?;
@@ -1035,6 +1066,8 @@ fn end_of_epoch<B: TrainBackend>(
 struct Log {
     jsonl: Option<std::fs::File>,
     bar: Option<indicatif::ProgressBar>,
+    /// Ranks other than 0 print only their warnings, named.
+    rank: usize,
 }
 
 impl Log {
@@ -1045,6 +1078,9 @@ impl Log {
         }
     }
     fn line(&self, s: &str) {
+        if self.rank != 0 {
+            return;
+        }
         // A closed stdout (`lewel pretrain | head`) must not stop the run.
         self.print(|| {
             let _ = writeln!(std::io::stdout(), "{s}");
@@ -1052,7 +1088,11 @@ impl Log {
     }
     fn warn(&self, s: &str) {
         self.print(|| {
-            let _ = writeln!(std::io::stderr(), "warning: {s}");
+            if self.rank != 0 {
+                let _ = writeln!(std::io::stderr(), "warning: rank {}: {s}", self.rank);
+            } else {
+                let _ = writeln!(std::io::stderr(), "warning: {s}");
+            }
         })
     }
     fn json(&mut self, v: serde_json::Value) -> Result<()> {
@@ -1140,6 +1180,8 @@ pub struct RunOptions {
     pub force: bool,
     /// Check everything and print the run's first line, then stop: nothing is written.
     pub dry_run: bool,
+    /// This process's place in a data-parallel run (one process by default).
+    pub ranks: Ranks,
 }
 
 /// The lock file of a run folder: held (flock) for the run's life, it holds the pid.
@@ -1255,8 +1297,11 @@ pub fn pretrain(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     c.val_data = c.val_data.as_deref().map(absolute);
     let notes = c.auto_notes();
     let c = c.resolved();
-    RunLock::probe(&c.out)?;
-    check_new_folder(&c.out, opts.force)?;
+    if opts.ranks.rank == 0 {
+        // Rank 0 alone owns the run folder.
+        RunLock::probe(&c.out)?;
+        check_new_folder(&c.out, opts.force)?;
+    }
     run(c, None, notes, String::new(), opts)
 }
 
@@ -1282,7 +1327,9 @@ pub fn resume(path: &Path, given: &Given, opts: &RunOptions) -> Result<Summary> 
             )
         }));
     }
-    RunLock::probe(&dir)?;
+    if opts.ranks.rank == 0 {
+        RunLock::probe(&dir)?;
+    }
     let (dir, man) = read_manifest(path).ctx("--resume")?;
     let (mut cfg, mut notes) = PretrainConfig::for_resume(&man.config, given)?;
     cfg.out = absolute(&dir);
@@ -1298,6 +1345,15 @@ pub fn resume(path: &Path, given: &Given, opts: &RunOptions) -> Result<Summary> 
                 man.epoch, cfg.epochs, man.epoch
             )
         }));
+    }
+    if man.world != opts.ranks.world {
+        notes += &format!(
+            " | resumed on {} rank(s), the checkpoint was written by {}: BN sees {} samples per GPU instead of {}, and on real data each rank's shard changes, so the run is not the one an uninterrupted run would have been",
+            opts.ranks.world,
+            man.world,
+            cfg.batch_size / opts.ranks.world.max(1),
+            cfg.batch_size / man.world.max(1)
+        );
     }
     if cfg.epochs != man.config.epochs {
         notes += &format!(
@@ -1320,10 +1376,20 @@ fn run(
     opts: &RunOptions,
 ) -> Result<Summary> {
     let t0 = Instant::now();
+    let ranks = opts.ranks.clone();
+    let world = ranks.world;
     let (lc, sc) = cfg.validate()?;
-    let choice = cfg.device.parse::<DeviceChoice>()?;
+    let mut choice = cfg.device.parse::<DeviceChoice>()?;
+    if world > 1 {
+        check_world(&cfg, world)?;
+        // Per-GPU BN: each rank's BN sees its own samples (or its --bn-group groups of them).
+        // `cuda` (and `auto`) on a rank mean the GPU of its local rank; cuda:N stays N.
+        if !cfg.device.starts_with("cuda:") {
+            choice = DeviceChoice::Cuda(ranks.local_rank);
+        }
+    }
     crate::data::decode::set_jpeg_decoder(cfg.jpeg_decoder.parse()?)?;
-    let (train, iters, data_line, train_samples) = TrainData::open(&cfg)?;
+    let (train, iters, data_line, train_samples) = TrainData::open_rank(&cfg, ranks.rank, world)?;
     let plan = Plan::new(&cfg, iters);
     let (knn_data, knn_line, warnings) = KnnData::open(&cfg, train_samples.as_ref())?;
 
@@ -1350,7 +1416,7 @@ fn run(
 
     let params = m.g.store.num_params();
     let (target, note) = open_device(choice, &cfg)?;
-    let batch = cfg.batch_size;
+    let batch = cfg.batch_size / world;
     let opened = OpenRun {
         t0,
         cfg,
@@ -1368,20 +1434,24 @@ fn run(
         warnings: note.into_iter().chain(warnings).collect(),
         start_epoch,
         params,
+        ranks,
+        nccl: None,
     };
     // Dispatched once, on the device and the precision: the loop is generic over the backend.
     match target {
         Target::Cpu => train_loop(m, opened, opts),
         Target::Gpu(gpu, false) => {
-            let m = m
-                .to_device(Cuda::<f32>::new(gpu))
+            let mut m = m
+                .to_device(Cuda::<f32>::new(gpu.clone()))
                 .map_err(|e| oom(e, batch))?;
+            let opened = data_parallel(&mut m, &gpu, opened)?;
             train_loop(m, opened, opts)
         }
         Target::Gpu(gpu, true) => {
-            let m = m
-                .to_device(Cuda::<half::bf16>::new(gpu))
+            let mut m = m
+                .to_device(Cuda::<half::bf16>::new(gpu.clone()))
                 .map_err(|e| oom(e, batch))?;
+            let opened = data_parallel(&mut m, &gpu, opened)?;
             train_loop(m, opened, opts)
         }
     }
@@ -1405,6 +1475,102 @@ struct OpenRun {
     warnings: Vec<String>,
     start_epoch: usize,
     params: usize,
+    ranks: Ranks,
+    /// The communicator of a data-parallel run on GPUs.
+    nccl: Option<Rc<std::cell::RefCell<Nccl>>>,
+}
+
+/// A global batch that splits over the ranks, on GPUs.
+pub fn check_world(cfg: &PretrainConfig, world: usize) -> Result<()> {
+    let b = cfg.batch_size;
+    if !b.is_multiple_of(world) {
+        return Err(Error::user(format!(
+            "--batch-size {b}: the global batch does not split evenly over {world} ranks: use a multiple of {world}"
+        )));
+    }
+    let per = b / world;
+    if per < 2 {
+        return Err(Error::user(format!(
+            "--batch-size {b}: {per} sample per rank over {world} ranks; BN needs at least 2 on each GPU"
+        )));
+    }
+    if cfg.bn_group != 0 && !per.is_multiple_of(cfg.bn_group) {
+        return Err(Error::user(format!(
+            "--bn-group {}: does not divide the {per} samples each of the {world} ranks takes",
+            cfg.bn_group
+        )));
+    }
+    if cfg.device == "cpu" {
+        return Err(Error::user(format!(
+            "--device cpu: a run of {world} ranks trains on GPUs, one per rank; on the CPU, --bn-group {per} gives their per-GPU BN in one process"
+        )));
+    }
+    Ok(())
+}
+
+/// On a GPU in a run of several ranks: meets the other ranks, makes rank 0's state everyone's,
+/// and hooks the collectives into the step (gradients and loss averaged, BN running statistics
+/// broadcast from rank 0 before every forward, as DDP does).
+fn data_parallel<E: crate::gpu::GpuFloat>(
+    m: &mut Trainer<Cuda<E>>,
+    gpu: &Rc<Gpu>,
+    mut o: OpenRun,
+) -> Result<OpenRun>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<E>,
+{
+    if o.ranks.world == 1 {
+        return Ok(o);
+    }
+    let secs = |var: &str, default: u64| -> Result<std::time::Duration> {
+        match std::env::var(var) {
+            Ok(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|&s| s > 0)
+                .map(std::time::Duration::from_secs)
+                .ok_or_else(|| Error::user(format!("{var}={v}: expected whole seconds above 0"))),
+            Err(_) => Ok(std::time::Duration::from_secs(default)),
+        }
+    };
+    let nccl = Nccl::connect(
+        gpu,
+        &o.ranks,
+        secs("LEWEL_RENDEZVOUS_TIMEOUT", 300)?,
+        secs("LEWEL_DIST_TIMEOUT", 1800)?,
+    )?;
+    let nccl = Rc::new(std::cell::RefCell::new(nccl));
+    {
+        // Every rank starts from rank 0's weights, statistics and momentum.
+        let mut c = nccl.borrow_mut();
+        let (p, _, b) = Cuda::<E>::f_side(&mut m.g.store, &mut m.g.w);
+        c.broadcast(p, 0)?;
+        c.broadcast(b, 0)?;
+        let (p, _, b) = Cuda::<E>::f_side(&mut m.tg.store, &mut m.tg.w);
+        c.broadcast(p, 0)?;
+        c.broadcast(b, 0)?;
+        c.broadcast(&mut m.momentum, 0)?;
+        // The compute-dtype copies follow.
+        m.g.dev.refresh(&mut m.g.store, &mut m.g.w)?;
+        m.tg.dev.refresh(&mut m.tg.store, &mut m.tg.w)?;
+        m.g.dev.sync()?;
+    }
+    let c = nccl.clone();
+    m.grad_hook = Some(Box::new(move |_, grads| {
+        c.borrow_mut().all_reduce_mean(grads)
+    }));
+    let c = nccl.clone();
+    m.loss_hook = Some(Box::new(move |_, loss| {
+        c.borrow_mut().all_reduce_mean(loss)
+    }));
+    let c = nccl.clone();
+    m.buffer_hook = Some(Box::new(move |_, online, target| {
+        let mut c = c.borrow_mut();
+        c.broadcast(online, 0)?;
+        c.broadcast(target, 0)
+    }));
+    o.nccl = Some(nccl);
+    Ok(o)
 }
 
 /// The loop over epochs and steps, the end of each epoch (kNN, checkpoint), on any device.
@@ -1430,14 +1596,34 @@ fn train_loop<B: TrainBackend>(
         warnings,
         start_epoch,
         params,
+        ranks,
+        nccl,
     } = o;
+    let (rank, world) = (ranks.rank, ranks.world);
+    // Rank 0 alone reports and writes; the others train quietly (their errors still show).
+    let lead = rank == 0;
     let dev = m.g.dev.clone();
     if dev.has_device_memory() {
-        m.feature_batch = cfg.batch_size.clamp(1, 128);
+        m.feature_batch = (cfg.batch_size / world).clamp(1, 128);
     }
     let mut log = Log {
         jsonl: None,
         bar: None,
+        rank,
+    };
+    let batch_line = if world > 1 {
+        let from = match ranks.source {
+            crate::dist::ranks::Source::Torchrun => "torchrun's ranks",
+            crate::dist::ranks::Source::Slurm => "Slurm's ranks",
+            _ => "ranks from flags",
+        };
+        format!(
+            "{} ({} on each of {world} GPUs, {from})",
+            cfg.batch_size,
+            cfg.batch_size / world
+        )
+    } else {
+        cfg.batch_size.to_string()
     };
     for w in &warnings {
         log.warn(w);
@@ -1447,7 +1633,7 @@ fn train_loop<B: TrainBackend>(
         cfg.method,
         lc.arch.name(),
         dev.describe(),
-        cfg.batch_size,
+        batch_line,
         cfg.epochs,
         plan.total(),
         plan.warmup,
@@ -1470,26 +1656,32 @@ fn train_loop<B: TrainBackend>(
         });
     }
 
-    // Everything is checked: from here on the run folder is written, under its lock.
-    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
-    let _lock = RunLock::acquire(&cfg.out)?;
-    if man.is_none() {
-        // Again under the lock: another run may have started here since the first look.
-        check_new_folder(&cfg.out, opts.force)?;
-        for f in run_files(&cfg.out) {
-            std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+    // Everything is checked: from here on the run folder is written, under its lock, by rank 0
+    // alone.
+    let _lock = if lead {
+        std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+        let lock = RunLock::acquire(&cfg.out)?;
+        if man.is_none() {
+            // Again under the lock: another run may have started here since the first look.
+            check_new_folder(&cfg.out, opts.force)?;
+            for f in run_files(&cfg.out) {
+                std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+            }
         }
-    }
-    let toml_text = toml::to_string(&cfg).map_err(|e| Error::Other(format!("config: {e}")))?;
-    checkpoint::write_bytes_atomic(&cfg.out.join("config.toml"), toml_text.as_bytes())?;
-    let metrics = cfg.out.join("metrics.jsonl");
-    log.jsonl = Some(
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics)
-            .map_err(|e| Error::io(&metrics, e))?,
-    );
+        let toml_text = toml::to_string(&cfg).map_err(|e| Error::Other(format!("config: {e}")))?;
+        checkpoint::write_bytes_atomic(&cfg.out.join("config.toml"), toml_text.as_bytes())?;
+        let metrics = cfg.out.join("metrics.jsonl");
+        log.jsonl = Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics)
+                .map_err(|e| Error::io(&metrics, e))?,
+        );
+        Some(lock)
+    } else {
+        None
+    };
     if let (TrainData::Real(l), Some(ctx)) = (&mut train, dev.context()) {
         // On a GPU the loader makes the crops, in pinned memory; jitter, blur, solarize and
         // normalize run there.
@@ -1513,7 +1705,12 @@ fn train_loop<B: TrainBackend>(
             (man.knn_init, man.first_loss)
         }
         None => {
-            let acc = knn_monitor(&mut m, &knn_data, &cfg)?;
+            // The kNN monitor runs on rank 0 (the models are the same on every rank).
+            let acc = if lead {
+                knn_monitor(&mut m, &knn_data, &cfg)?
+            } else {
+                None
+            };
             if let Some(a) = acc {
                 log.line(&format!("knn | epoch 0 | acc {a:.2}%"));
                 log.json(serde_json::json!({"epoch": 0, "knn_acc": a}))?;
@@ -1522,7 +1719,7 @@ fn train_loop<B: TrainBackend>(
         }
     };
     let mut knn_last = man.as_ref().map_or(knn_init, |m| m.knn_last);
-    if tty {
+    if tty && lead {
         let bar =
             indicatif::ProgressBar::new(total as u64).with_position((start_epoch * iters) as u64);
         bar.set_style(
@@ -1541,6 +1738,14 @@ fn train_loop<B: TrainBackend>(
         first_loss,
         last_loss: None,
     };
+    let progress = || {
+        if let Some(c) = &nccl {
+            c.borrow().progress();
+        }
+    };
+    if let Some(c) = &nccl {
+        c.borrow().arm(true);
+    }
     for epoch in start_epoch..cfg.epochs {
         let mut loss_sum = 0.0;
         let mut batches = match &train {
@@ -1554,10 +1759,10 @@ fn train_loop<B: TrainBackend>(
             let ts = Instant::now();
             let k = epoch * iters + i;
             plan.set_step(&cfg, &mut sc, k);
-            let batch = cfg.batch_size;
+            let batch = cfg.batch_size / world;
             let data_ms = match &mut batches {
                 None => {
-                    let (v1, v2, shape) = views_for_step(&cfg, k);
+                    let (v1, v2, shape) = views_for_rank(&cfg, k, rank, world);
                     let data_ms = ts.elapsed().as_secs_f64() * 1e3;
                     m.queue_forward_backward(&v1, &v2, shape, &sc)
                         .map_err(|e| oom(e, batch))?;
@@ -1614,11 +1819,13 @@ fn train_loop<B: TrainBackend>(
             };
             if let Some(w) = waiting.replace(done) {
                 let (l, ms) = m.take_loss()?;
+                progress();
                 loss_sum += steps.log(&mut log, &cfg, w, l, ms, total)?;
             }
         }
         if let Some(w) = waiting.take() {
             let (l, ms) = m.take_loss()?;
+            progress();
             loss_sum += steps.log(&mut log, &cfg, w, l, ms, total)?;
         }
         epochs_done = epoch + 1;
@@ -1629,8 +1836,14 @@ fn train_loop<B: TrainBackend>(
             mean_loss: mean,
             knn_init,
             first_loss: steps.first_loss,
+            world,
         };
-        knn_last = end_of_epoch(&mut m, &knn_data, &cfg, &mut log, end)?;
+        if lead {
+            knn_last = end_of_epoch(&mut m, &knn_data, &cfg, &mut log, end)?;
+        } else {
+            m.restart_step_clock();
+        }
+        progress();
         if opts.stop_after == Some(epochs_done) {
             break;
         }

@@ -3,6 +3,7 @@
 #   libcuda.so.1, libnvrtc.so.13, libnvToolsExt.so.1 (+ unversioned links)   swgpu/driver/
 #   kernels/<file>.so for every kernels/*.cu                swgpu/kernels/ + the kernel sources
 #   libcublas/libcudnn stand-ins                            swgpu/blas/build.sh, when it exists
+#   libnccl.so.2 (+ libnccl.so)                             swgpu/nccl/
 # Usage: swgpu/build.sh OUTDIR [--asan]
 # Env: SWGPU_KERNEL_SRC  folder of the kernel sources (default: <repo>/kernels; mutants.sh points it
 #                        at a mutated copy)
@@ -102,4 +103,7 @@ done
 if [ -f "$here/blas/build.sh" ]; then
   if [ $asan = 1 ]; then bash "$here/blas/build.sh" "$out" --asan; else bash "$here/blas/build.sh" "$out"; fi
 fi
+# 5. NCCL stand-in: collectives between processes over shared memory
+"$cxx" "${flags[@]}" -Wall -shared -Wl,-soname,libnccl.so.2 -o "$out/libnccl.so.2" "$here/nccl/nccl.cpp" -ldl -lrt
+ln -sf libnccl.so.2 "$out/libnccl.so"
 echo "swgpu/build.sh: built the software GPU in $out"

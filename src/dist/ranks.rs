@@ -44,6 +44,12 @@ pub struct RankFlags {
     pub master_port: Option<u16>,
 }
 
+impl Default for Ranks {
+    fn default() -> Ranks {
+        Ranks::single()
+    }
+}
+
 impl Ranks {
     /// A single process.
     pub fn single() -> Ranks {

@@ -231,6 +231,8 @@ pub struct Trainer<B: TrainBackend> {
     pub grad_hook: Option<GradHook<B>>,
     /// Runs on the BN running statistics before every forward ([`BufferHook`]).
     pub buffer_hook: Option<BufferHook<B>>,
+    /// Runs on the loss before it is queued to the host ([`LossHook`]).
+    pub loss_hook: Option<LossHook<B>>,
 }
 
 /// The LEWEL trainer on the CPU (the reference).
@@ -246,6 +248,11 @@ pub type BufferHook<B> =
 /// parameter, laid out by the online store's table), before the loss is queued: where
 /// data-parallel training all-reduces the gradients. On a GPU it launches on the graph's stream.
 pub type GradHook<B> = Box<dyn FnMut(&B, &mut <B as Backend>::Buf<f32>) -> Result<()>>;
+
+/// Called after the gradient hook with the device and the step's loss (one f32 on the device):
+/// where data-parallel training averages the loss over the ranks, so every rank logs the loss of
+/// the whole batch.
+pub type LossHook<B> = Box<dyn for<'a> FnMut(&B, &mut crate::backend::VfMut<'a, B>) -> Result<()>>;
 
 /// A trainer's state on the host, for checkpoints and comparisons.
 pub struct HostView<'a> {
@@ -317,6 +324,7 @@ impl Trainer<Cpu<f32>> {
             host_cache: Default::default(),
             grad_hook: None,
             buffer_hook: None,
+            loss_hook: None,
         };
         m.copy_online_to_target();
         m
@@ -356,6 +364,7 @@ impl Trainer<Cpu<f32>> {
             host_cache: Default::default(),
             grad_hook: None,
             buffer_hook: None,
+            loss_hook: None,
         })
     }
 }
@@ -483,6 +492,9 @@ impl<B: TrainBackend> Trainer<B> {
         if let Some(hook) = &mut self.grad_hook {
             let (_, grads, _) = B::f_side(&mut self.g.store, &mut self.g.w);
             hook(&self.g.dev, grads)?;
+        }
+        if let Some(hook) = &mut self.loss_hook {
+            self.g.with_f_mut(loss, |dev, v| hook(dev, v))?;
         }
         let loss = B::queue_loss(&self.g, loss, self.spare.pop())?;
         let start = self.start.take();

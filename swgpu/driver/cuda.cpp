@@ -74,7 +74,17 @@ size_t total_mem() {
 
 std::mutex g_mu;  // one call at a time: the kernel runtime has process-wide state
 bool g_init;
-int g_ctx_token;  // the primary context's handle points here
+// Devices reported: 1, or SWGPU_DEVICES (up to 16; one process per device for multi-GPU tests).
+// They share this process's memory and allocation table; each has its own primary context token.
+int device_count() {
+    static const int v = [] {
+        const char* s = getenv("SWGPU_DEVICES");
+        long n = s && *s ? strtol(s, nullptr, 10) : 1;
+        return n >= 1 && n <= 16 ? int(n) : 1;
+    }();
+    return v;
+}
+int g_ctx_token[16];  // device d's primary context handle points at g_ctx_token[d]
 thread_local CUcontext g_current;
 
 struct Alloc {
@@ -352,7 +362,7 @@ const ErrName* err_entry(CUresult e) {
     return nullptr;
 }
 
-CUresult need_device(CUdevice d) { return d == 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_DEVICE; }
+CUresult need_device(CUdevice d) { return d >= 0 && d < device_count() ? CUDA_SUCCESS : CUDA_ERROR_INVALID_DEVICE; }
 
 }  // namespace
 
@@ -374,13 +384,13 @@ EXPORT CUresult cuDriverGetVersion(int* v) {
 }
 EXPORT CUresult cuDeviceGetCount(int* n) {
     if (!n) return CUDA_ERROR_INVALID_VALUE;
-    *n = 1;
+    *n = device_count();
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuDeviceGet(CUdevice* d, int ordinal) {
     if (!d) return CUDA_ERROR_INVALID_VALUE;
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *d = 0;
+    if (need_device(ordinal) != CUDA_SUCCESS) return CUDA_ERROR_INVALID_DEVICE;
+    *d = ordinal;
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuDeviceGetName(char* name, int len, CUdevice d) {
@@ -392,6 +402,7 @@ EXPORT CUresult cuDeviceGetUuid(unsigned char* uuid, CUdevice d) {
     if (!uuid) return CUDA_ERROR_INVALID_VALUE;
     const char id[16] = {'s', 'w', 'g', 'p', 'u', '-', 'l', 'e', 'w', 'e', 'l', 0, 0, 0, 0, 1};
     memcpy(uuid, id, 16);
+    uuid[15] = (unsigned char)(d + 1);
     return need_device(d);
 }
 EXPORT CUresult cuDeviceGetUuid_v2(unsigned char* uuid, CUdevice d) { return cuDeviceGetUuid(uuid, d); }
@@ -412,8 +423,9 @@ EXPORT CUresult cuDeviceGetPCIBusId(char* s, int len, CUdevice d) {
 }
 EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice d) {
     if (!c) return CUDA_ERROR_INVALID_VALUE;
-    *c = &g_ctx_token;
-    return need_device(d);
+    if (need_device(d) != CUDA_SUCCESS) return CUDA_ERROR_INVALID_DEVICE;
+    *c = (CUcontext)&g_ctx_token[d];
+    return CUDA_SUCCESS;
 }
 EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) { return need_device(d); }
 EXPORT CUresult cuDevicePrimaryCtxRelease(CUdevice d) { return need_device(d); }
@@ -442,7 +454,8 @@ EXPORT CUresult cuCtxPopCurrent_v2(CUcontext* c) {
 }
 EXPORT CUresult cuCtxGetDevice(CUdevice* d) {
     if (!d) return CUDA_ERROR_INVALID_VALUE;
-    *d = 0;
+    int* t = (int*)g_current;
+    *d = t >= g_ctx_token && t < g_ctx_token + 16 ? int(t - g_ctx_token) : 0;
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuCtxSynchronize() {
@@ -598,7 +611,7 @@ EXPORT CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice d) {
-    if (pool) *pool = &g_ctx_token;
+    if (pool && need_device(d) == CUDA_SUCCESS) *pool = (CUmemoryPool)&g_ctx_token[d];
     return need_device(d);
 }
 EXPORT CUresult cuDeviceGetMemPool(CUmemoryPool* pool, CUdevice d) { return cuDeviceGetDefaultMemPool(pool, d); }

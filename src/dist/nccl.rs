@@ -1,0 +1,258 @@
+//! The GPU communicator: one NCCL communicator per process (one process per GPU), made after the
+//! rendezvous ([`super::rendezvous`]) hands every rank rank 0's unique id. Collectives are queued
+//! on the GPU's stream, in the order the training step makes them, the same on every rank: the
+//! gradient all-reduce after backward, the loss all-reduce, the broadcast of rank 0's BN running
+//! statistics before each forward.
+//!
+//! A watchdog thread keeps the run from hanging: it asks NCCL for an asynchronous error every
+//! half second (a peer's death seen by the network or the transport) and watches the training
+//! loop's progress; on an error, or when no step has finished for the timeout, it prints one line
+//! naming this rank and what it waited for and ends the process (exit 1), as PyTorch's NCCL
+//! watchdog does. `lewel pretrain --gpus N` then ends the other ranks.
+
+use super::rendezvous;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use cudarc::driver::{CudaStream, DevicePtrMut};
+use cudarc::nccl::{result, sys};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the watchdog watches.
+struct Watch {
+    start: Instant,
+    /// Milliseconds since `start` of the last progress report.
+    last: AtomicU64,
+    /// Whether the progress timeout applies now (off while the run does work of its own length,
+    /// such as the kNN monitor).
+    armed: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// One rank's NCCL communicator.
+pub struct Nccl {
+    comm: sys::ncclComm_t,
+    pub rank: usize,
+    pub world: usize,
+    stream: Arc<CudaStream>,
+    watch: Arc<Watch>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+    /// A collective failed: the communicator is aborted, not destroyed, at the end.
+    failed: bool,
+}
+
+/// The comm handle for the watchdog thread (NCCL allows ncclCommGetAsyncError from any thread).
+struct Handle(sys::ncclComm_t);
+// SAFETY: the watchdog only calls ncclCommGetAsyncError, which NCCL documents as safe to call
+// from another thread while the communicator is in use; it stops before the comm is freed.
+unsafe impl Send for Handle {}
+
+/// NCCL's text for a failure: the code's name and, where the library gives one, its last error.
+fn describe(e: sys::ncclResult_t, comm: sys::ncclComm_t) -> String {
+    // SAFETY: both return pointers to static or library-owned NUL-terminated strings.
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
+    let what = text(unsafe { sys::ncclGetErrorString(e) });
+    let last = text(unsafe { sys::ncclGetLastError(comm) });
+    if last.is_empty() {
+        format!("{e:?} ({what})")
+    } else {
+        format!("{e:?} ({what}): {last}")
+    }
+}
+
+impl Nccl {
+    /// Meets the other ranks and makes the communicator on `gpu`'s stream. `timeout` bounds the
+    /// rendezvous; `progress_timeout` is the watchdog's limit on a step.
+    pub fn connect(
+        gpu: &Gpu,
+        ranks: &super::ranks::Ranks,
+        timeout: Duration,
+        progress_timeout: Duration,
+    ) -> Result<Nccl> {
+        let (rank, world) = (ranks.rank, ranks.world);
+        // SAFETY: only checks whether the library can be loaded.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::user(format!(
+                "{world} ranks need NCCL: libnccl.so was not found on the library path (scripts/cuda-env.sh adds a PyTorch install's; `lewel info` shows what was found)"
+            )));
+        }
+        let (addr, port) = ranks
+            .master
+            .clone()
+            .ok_or_else(|| Error::Other("a world of several ranks without a rendezvous".into()))?;
+        let id: rendezvous::Id = if rank == 0 {
+            let id = result::get_uniqueid()
+                .map_err(|e| Error::Other(format!("ncclGetUniqueId: {:?}", e.0)))?;
+            let bytes = id.internal.map(|c| c as u8);
+            rendezvous::serve(port, world, &bytes, timeout)?;
+            bytes
+        } else {
+            rendezvous::join(&addr, port, rank, world, timeout)?
+        };
+        let watch = Arc::new(Watch {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+            armed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        let uid = sys::ncclUniqueId {
+            internal: id.map(|b| b as std::ffi::c_char),
+        };
+        gpu.ctx
+            .bind_to_thread()
+            .map_err(|e| gpu.err("binding the context for NCCL", e))?;
+        // SAFETY: `comm` receives the new communicator; the id came from rank 0's ncclGetUniqueId.
+        let r = unsafe { sys::ncclCommInitRank(&mut comm, world as i32, uid, rank as i32) };
+        if r != sys::ncclResult_t::ncclSuccess {
+            return Err(Error::Other(format!(
+                "rank {rank}: making the NCCL communicator of {world} ranks failed: {}",
+                describe(r, comm)
+            )));
+        }
+        let mut n = Nccl {
+            comm,
+            rank,
+            world,
+            stream: gpu.stream.clone(),
+            watch: watch.clone(),
+            watchdog: None,
+            failed: false,
+        };
+        let h = Handle(comm);
+        n.watchdog = Some(
+            std::thread::Builder::new()
+                .name("lewel-nccl-watchdog".into())
+                .spawn(move || watchdog(h, watch, rank, progress_timeout))
+                .map_err(|e| Error::Other(format!("starting the NCCL watchdog: {e}")))?,
+        );
+        Ok(n)
+    }
+
+    /// A step (or another unit of the run) finished: the progress clock restarts.
+    pub fn progress(&self) {
+        let ms = self.watch.start.elapsed().as_millis() as u64;
+        self.watch.last.store(ms, Ordering::Release);
+    }
+
+    /// Whether the progress timeout applies from now on (restarting its clock).
+    pub fn arm(&self, on: bool) {
+        self.progress();
+        self.watch.armed.store(on, Ordering::Release);
+    }
+
+    fn check(&mut self, what: &str, r: sys::ncclResult_t) -> Result<()> {
+        match r {
+            sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress => Ok(()),
+            e => {
+                self.failed = true;
+                Err(Error::Other(format!(
+                    "rank {}: NCCL {what} failed: {}",
+                    self.rank,
+                    describe(e, self.comm)
+                )))
+            }
+        }
+    }
+
+    /// Every rank's `buf` becomes the mean over the ranks (queued on the stream).
+    pub fn all_reduce_mean<B: DevicePtrMut<f32>>(&mut self, buf: &mut B) -> Result<()> {
+        let n = buf.len();
+        let stream = self.stream.clone();
+        let (p, _rec) = buf.device_ptr_mut(&stream);
+        // SAFETY: `p` is `n` f32 of device memory on this communicator's GPU, in place.
+        let r = unsafe {
+            sys::ncclAllReduce(
+                p as *const _,
+                p as *mut _,
+                n,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclAvg,
+                self.comm,
+                stream.cu_stream() as _,
+            )
+        };
+        self.check("all-reduce", r)
+    }
+
+    /// Every rank's `buf` becomes rank `root`'s (queued on the stream).
+    pub fn broadcast<B: DevicePtrMut<f32>>(&mut self, buf: &mut B, root: usize) -> Result<()> {
+        let n = buf.len();
+        let stream = self.stream.clone();
+        let (p, _rec) = buf.device_ptr_mut(&stream);
+        // SAFETY: as above.
+        let r = unsafe {
+            sys::ncclBroadcast(
+                p as *const _,
+                p as *mut _,
+                n,
+                sys::ncclDataType_t::ncclFloat32,
+                root as i32,
+                self.comm,
+                stream.cu_stream() as _,
+            )
+        };
+        self.check("broadcast", r)
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        self.watch.stop.store(true, Ordering::Release);
+        if let Some(t) = self.watchdog.take() {
+            let _ = t.join();
+        }
+        // SAFETY: the watchdog has stopped; nothing else holds the communicator.
+        unsafe {
+            if self.failed {
+                sys::ncclCommAbort(self.comm);
+            } else {
+                // Queued collectives finish first, as ncclCommDestroy requires.
+                let _ = self.stream.synchronize();
+                sys::ncclCommDestroy(self.comm);
+            }
+        }
+    }
+}
+
+fn watchdog(h: Handle, w: Arc<Watch>, rank: usize, limit: Duration) {
+    while !w.stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(200));
+        if w.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let mut e = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: see `Handle`.
+        let r = unsafe { sys::ncclCommGetAsyncError(h.0, &mut e) };
+        if r == sys::ncclResult_t::ncclSuccess
+            && !matches!(
+                e,
+                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
+            )
+        {
+            eprintln!(
+                "lewel: error: rank {rank}: NCCL reports {}; another rank has probably failed: ending this rank",
+                describe(e, h.0)
+            );
+            std::process::exit(1);
+        }
+        let now = w.start.elapsed().as_millis() as u64;
+        let idle = now.saturating_sub(w.last.load(Ordering::Acquire));
+        if w.armed.load(Ordering::Acquire) && idle > limit.as_millis() as u64 {
+            eprintln!(
+                "lewel: error: rank {rank}: no training step finished in {:.0} s: another rank has stopped or hangs: ending this rank (LEWEL_DIST_TIMEOUT sets the limit in seconds)",
+                limit.as_secs_f64()
+            );
+            std::process::exit(1);
+        }
+    }
+}
