@@ -403,9 +403,11 @@ struct PretrainArgs {
     gpus: Option<usize>,
     /// This process's rank in a run started by another launcher (with --world-size); torchrun's
     /// RANK/WORLD_SIZE or Slurm's SLURM_PROCID/SLURM_NTASKS are read when no flag is given.
+    /// [default: RANK, else SLURM_PROCID, else 0]
     #[arg(long)]
     rank: Option<usize>,
-    /// Processes (GPUs) in the run, over all nodes (with --rank).
+    /// Processes (GPUs) in the run, over all nodes (with --rank). [default: WORLD_SIZE, else
+    /// SLURM_NTASKS, else 1]
     #[arg(long)]
     world_size: Option<usize>,
     /// Rank 0's host, where the ranks meet. [default: MASTER_ADDR, else 127.0.0.1]
