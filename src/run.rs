@@ -1415,7 +1415,18 @@ fn run(
     }
 
     let params = m.g.store.num_params();
-    let (target, note) = open_device(choice, &cfg)?;
+    let (target, note) = open_device(choice, &cfg).map_err(|e| match e {
+        // A rank's device is its local rank's GPU, whatever --device said.
+        Error::User(m) if world > 1 => Error::user(format!(
+            "rank {} of {world} trains on cuda:{} (its local rank): {}",
+            opts.ranks.rank,
+            opts.ranks.local_rank,
+            m.split_once(": ")
+                .map_or(m.as_str(), |(_, why)| why)
+                .trim_end_matches("; --device cpu trains on the CPU")
+        )),
+        e => e,
+    })?;
     let batch = cfg.batch_size / world;
     let opened = OpenRun {
         t0,

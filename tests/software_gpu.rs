@@ -878,6 +878,24 @@ fn bad_multi_gpu_input_is_one_line() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("WORLD_SIZE is not set"));
+    // A rank whose local rank has no GPU says which one it needed (before any rendezvous).
+    let out = emu_output(
+        &dp(&["--out", &p("f")]),
+        &[
+            ("SWGPU_DEVICES", "1"),
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "1"),
+        ],
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("rank 1 of 2 trains on cuda:1 (its local rank): there is no GPU 1"),
+        "{e}"
+    );
     let left = Command::new("pgrep")
         .args(["-f", d.to_str().unwrap()])
         .output()
