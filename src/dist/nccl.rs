@@ -166,42 +166,54 @@ impl Nccl {
 
     /// Every rank's `buf` becomes the mean over the ranks (queued on the stream).
     pub fn all_reduce_mean<B: DevicePtrMut<f32>>(&mut self, buf: &mut B) -> Result<()> {
-        let n = buf.len();
-        let stream = self.stream.clone();
-        let (p, _rec) = buf.device_ptr_mut(&stream);
-        // SAFETY: `p` is `n` f32 of device memory on this communicator's GPU, in place.
-        let r = unsafe {
+        // SAFETY: `p` is `n` f32 of device memory on this communicator's GPU, reduced in place.
+        self.in_place("all-reduce", buf, |p, n, comm, s| unsafe {
             sys::ncclAllReduce(
                 p as *const _,
                 p as *mut _,
                 n,
                 sys::ncclDataType_t::ncclFloat32,
                 sys::ncclRedOp_t::ncclAvg,
-                self.comm,
-                stream.cu_stream() as _,
+                comm,
+                s,
             )
-        };
-        self.check("all-reduce", r)
+        })
     }
 
     /// Every rank's `buf` becomes rank `root`'s (queued on the stream).
     pub fn broadcast<B: DevicePtrMut<f32>>(&mut self, buf: &mut B, root: usize) -> Result<()> {
-        let n = buf.len();
-        let stream = self.stream.clone();
-        let (p, _rec) = buf.device_ptr_mut(&stream);
-        // SAFETY: as above.
-        let r = unsafe {
+        // SAFETY: as above, sent from rank `root`'s in place.
+        self.in_place("broadcast", buf, |p, n, comm, s| unsafe {
             sys::ncclBroadcast(
                 p as *const _,
                 p as *mut _,
                 n,
                 sys::ncclDataType_t::ncclFloat32,
                 root as i32,
-                self.comm,
-                stream.cu_stream() as _,
+                comm,
+                s,
             )
-        };
-        self.check("broadcast", r)
+        })
+    }
+
+    /// Runs collective `f` in place on `buf` (its device pointer, length, the comm and the
+    /// stream), checking its result.
+    fn in_place<B: DevicePtrMut<f32>>(
+        &mut self,
+        what: &str,
+        buf: &mut B,
+        f: impl FnOnce(
+            cudarc::driver::sys::CUdeviceptr,
+            usize,
+            sys::ncclComm_t,
+            sys::cudaStream_t,
+        ) -> sys::ncclResult_t,
+    ) -> Result<()> {
+        let n = buf.len();
+        let stream = self.stream.clone();
+        let (p, _rec) = buf.device_ptr_mut(&stream);
+        let r = f(p, n, self.comm, stream.cu_stream() as _);
+        self.check(what, r)
     }
 }
 

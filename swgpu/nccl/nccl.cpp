@@ -18,7 +18,6 @@
 //      SWGPU_NCCL_CHUNK_KIB   slot size per rank (default 1024)
 #include <atomic>
 #include <cerrno>
-#include <chrono>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -34,6 +33,8 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "../blas/common.h"
 
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -100,9 +101,7 @@ size_t chunk_bytes() {
     return (size_t)v << 10;
 }
 
-double now_s() {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+using swb::now_s;
 
 thread_local std::string g_last;  // ncclGetLastError
 
@@ -187,7 +186,7 @@ const char* kind_name(uint64_t k) {
 ncclResult_t agree(ncclComm* c, uint64_t kind, int t, int op, int root, size_t count) {
     Call mine = {kind << 32 | (uint64_t)t << 16 | (uint64_t)op << 8 | (uint64_t)(root & 0xff), count};
     calls(c)[c->rank] = mine;
-    static const bool trace = getenv("SWGPU_NCCL_TRACE") && *getenv("SWGPU_NCCL_TRACE") == '1';
+    static const bool trace = swb::env_flag("SWGPU_NCCL_TRACE", false);
     if (trace)
         fprintf(stderr, "swgpu nccl: rank %d: call %llu: %s type %d op %d root %d count %zu\n", c->rank,
                 (unsigned long long)(c->epoch / 2), kind_name(kind), t, op, root, count);
@@ -253,60 +252,6 @@ size_t type_size(int t) {
     }
 }
 
-float bf16_to_f(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-uint16_t f_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-float f16_to_f(uint16_t h) {
-    uint32_t s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023, u;
-    if (e == 0) {
-        if (m == 0) {
-            u = s << 31;
-        } else {
-            int k = -1;
-            do { k++; m <<= 1; } while (!(m & 1024));
-            u = (s << 31) | ((uint32_t)(127 - 15 - k) << 23) | ((m & 1023) << 13);
-        }
-    } else if (e == 31) {
-        u = (s << 31) | 0x7f800000 | (m << 13);
-    } else {
-        u = (s << 31) | ((e + 112) << 23) | (m << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-uint16_t f_to_f16(float f) {
-    // Round to nearest even, subnormals and infinities included.
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t s = (u >> 16) & 0x8000;
-    int e = (int)((u >> 23) & 255) - 127 + 15;
-    uint32_t m = u & 0x7fffff;
-    if (((u >> 23) & 255) == 255) return (uint16_t)(s | 0x7c00 | (m ? 0x200 : 0));
-    if (e >= 31) return (uint16_t)(s | 0x7c00);
-    if (e <= 0) {
-        if (e < -10) return (uint16_t)s;
-        m |= 0x800000;
-        int shift = 14 - e;
-        uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
-        if (rem > half || (rem == half && (r & 1))) r++;
-        return (uint16_t)(s | r);
-    }
-    uint32_t r = (uint32_t)(e << 10) | (m >> 13), rem = m & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) r++;
-    return (uint16_t)(s | r);
-}
-
 template <typename T>
 T combine(T a, T b, int op) {
     switch (op) {
@@ -350,18 +295,13 @@ void reduce_any(ncclComm* c, void* out, size_t n, int t, int op) {
         case tUint64: reduce_typed<uint64_t>(c, out, n, op); break;
         case tFloat32: reduce_typed<float>(c, out, n, op); break;
         case tFloat64: reduce_typed<double>(c, out, n, op); break;
-        case tFloat16: reduce_half<f16_to_f, f_to_f16>(c, out, n, op); break;
-        case tBfloat16: reduce_half<bf16_to_f, f_to_bf16>(c, out, n, op); break;
+        case tFloat16: reduce_half<swb::f16_to_f32, swb::f32_to_f16>(c, out, n, op); break;
+        case tBfloat16: reduce_half<swb::bf16_to_f32, swb::f32_to_bf16>(c, out, n, op); break;
     }
 }
 
-typedef int (*check_fn)(const void*, size_t, const char*);
-
-// The buffer lies in one live device allocation (the libcuda stand-in's table), where it is loaded.
-bool device_range_ok(const void* p, size_t bytes, const char* what) {
-    static check_fn f = (check_fn)dlsym(RTLD_DEFAULT, "swgpu_check_device_range");
-    return !f || bytes == 0 || f(p, bytes, what) == 0;
-}
+// The buffer lies in one live device allocation (the libcuda stand-in's table, where it is loaded).
+bool device_range_ok(const void* p, size_t bytes, const char* what) { return swb::range_ok(p, bytes, what); }
 
 ncclResult_t check_call(ncclComm* c, const char* what, int t, int op) {
     if (!c || !c->h) return fail(ncclInvalidArgument, -1, "%s: no communicator", what);
@@ -604,7 +544,7 @@ EXPORT ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, in
         !device_range_ok(recv, count * es, "ncclAllReduce recvbuff"))
         return c->async = fail(ncclInvalidArgument, c->rank, "ncclAllReduce: a buffer outside device memory");
     if ((r = agree(c, 1, t, op, 0, count)) != ncclSuccess) return r;
-    if (count == 1 && t == tFloat32 && getenv("SWGPU_NCCL_TRACE") && *getenv("SWGPU_NCCL_TRACE") == '1')
+    if (count == 1 && t == tFloat32 && swb::env_flag("SWGPU_NCCL_TRACE", false))
         fprintf(stderr, "swgpu nccl: rank %d: all-reduce of one float: %.9g\n", c->rank, *(const float*)send);
     for (size_t off = 0; off < count; off += per) {
         size_t n = count - off < per ? count - off : per;
@@ -652,7 +592,7 @@ EXPORT ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, in
         memcpy((uint8_t*)recv + off * es, slot(c, root), n * es);
         if ((r = barrier(c, "ncclBroadcast")) != ncclSuccess) return r;
     }
-    if (getenv("SWGPU_NCCL_TRACE") && *getenv("SWGPU_NCCL_TRACE") == '1') {
+    if (swb::env_flag("SWGPU_NCCL_TRACE", false)) {
         uint64_t h = 1469598103934665603ull;
         for (size_t i = 0; i < count * es; i++) h = (h ^ ((const uint8_t*)recv)[i]) * 1099511628211ull;
         fprintf(stderr, "swgpu nccl: rank %d: broadcast result %016llx at %p\n", c->rank, (unsigned long long)h, recv);
