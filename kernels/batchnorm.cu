@@ -8,6 +8,9 @@
 //
 // Forward (train):  bn_stats_partial (sum x) -> bn_finalize_mean -> bn_stats_partial (sum (x-mean)^2)
 //                   -> bn_finalize_var (rstd, running stats of group 0) -> bn_apply
+// SyncBN (world > 1): each partial pass is summed by bn_sum_chunks, the sums all-reduced over the
+// ranks (NCCL, by the caller), and the finalize kernels read the result as one chunk; backward
+// all-reduces bn_bwd_finalize's sums before bn_bwd_apply. Counts are group_rows * world.
 // Forward (eval):   bn_eval_stats (mean, rstd from the running stats) -> bn_apply
 // bn_apply fuses the residual add and the ReLU: y = relu(gamma * (x - mean) * rstd + beta + res).
 // Backward:         bn_bwd_partial (sum dy', sum dy' * xhat) -> bn_bwd_finalize (dgamma, dbeta)
@@ -21,7 +24,11 @@ struct BnParams {
     int group_rows;
     float eps;
     float momentum;
+    int world;  // ranks whose rows the statistics cover (SyncBN); 1 otherwise
 };
+
+// Values each group's statistics are taken over: its rows on every rank.
+__device__ __forceinline__ float bn_count(const BnParams& p) { return (float)(p.group_rows * p.world); }
 
 #define BN_TX 32
 #define BN_TY 8
@@ -70,7 +77,20 @@ extern "C" __global__ void bn_finalize_mean(const float* partial, BnParams p, in
         int g = i / p.c, c = i % p.c;
         float s = 0.0f;
         for (int k = 0; k < chunks; k++) s += partial[(u64)(g * chunks + k) * p.c + c];
-        mean[i] = s / (float)p.group_rows;
+        mean[i] = s / bn_count(p);
+    }
+}
+
+// SyncBN: one thread per (group, channel), sums[g, c] = the chunks' partial sums added in order (the
+// finalize kernels' first half), for the all-reduce over ranks; the finalize kernels then read
+// them as a single chunk.
+extern "C" __global__ void bn_sum_chunks(const float* partial, BnParams p, int chunks, float* sums) {
+    int groups = p.rows / p.group_rows;
+    FOR_EACH(i, groups * p.c) {
+        int g = i / p.c, c = i % p.c;
+        float s = 0.0f;
+        for (int k = 0; k < chunks; k++) s += partial[(u64)(g * chunks + k) * p.c + c];
+        sums[i] = s;
     }
 }
 
@@ -82,10 +102,10 @@ extern "C" __global__ void bn_finalize_var(const float* partial, BnParams p, int
         int g = i / p.c, c = i % p.c;
         float s = 0.0f;
         for (int k = 0; k < chunks; k++) s += partial[(u64)(g * chunks + k) * p.c + c];
-        float var = s / (float)p.group_rows;
+        float var = s / bn_count(p);
         rstd[i] = 1.0f / sqrtf(var + p.eps);
         if (running_mean && g == 0) {
-            float m = (float)p.group_rows;
+            float m = bn_count(p);
             running_mean[c] = (1.0f - p.momentum) * running_mean[c] + p.momentum * mean[i];
             running_var[c] = (1.0f - p.momentum) * running_var[c] + p.momentum * var * m / (m - 1.0f);
         }
@@ -190,7 +210,7 @@ template <typename T>
 __device__ void bn_bwd_apply(const T* x, const T* dy, const T* y, BnParams p, const float* mean,
                              const float* rstd, const float* gamma, const float* gsum, int train, T* dx,
                              T* dres) {
-    float inv_m = 1.0f / (float)p.group_rows;
+    float inv_m = 1.0f / bn_count(p);
     FOR_EACH(i, (u64)p.rows * p.c) {
         int c = (int)(i % p.c);
         int g = (int)(i / p.c) / p.group_rows;

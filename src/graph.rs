@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuFloat;
 use crate::memory::{BufferId, CounterId, ParamId, ParamStore};
 use crate::ops::aggregate::AggregateParams;
-use crate::ops::batchnorm::BnParams;
+use crate::ops::batchnorm::{BnParams, SyncGroup};
 use crate::ops::concat::ConcatParams;
 use crate::ops::conv::ConvParams;
 use crate::ops::l2norm::L2NormParams;
@@ -325,7 +325,7 @@ impl<B: Backend, T: Elem> Pool<B, T> {
 }
 
 /// Parameters, activations and the tape of one model on one backend.
-pub struct Graph<B: Backend> {
+pub struct Graph<B: Kernels> {
     pub dev: B,
     /// Names, shapes and offsets of the weights, and the `num_batches_tracked` counters; on the
     /// CPU also their values (on a GPU the host vectors are empty and the values live in `w`).
@@ -346,6 +346,8 @@ pub struct Graph<B: Backend> {
     open: Option<&'static CStr>,
     /// Backward's gradient lending plan, reused.
     spans: Spans,
+    /// The ranks whose batch statistics `BnMode::Train` shares (SyncBN), where set.
+    bn_sync: Option<std::rc::Rc<B::Sync>>,
 }
 
 impl<T: Real + Elem> Graph<Cpu<T>> {
@@ -384,7 +386,14 @@ impl<B: Kernels> Graph<B> {
             bytes,
             open: None,
             spans: Spans::default(),
+            bn_sync: None,
         })
+    }
+
+    /// Train-mode batch norm (`BnMode::Train`, not ghost groups) takes its statistics over the
+    /// rows of every rank in `sync` (SyncBN); None: over this graph's own rows.
+    pub fn set_bn_sync(&mut self, sync: Option<std::rc::Rc<B::Sync>>) {
+        self.bn_sync = sync.filter(|s| s.world() > 1);
     }
 
     /// Bytes held by this graph: weights plus the arena's high-water mark.
@@ -653,6 +662,13 @@ impl<B: Kernels> Graph<B> {
         if let BnMode::TrainGhost(samples) = mode {
             p = p.ghost(samples * per_sample);
         }
+        let sync = match mode {
+            BnMode::Train => self.bn_sync.clone(),
+            _ => None,
+        };
+        if let Some(s) = &sync {
+            p = p.synced(s.world());
+        }
         let train = mode != BnMode::Eval;
         let groups = if train { p.groups() } else { 1 };
         if let Some(r) = res {
@@ -703,6 +719,7 @@ impl<B: Kernels> Graph<B> {
                         relu,
                         yv,
                         &mut saved_v,
+                        sync.as_deref(),
                     )
                 } else {
                     let (rmv, rvv) = (B::view(buffers, rm), B::view(buffers, rv));
@@ -1113,6 +1130,12 @@ impl<B: Kernels> Graph<B> {
                 let gamma = B::view(params, gr.clone());
                 let (rmv, rvv) = (B::view(buffers, rm), B::view(buffers, rv));
                 let mut dgb = B::view_mut(grads, gr.start..br.end);
+                // Recorded over several ranks (SyncBN): the sync of the forward.
+                let sync = match (train && p.world > 1, &self.bn_sync) {
+                    (false, _) => None,
+                    (true, Some(s)) => Some(s.clone()),
+                    (true, None) => panic!("Graph: a SyncBN node without the graph's sync"),
+                };
                 let out = self.dev.bn_backward(
                     &p,
                     train,
@@ -1126,6 +1149,7 @@ impl<B: Kernels> Graph<B> {
                     dres_buf
                         .as_mut()
                         .map(|b| B::view_mut(b, 0..self.meta[res.unwrap().slot as usize].len)),
+                    sync.as_deref(),
                 );
                 self.ge.put(i, dx);
                 if let (Some(b), Some(r)) = (dres_buf, res) {

@@ -329,6 +329,10 @@ struct PretrainArgs {
     /// Samples per BN statistics group (emulates per-GPU BN); 0: the whole batch.
     #[arg(long)]
     bn_group: Option<usize>,
+    /// On several GPUs, BN statistics over the whole batch across all of them (SyncBN, the
+    /// official LEWEL-B recipe) instead of each GPU's own samples. [default: off]
+    #[arg(long)]
+    sync_bn: bool,
     /// Seed of the weights, the data order and the augmentation.
     #[arg(long)]
     seed: Option<u64>,
@@ -474,6 +478,9 @@ impl PretrainArgs {
         );
         if self.deterministic {
             g.insert("deterministic".into(), true.into());
+        }
+        if self.sync_bn {
+            g.insert("sync_bn".into(), true.into());
         }
         if self.no_pin_memory {
             g.insert("pin_memory".into(), false.into());

@@ -61,6 +61,9 @@ pub struct PretrainConfig {
     pub lars_exclude: String,
     /// Samples per BN statistics group (per-GPU batch emulation); 0: the whole batch.
     pub bn_group: usize,
+    /// Train-mode BN statistics over the whole batch across the ranks (SyncBN, the official
+    /// LEWEL-B recipe); without it each GPU's BN sees its own samples (the EMAN recipe).
+    pub sync_bn: bool,
     pub seed: u64,
     pub device: String,
     /// Storage dtype of activations on the GPU: auto (bf16 on a GPU of compute capability 8.0 or newer, else f32), f32 or bf16.
@@ -130,6 +133,7 @@ impl Default for PretrainConfig {
             lewel_scale: 1.0,
             lars_exclude: "current".into(),
             bn_group: 0,
+            sync_bn: false,
             seed: 0,
             device: "auto".into(),
             precision: "auto".into(),
@@ -355,6 +359,15 @@ impl PretrainConfig {
                 format!(
                     "must be at least 2 and divide --batch-size {}, got {}",
                     self.batch_size, self.bn_group
+                ),
+            );
+        }
+        if self.sync_bn && self.bn_group != 0 {
+            return bad(
+                "sync-bn",
+                format!(
+                    "takes BN statistics over the whole batch across GPUs; --bn-group {} splits them: give one or the other",
+                    self.bn_group
                 ),
             );
         }
@@ -1346,7 +1359,12 @@ pub fn resume(path: &Path, given: &Given, opts: &RunOptions) -> Result<Summary> 
             )
         }));
     }
-    if man.world != opts.ranks.world {
+    if man.world != opts.ranks.world && cfg.sync_bn {
+        notes += &format!(
+            " | resumed on {} rank(s), the checkpoint was written by {}: BN is synced over the whole batch either way, but on real data each rank's shard changes",
+            opts.ranks.world, man.world
+        );
+    } else if man.world != opts.ranks.world {
         notes += &format!(
             " | resumed on {} rank(s), the checkpoint was written by {}: BN sees {} samples per GPU instead of {}, and on real data each rank's shard changes, so the run is not the one an uninterrupted run would have been",
             opts.ranks.world,
@@ -1382,7 +1400,8 @@ fn run(
     let mut choice = cfg.device.parse::<DeviceChoice>()?;
     if world > 1 {
         check_world(&cfg, world)?;
-        // Per-GPU BN: each rank's BN sees its own samples (or its --bn-group groups of them).
+        // Per-GPU BN: each rank's BN sees its own samples (or its --bn-group groups of them);
+        // --sync-bn: the whole batch's (data_parallel syncs the graphs).
         // `cuda` (and `auto`) on a rank mean the GPU of its local rank; cuda:N stays N.
         if !cfg.device.starts_with("cuda:") {
             choice = DeviceChoice::Cuda(ranks.local_rank);
@@ -1512,8 +1531,13 @@ pub fn check_world(cfg: &PretrainConfig, world: usize) -> Result<()> {
         )));
     }
     if cfg.device == "cpu" {
+        let instead = if cfg.sync_bn {
+            "one process's BN already takes the whole batch, as --sync-bn does".to_string()
+        } else {
+            format!("--bn-group {per} gives their per-GPU BN in one process")
+        };
         return Err(Error::user(format!(
-            "--device cpu: a run of {world} ranks trains on GPUs, one per rank; on the CPU, --bn-group {per} gives their per-GPU BN in one process"
+            "--device cpu: a run of {world} ranks trains on GPUs, one per rank; on the CPU, {instead}"
         )));
     }
     Ok(())
@@ -1521,7 +1545,8 @@ pub fn check_world(cfg: &PretrainConfig, world: usize) -> Result<()> {
 
 /// On a GPU in a run of several ranks: meets the other ranks, makes rank 0's state everyone's,
 /// and hooks the collectives into the step (gradients and loss averaged, BN running statistics
-/// broadcast from rank 0 before every forward, as DDP does).
+/// broadcast from rank 0 before every forward, as DDP does; with --sync-bn the BN statistics
+/// summed over the ranks).
 fn data_parallel<E: crate::gpu::GpuFloat>(
     m: &mut Trainer<Cuda<E>>,
     gpu: &Rc<Gpu>,
@@ -1574,6 +1599,13 @@ where
     m.loss_hook = Some(Box::new(move |_, loss| {
         c.borrow_mut().all_reduce_mean(loss)
     }));
+    if o.cfg.sync_bn {
+        // SyncBN: every train-mode BN of both networks sums its statistics over the ranks.
+        let sync: Rc<crate::ops::batchnorm::DevSync> =
+            Rc::new(crate::dist::nccl::BnSync(nccl.clone()));
+        m.g.set_bn_sync(Some(sync.clone()));
+        m.tg.set_bn_sync(Some(sync));
+    }
     let c = nccl.clone();
     m.buffer_hook = Some(Box::new(move |_, online, target| {
         let mut c = c.borrow_mut();
@@ -1628,8 +1660,13 @@ fn train_loop<B: TrainBackend>(
             crate::dist::ranks::Source::Slurm => "Slurm's ranks",
             _ => "ranks from flags",
         };
+        let bn = if cfg.sync_bn {
+            "SyncBN over all"
+        } else {
+            "BN per GPU"
+        };
         format!(
-            "{} ({} on each of {world} GPUs, {from})",
+            "{} ({} on each of {world} GPUs, {bn}, {from})",
             cfg.batch_size,
             cfg.batch_size / world
         )

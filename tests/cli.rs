@@ -172,6 +172,7 @@ fn bad_flags_name_themselves_and_write_nothing() {
             "--precision",
         ),
         (vec!["--knn-protocol", "leaky"], "--knn-protocol"),
+        (vec!["--sync-bn", "--bn-group", "8"], "--sync-bn"),
         (vec!["--data", "/nonexistent/imgs"], "/nonexistent/imgs"),
         (vec!["--resume", "/nonexistent/run"], "/nonexistent/run"),
     ] {

@@ -264,8 +264,9 @@ fn batchnorm_case(case: &str) {
     let (mut mean, mut rstd) = (vec![0.0f32; c], vec![0.0f32; c]);
     let (mut rm, mut rv) = (rm0.clone(), rv0.clone());
     batchnorm::forward_train_cpu(
-        &x, &gamma, &beta, &mut y, &mut mean, &mut rstd, &mut rm, &mut rv, &p,
-    );
+        &x, &gamma, &beta, &mut y, &mut mean, &mut rstd, &mut rm, &mut rv, &p, None,
+    )
+    .unwrap();
     let (_, y_ref) = reference(&st, &name("y"));
     compare(&name("y"), &y, &to_rows(&y_ref, &xs), &[rows, c]);
     compare(
@@ -307,7 +308,9 @@ fn batchnorm_case(case: &str) {
         &mut dgamma,
         &mut dbeta,
         &p,
-    );
+        None,
+    )
+    .unwrap();
     let (_, dx_ref) = reference(&st, &name("dx"));
     compare(&name("dx"), &dx, &to_rows(&dx_ref, &xs), &[rows, c]);
     compare(

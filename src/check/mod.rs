@@ -9,14 +9,14 @@
 
 pub mod step;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{accum_f32_cuda, cast_from_f32_cuda, Gpu, GpuFloat};
 use crate::ops::{
     add, aggregate, batchnorm, concat, conv, l2norm, linear, loss, pool, relu, softmax,
 };
 use crate::rng::Rng;
 use cudarc::cublas::{CudaBlas, Gemm};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaViewMut};
 
 /// Sentinel written after every output (exact in f32 and bf16).
 const SENT: f32 = 1024.0;
@@ -374,8 +374,25 @@ fn bns<T: GpuFloat>(c: &mut Ctx) {
             28 * 28,
             true,
             true,
+            1,
         )
     });
+    c.section(
+        "bn2d train syncbn(x2 mirrored) +res+relu 2x28x28x256",
+        dt,
+        |c| {
+            bn::<T>(
+                c,
+                "bn2d train syncbn(x2 mirrored) +res+relu 2x28x28x256",
+                2 * 28 * 28,
+                256,
+                2 * 28 * 28,
+                true,
+                true,
+                2,
+            )
+        },
+    );
     c.section("bn2d eval 2x28x28x512", dt, |c| {
         bn::<T>(
             c,
@@ -385,6 +402,7 @@ fn bns<T: GpuFloat>(c: &mut Ctx) {
             2 * 28 * 28,
             false,
             false,
+            1,
         )
     });
     c.section("bn1d train 4x50 rows x 4096", dt, |c| {
@@ -396,6 +414,7 @@ fn bns<T: GpuFloat>(c: &mut Ctx) {
             4 * 50,
             true,
             false,
+            1,
         )
     });
 }
@@ -662,7 +681,41 @@ fn loss_rows<T: GpuFloat>(c: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-/// One batch-norm configuration, forward and backward.
+/// A SyncBN sync on one device as if `world` ranks held this rank's rows: every sum times the
+/// world (the CPU's form and the GPU's, which goes through the host).
+pub(crate) struct Mirrored(
+    pub(crate) usize,
+    pub(crate) Option<std::sync::Arc<cudarc::driver::CudaStream>>,
+);
+
+impl batchnorm::SyncGroup for Mirrored {
+    fn world(&self) -> usize {
+        self.0
+    }
+}
+
+impl batchnorm::StatSync<[f64]> for Mirrored {
+    fn sum(&self, s: &mut [f64]) -> Result<()> {
+        s.iter_mut().for_each(|v| *v *= self.0 as f64);
+        Ok(())
+    }
+}
+
+impl<'a> batchnorm::StatSync<CudaViewMut<'a, f32>> for Mirrored {
+    fn sum(&self, s: &mut CudaViewMut<'a, f32>) -> Result<()> {
+        let stream = self.1.as_ref().expect("Mirrored: a GPU stream");
+        let err = |e| Error::Other(format!("Mirrored: {e:?}"));
+        let mut h = stream.clone_dtoh(&s.as_view()).map_err(err)?;
+        stream.synchronize().map_err(err)?;
+        h.iter_mut().for_each(|v| *v *= self.0 as f32);
+        stream.memcpy_htod(&h, s).map_err(err)?;
+        stream.synchronize().map_err(err)
+    }
+}
+
+/// One batch-norm configuration, forward and backward; `world` > 1: SyncBN over that many
+/// mirrored ranks (the GPU's sum, all-reduce and count path against the CPU's).
+#[allow(clippy::too_many_arguments)]
 fn bn<T: GpuFloat>(
     c: &mut Ctx,
     name: &str,
@@ -671,10 +724,19 @@ fn bn<T: GpuFloat>(
     group_rows: usize,
     train: bool,
     fused: bool,
+    world: usize,
 ) -> Result<()> {
     let g = c.g;
     let t = tol::<T>();
-    let p = batchnorm::BnParams::new(rows, ch).ghost(group_rows);
+    let p = batchnorm::BnParams::new(rows, ch)
+        .ghost(group_rows)
+        .synced(world);
+    let mirror = Mirrored(world, Some(g.stream.clone()));
+    let (host_sync, dev_sync): (Option<&batchnorm::HostSync>, Option<&batchnorm::DevSync>) =
+        match world {
+            1 => (None, None),
+            _ => (Some(&mirror), Some(&mirror)),
+        };
     let groups = p.groups();
     let n = rows * ch;
     let x: Vec<f32> = c.rand::<T>(n, 2.0).iter().map(|v| v + 0.5).collect();
@@ -699,8 +761,8 @@ fn bn<T: GpuFloat>(
     let (mut rm_c, mut rv_c) = (rm.clone(), rv.clone());
     if train {
         batchnorm::forward_train_cpu(
-            &x, &gamma, &beta, &mut y, &mut mean, &mut rstd, &mut rm_c, &mut rv_c, &p,
-        );
+            &x, &gamma, &beta, &mut y, &mut mean, &mut rstd, &mut rm_c, &mut rv_c, &p, host_sync,
+        )?;
     } else {
         batchnorm::forward_eval_cpu(&x, &gamma, &beta, &rm, &rv, &mut y, &p);
     }
@@ -726,8 +788,8 @@ fn bn<T: GpuFloat>(
     }
     if train {
         batchnorm::backward_train_cpu(
-            &x, &dy_eff, &gamma, &mean, &rstd, &mut dx, &mut dgam, &mut dbet, &p,
-        );
+            &x, &dy_eff, &gamma, &mean, &rstd, &mut dx, &mut dgam, &mut dbet, &p, host_sync,
+        )?;
     } else {
         batchnorm::backward_eval_cpu(
             &x, &dy_eff, &gamma, &rm, &rv, &mut dx, &mut dgam, &mut dbet, &p,
@@ -755,6 +817,7 @@ fn bn<T: GpuFloat>(
             fused,
             &mut y_,
             (&mut mean_, &mut rstd_),
+            dev_sync,
         )?;
     } else {
         batchnorm::forward_eval_cuda(
@@ -791,6 +854,7 @@ fn bn<T: GpuFloat>(
         (&mut dg_, &mut db_),
         &mut dx_,
         fused.then(|| dres_.as_view_mut()),
+        dev_sync,
     )?;
     c.cmp(name, "dx", &dx_, &dx, t)?;
     c.cmp(name, "dgamma", &dg_, &dgam, t)?;

@@ -142,11 +142,13 @@ impl Floors {
         (v1, v2, shape): (&[f32], &[f32], Shape),
         sc: &StepConfig,
         cpu: &Lewel,
+        world: usize,
     ) -> Floors {
         let mut other = Lewel::new(cfg, seed);
+        mirror_cpu(&mut other.g, &mut other.tg, world);
         match E::DTYPE {
             crate::tensor::DType::F32 => {
-                let g64 = f64_grads(&other, v1, v2, shape, sc);
+                let g64 = f64_grads(&other, v1, v2, shape, sc, world);
                 other.g.store.grads = g64.iter().map(|&v| v as f32).collect();
             }
             crate::tensor::DType::BF16 => {
@@ -183,7 +185,14 @@ fn nmse(got: &[f32], want: &[f32]) -> f64 {
 
 /// The gradients of one step of `m`'s current state in f64 (the CPU graph at f64, its target
 /// too): the exact-arithmetic reference for the f32 floor.
-fn f64_grads(m: &Lewel, v1: &[f32], v2: &[f32], shape: Shape, sc: &StepConfig) -> Vec<f64> {
+fn f64_grads(
+    m: &Lewel,
+    v1: &[f32],
+    v2: &[f32],
+    shape: Shape,
+    sc: &StepConfig,
+    world: usize,
+) -> Vec<f64> {
     use crate::backend::Cpu;
     use crate::graph::Graph;
     use crate::memory::ParamStore;
@@ -197,6 +206,7 @@ fn f64_grads(m: &Lewel, v1: &[f32], v2: &[f32], shape: Shape, sc: &StepConfig) -
     };
     let mut g = Graph::cpu(widen(&m.g.store));
     let mut tg = Graph::cpu(widen(&m.tg.store));
+    mirror_cpu(&mut g, &mut tg, world);
     let (online_mode, target_mode) = sc.bn_modes();
     tg.set_recording(false);
     let wide = |v: &[f32]| -> Vec<f64> { v.iter().map(|&x| x as f64).collect() };
@@ -215,6 +225,20 @@ fn f64_grads(m: &Lewel, v1: &[f32], v2: &[f32], shape: Shape, sc: &StepConfig) -
     let loss = m.online.loss(&mut g, a, b, online_mode, &mut run_target);
     g.backward(loss).expect("the CPU backend does not fail");
     g.store.grads
+}
+
+/// SyncBN over `world` mirrored ranks (every statistic sum times `world`, as if each rank held
+/// these rows) on both CPU graphs of a step; world 1: none.
+fn mirror_cpu<T: crate::ops::Real + crate::backend::Elem>(
+    g: &mut crate::graph::Graph<crate::backend::Cpu<T>>,
+    tg: &mut crate::graph::Graph<crate::backend::Cpu<T>>,
+    world: usize,
+) {
+    let sync = || -> Option<Rc<crate::ops::batchnorm::HostSync>> {
+        Some(Rc::new(super::Mirrored(world, None)))
+    };
+    g.set_bn_sync(sync());
+    tg.set_bn_sync(sync());
 }
 
 /// Runs every whole-step check; returns the rows. An error inside one check (out of memory, a
@@ -264,12 +288,32 @@ where
             .collect()
     };
     let (v1, v2) = (views(), views());
-    for method in [Method::LewelBEman, Method::LewelB] {
+    // LEWEL-B once more with SyncBN over two mirrored ranks: the GPU's sum, all-reduce and count
+    // path through every BN of both networks, forward and backward, against the CPU's.
+    for (method, world) in [
+        (Method::LewelBEman, 1),
+        (Method::LewelB, 1),
+        (Method::LewelB, 2),
+    ] {
         let sc = StepConfig::recipe(method, 0.5, 0.99);
-        let name = format!("whole step {} tiny 8x64", method.name());
+        let name = match world {
+            1 => format!("whole step {} tiny 8x64", method.name()),
+            _ => format!(
+                "whole step {} syncbn(x{world} mirrored) tiny 8x64",
+                method.name()
+            ),
+        };
         // Both from the same seed: the same initial state.
         let mut cpu = Lewel::new(cfg, seed);
         let mut gpu = Lewel::new(cfg, seed).to_device(Cuda::<E>::new(g.clone()))?;
+        mirror_cpu(&mut cpu.g, &mut cpu.tg, world);
+        if world > 1 {
+            let sync = || -> Option<Rc<crate::ops::batchnorm::DevSync>> {
+                Some(Rc::new(super::Mirrored(world, Some(g.stream.clone()))))
+            };
+            gpu.g.set_bn_sync(sync());
+            gpu.tg.set_bn_sync(sync());
+        }
         let lc = cpu.forward_backward(&v1, &v2, shape, &sc)?;
         let lg = gpu.forward_backward(&v1, &v2, shape, &sc)?;
         rows.push(row(&name, dt, "loss", &[lg], &[lc], tol));
@@ -294,7 +338,7 @@ where
         let (table, btable) = (cpu.g.store.table.clone(), cpu.g.store.buffer_table.clone());
         let ttable = cpu.tg.store.table.clone();
         cpu.update(&sc)?;
-        let floors = Floors::measure::<E>(cfg, seed, (&v1, &v2, shape), &sc, &cpu);
+        let floors = Floors::measure::<E>(cfg, seed, (&v1, &v2, shape), &sc, &cpu, world);
         println!(
             "{name} {dt}: the CPU reference's own error (NMSE, {}): grads {:.2e}, params {:.2e}, \
              momentum {:.2e}; the GPU may differ by {FLOOR_K} times that",

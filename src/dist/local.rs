@@ -7,10 +7,10 @@ use std::sync::{Arc, Condvar, Mutex};
 
 /// The shared state of one group of `world` threads.
 struct State {
-    /// Each rank's contribution to the collective in progress.
-    slots: Vec<Option<Vec<f32>>>,
+    /// Each rank's contribution to the collective in progress (f32 buffers widened exactly).
+    slots: Vec<Option<Vec<f64>>>,
     /// The result, once every rank has contributed.
-    result: Option<Arc<Vec<f32>>>,
+    result: Option<Arc<Vec<f64>>>,
     /// Ranks yet to take the result.
     takers: usize,
     /// Collectives completed: a rank waits for the one it joined.
@@ -50,8 +50,8 @@ impl LocalGroup {
     fn collective(
         &self,
         rank: usize,
-        buf: &mut [f32],
-        combine: impl FnOnce(&[Vec<f32>]) -> Vec<f32>,
+        buf: &mut [f64],
+        combine: impl FnOnce(&[Vec<f64>]) -> Vec<f64>,
     ) {
         assert!(
             rank < self.world,
@@ -71,7 +71,7 @@ impl LocalGroup {
         s.slots[rank] = Some(buf.to_vec());
         let generation = s.generation;
         if s.slots.iter().all(Option::is_some) {
-            let all: Vec<Vec<f32>> = s.slots.iter_mut().map(|v| v.take().unwrap()).collect();
+            let all: Vec<Vec<f64>> = s.slots.iter_mut().map(|v| v.take().unwrap()).collect();
             assert!(
                 all.iter().all(|v| v.len() == all[0].len()),
                 "LocalGroup: buffers of different lengths"
@@ -93,9 +93,35 @@ impl LocalGroup {
         }
     }
 
-    /// buf <- the mean over ranks (summed in rank order, then divided by the world size).
+    /// An f32 collective through the f64 one (widening and narrowing back are exact).
+    fn collective_f32(
+        &self,
+        rank: usize,
+        buf: &mut [f32],
+        combine: impl FnOnce(&[Vec<f64>]) -> Vec<f64>,
+    ) {
+        let mut wide: Vec<f64> = buf.iter().map(|&v| v as f64).collect();
+        self.collective(rank, &mut wide, combine);
+        buf.iter_mut().zip(&wide).for_each(|(b, w)| *b = *w as f32);
+    }
+
+    /// buf <- the mean over ranks (summed in f32 in rank order, then divided by the world size,
+    /// as NCCL's average of f32).
     pub fn all_reduce_mean(&self, rank: usize, buf: &mut [f32]) {
         let world = self.world as f32;
+        self.collective_f32(rank, buf, |all| {
+            let mut sum: Vec<f32> = all[0].iter().map(|&v| v as f32).collect();
+            for v in &all[1..] {
+                for (s, x) in sum.iter_mut().zip(v) {
+                    *s += *x as f32;
+                }
+            }
+            sum.iter().map(|s| (s / world) as f64).collect()
+        })
+    }
+
+    /// buf <- the sum over ranks, in f64, in rank order.
+    pub fn all_reduce_sum_f64(&self, rank: usize, buf: &mut [f64]) {
         self.collective(rank, buf, |all| {
             let mut sum = all[0].clone();
             for v in &all[1..] {
@@ -103,14 +129,33 @@ impl LocalGroup {
                     *s += x;
                 }
             }
-            sum.iter_mut().for_each(|s| *s /= world);
             sum
         })
     }
 
     /// buf <- rank `root`'s buf.
     pub fn broadcast(&self, rank: usize, root: usize, buf: &mut [f32]) {
-        self.collective(rank, buf, |all| all[root].clone())
+        self.collective_f32(rank, buf, |all| all[root].clone())
+    }
+}
+
+/// SyncBN on the CPU: one rank's view of a [`LocalGroup`], adding batch-norm sums over the
+/// group's threads (the reference the GPU's NCCL form is held to).
+pub struct LocalSync {
+    pub group: LocalGroup,
+    pub rank: usize,
+}
+
+impl crate::ops::batchnorm::SyncGroup for LocalSync {
+    fn world(&self) -> usize {
+        self.group.world
+    }
+}
+
+impl crate::ops::batchnorm::StatSync<[f64]> for LocalSync {
+    fn sum(&self, sums: &mut [f64]) -> crate::Result<()> {
+        self.group.all_reduce_sum_f64(self.rank, sums);
+        Ok(())
     }
 }
 
@@ -119,9 +164,11 @@ mod tests {
     use super::*;
     use crate::model::lewel::LewelConfig;
     use crate::model::resnet::Arch;
+    use crate::ops::batchnorm::HostSync;
     use crate::rng::Rng;
     use crate::tensor::Shape;
     use crate::train::{Lewel, Method, StepConfig};
+    use std::rc::Rc;
 
     #[test]
     fn collectives_in_rank_order() {
@@ -204,6 +251,17 @@ mod tests {
     /// parameters to the bit.
     #[test]
     fn two_ranks_on_threads_follow_one_process_with_bn_groups() {
+        ranks_against_one(false);
+    }
+
+    /// The same with SyncBN: the ranks' train-mode BN sums its statistics over both
+    /// ([`LocalSync`]), against one process whose BN takes the whole batch (no --bn-group).
+    #[test]
+    fn two_ranks_on_threads_with_syncbn_follow_one_process() {
+        ranks_against_one(true);
+    }
+
+    fn ranks_against_one(sync_bn: bool) {
         let cfg = LewelConfig::new(Arch::TINY, 4, 1.0, 0.5);
         let (b, s) = (16, 64);
         let per = s * s * 3;
@@ -222,7 +280,7 @@ mod tests {
         for method in [Method::LewelBEman, Method::LewelB] {
             let sc = StepConfig::recipe(method, 0.3, 0.99);
             let mut one_sc = sc;
-            one_sc.bn_group = Some(b / 2);
+            one_sc.bn_group = (!sync_bn).then_some(b / 2);
             let one = one_process(cfg, &one_sc, &steps, shape, 0.0);
             let floor = one_process(cfg, &one_sc, &steps, shape, 1e-7);
             let group = LocalGroup::new(2);
@@ -230,9 +288,19 @@ mod tests {
                 let hs: Vec<_> = (0..2)
                     .map(|rank| {
                         let (g1, g2) = (group.clone(), group.clone());
-                        let steps = &steps;
+                        let (steps, group) = (&steps, &group);
                         scope.spawn(move || {
                             let mut m = Lewel::new(cfg, 5);
+                            if sync_bn {
+                                let sync = |group: &LocalGroup| -> Option<Rc<HostSync>> {
+                                    Some(Rc::new(LocalSync {
+                                        group: group.clone(),
+                                        rank,
+                                    }))
+                                };
+                                m.g.set_bn_sync(sync(group));
+                                m.tg.set_bn_sync(sync(group));
+                            }
                             m.grad_hook = Some(Box::new(move |_, grads: &mut Vec<f32>| {
                                 g1.all_reduce_mean(rank, grads);
                                 Ok(())
@@ -278,7 +346,7 @@ mod tests {
                 let d = [nmse(&r0.1, &o.1), nmse(&r0.2, &o.2), nmse(&r0.3, &o.3)];
                 let fd = [nmse(&f.1, &o.1), nmse(&f.2, &o.2), nmse(&f.3, &o.3)];
                 println!(
-                    "{method:?} step {k}: loss rel {rel:.1e} (floor {floor_rel:.1e}); params, target, bn stats nmse {:.1e} {:.1e} {:.1e} (floor {:.1e} {:.1e} {:.1e})",
+                    "sync_bn {sync_bn} {method:?} step {k}: loss rel {rel:.1e} (floor {floor_rel:.1e}); params, target, bn stats nmse {:.1e} {:.1e} {:.1e} (floor {:.1e} {:.1e} {:.1e})",
                     d[0], d[1], d[2], fd[0], fd[1], fd[2]
                 );
                 // Fixed bounds from the measured values (EMAN, LEWEL-B): step 0 loss 0, 1e-7;

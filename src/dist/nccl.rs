@@ -166,6 +166,19 @@ impl Nccl {
 
     /// Every rank's `buf` becomes the mean over the ranks (queued on the stream).
     pub fn all_reduce_mean<B: DevicePtrMut<f32>>(&mut self, buf: &mut B) -> Result<()> {
+        self.all_reduce(buf, sys::ncclRedOp_t::ncclAvg)
+    }
+
+    /// Every rank's `buf` becomes the sum over the ranks (queued on the stream).
+    pub fn all_reduce_sum<B: DevicePtrMut<f32>>(&mut self, buf: &mut B) -> Result<()> {
+        self.all_reduce(buf, sys::ncclRedOp_t::ncclSum)
+    }
+
+    fn all_reduce<B: DevicePtrMut<f32>>(
+        &mut self,
+        buf: &mut B,
+        op: sys::ncclRedOp_t,
+    ) -> Result<()> {
         // SAFETY: `p` is `n` f32 of device memory on this communicator's GPU, reduced in place.
         self.in_place("all-reduce", buf, |p, n, comm, s| unsafe {
             sys::ncclAllReduce(
@@ -173,7 +186,7 @@ impl Nccl {
                 p as *mut _,
                 n,
                 sys::ncclDataType_t::ncclFloat32,
-                sys::ncclRedOp_t::ncclAvg,
+                op,
                 comm,
                 s,
             )
@@ -214,6 +227,22 @@ impl Nccl {
         let (p, _rec) = buf.device_ptr_mut(&stream);
         let r = f(p, n, self.comm, stream.cu_stream() as _);
         self.check(what, r)
+    }
+}
+
+/// SyncBN's statistics over a communicator: each batch-norm sum all-reduced in place on the GPU's
+/// stream (a few thousand floats, latency-bound: LEWEL_SPEC's SyncBN runs one before each use).
+pub struct BnSync(pub std::rc::Rc<std::cell::RefCell<Nccl>>);
+
+impl crate::ops::batchnorm::SyncGroup for BnSync {
+    fn world(&self) -> usize {
+        self.0.borrow().world
+    }
+}
+
+impl<'a> crate::ops::batchnorm::StatSync<cudarc::driver::CudaViewMut<'a, f32>> for BnSync {
+    fn sum(&self, sums: &mut cudarc::driver::CudaViewMut<'a, f32>) -> Result<()> {
+        self.0.borrow_mut().all_reduce_sum(sums)
     }
 }
 

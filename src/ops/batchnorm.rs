@@ -15,6 +15,10 @@
 //!   dx += gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))
 //!   dgamma += sum(dy * xhat),  dbeta += sum(dy)
 //! Sums run in f64 over fixed chunks of rows, combined in order: deterministic at any thread count.
+//! SyncBN (`world` > 1, one group): the ranks' per-channel sums are added over the ranks
+//! ([`StatSync`]) before each use, so every rank normalizes with the statistics of all their rows
+//! (m = rows * world): the sums of x and of squared deviations in forward, of dy and dy * xhat in
+//! backward (dgamma and dbeta keep this rank's own sums: the gradient all-reduce adds them).
 
 use super::{Real, REDUCE_CHUNK};
 use rayon::prelude::*;
@@ -32,7 +36,26 @@ pub struct BnParams {
     pub group_rows: i32,
     pub eps: f32,
     pub momentum: f32,
+    /// Ranks whose rows the statistics cover (SyncBN); 1 otherwise.
+    pub world: i32,
 }
+
+/// The ranks that share train-mode batch statistics (SyncBN).
+pub trait SyncGroup {
+    fn world(&self) -> usize;
+}
+
+/// Adds per-channel sums over the ranks sharing statistics, in place: every rank calls it with
+/// sums of one length, in the same order, and each gets the total. `S` is `[f64]` on the CPU, an
+/// f32 device window on a GPU.
+pub trait StatSync<S: ?Sized>: SyncGroup {
+    fn sum(&self, sums: &mut S) -> crate::Result<()>;
+}
+
+/// The CPU's statistics sync.
+pub type HostSync = dyn StatSync<[f64]>;
+/// A GPU's statistics sync (on the GPU's stream).
+pub type DevSync = dyn for<'a> StatSync<CudaViewMut<'a, f32>>;
 
 impl BnParams {
     /// PyTorch's defaults: eps 1e-5, momentum 0.1, one group.
@@ -43,7 +66,24 @@ impl BnParams {
             group_rows: rows as i32,
             eps: 1e-5,
             momentum: 0.1,
+            world: 1,
         }
+    }
+    /// Statistics over the rows of `world` ranks (SyncBN).
+    pub fn synced(self, world: usize) -> BnParams {
+        assert!(
+            world >= 1 && (world == 1 || self.groups() == 1),
+            "batchnorm: SyncBN over {world} ranks with {} groups",
+            self.groups()
+        );
+        BnParams {
+            world: world as i32,
+            ..self
+        }
+    }
+    /// Values each group's statistics are taken over: its rows on every rank.
+    pub fn count(&self) -> usize {
+        self.group_rows as usize * self.world as usize
     }
     /// Statistics over groups of `group_rows` consecutive rows.
     pub fn ghost(self, group_rows: usize) -> BnParams {
@@ -155,7 +195,7 @@ pub fn finalize_cpu<T: Real>(
 /// Train-mode forward. x, y (R, C); gamma, beta, running_mean, running_var (C);
 /// mean, rstd (G, C) are written for backward. Composed of the four steps above, in the order the
 /// GPU runs its kernels (bn_stats_partial, bn_finalize_mean, bn_stats_partial, bn_finalize_var,
-/// bn_apply); SyncBN adds an all-reduce of the sums after steps 1 and 2.
+/// bn_apply); SyncBN (`sync`, p.world ranks) adds an all-reduce of the sums after steps 1 and 2.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_train_cpu<T: Real>(
     x: &[T],
@@ -167,7 +207,8 @@ pub fn forward_train_cpu<T: Real>(
     running_mean: &mut [T],
     running_var: &mut [T],
     p: &BnParams,
-) {
+    sync: Option<&HostSync>,
+) -> crate::Result<()> {
     p.check(
         "batchnorm_forward_train",
         x.len(),
@@ -184,21 +225,47 @@ pub fn forward_train_cpu<T: Real>(
         mean.len() == p.groups() * c && rstd.len() == p.groups() * c,
         "batchnorm_forward_train: saved stats length"
     );
+    let sync = check_sync(p, sync);
+    let n = p.count();
     for g in 0..p.groups() {
-        // The seam SyncBN needs: each sum over this process's rows, to be added over processes
-        // before it is used (sum, count), then the squared deviations from the mean so found.
-        let sum = stats_sum_cpu(x, p, g);
-        let mu: Vec<f64> = sum.iter().map(|s| s / m as f64).collect();
-        let sq = stats_sq_cpu(x, p, g, &mu);
+        // Each sum over this process's rows, added over the ranks before it is used (SyncBN),
+        // then the squared deviations from the mean so found.
+        let mut sum = stats_sum_cpu(x, p, g);
+        if let Some(s) = sync {
+            s.sum(&mut sum)?;
+        }
+        let mu: Vec<f64> = sum.iter().map(|s| s / n as f64).collect();
+        let mut sq = stats_sq_cpu(x, p, g, &mu);
+        if let Some(s) = sync {
+            s.sum(&mut sq)?;
+        }
         finalize_cpu(
             p,
             g,
-            (&mu, &sq, m),
+            (&mu, &sq, n),
             (mean, rstd),
             (running_mean, running_var),
         );
     }
     apply_cpu(x, (mean, rstd), gamma, beta, y, p);
+    Ok(())
+}
+
+/// The sync a train-mode pass uses: `sync` when `p` spans several ranks (one group), else none.
+fn check_sync<'a, S: ?Sized + SyncGroup>(p: &BnParams, sync: Option<&'a S>) -> Option<&'a S> {
+    if p.world == 1 {
+        return None;
+    }
+    let s =
+        sync.unwrap_or_else(|| panic!("batchnorm: SyncBN over {} ranks without a sync", p.world));
+    assert!(
+        s.world() == p.world as usize && p.groups() == 1,
+        "batchnorm: statistics over {} ranks ({} groups) through a sync of {}",
+        p.world,
+        p.groups(),
+        s.world()
+    );
+    Some(s)
 }
 
 /// Step 4: y = (x - mean) * rstd * gamma + beta, each row with its group's statistics (G, C).
@@ -220,7 +287,7 @@ pub fn apply_cpu<T: Real>(
     });
 }
 
-/// Train-mode backward. dx (R, C) +=; dgamma, dbeta (C) +=.
+/// Train-mode backward. dx (R, C) +=; dgamma, dbeta (C) += (this rank's sums, under SyncBN too).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_train_cpu<T: Real>(
     x: &[T],
@@ -232,7 +299,8 @@ pub fn backward_train_cpu<T: Real>(
     dgamma: &mut [T],
     dbeta: &mut [T],
     p: &BnParams,
-) {
+    sync: Option<&HostSync>,
+) -> crate::Result<()> {
     p.check(
         "batchnorm_backward_train",
         x.len(),
@@ -245,10 +313,12 @@ pub fn backward_train_cpu<T: Real>(
         "batchnorm_backward_train: grad lengths"
     );
     let (c, m) = (p.c as usize, p.group_rows as usize);
+    let sync = check_sync(p, sync);
+    let n = p.count() as f64;
     let mut coef = vec![(0.0f64, 0.0f64); p.groups() * c]; // (mean(dy), mean(dy * xhat)) per group
     for g in 0..p.groups() {
         let (mu, rs) = (&mean[g * c..][..c], &rstd[g * c..][..c]);
-        let sums = channel_sums(g * m, (g + 1) * m, 2 * c, |r, acc| {
+        let mut sums = channel_sums(g * m, (g + 1) * m, 2 * c, |r, acc| {
             for ch in 0..c {
                 let d = dy[r * c + ch].as_f64();
                 let xh = ((x[r * c + ch] - mu[ch]) * rs[ch]).as_f64();
@@ -259,7 +329,12 @@ pub fn backward_train_cpu<T: Real>(
         for ch in 0..c {
             dbeta[ch] = dbeta[ch] + T::from_f64(sums[ch]);
             dgamma[ch] = dgamma[ch] + T::from_f64(sums[c + ch]);
-            coef[g * c + ch] = (sums[ch] / m as f64, sums[c + ch] / m as f64);
+        }
+        if let Some(s) = sync {
+            s.sum(&mut sums)?;
+        }
+        for ch in 0..c {
+            coef[g * c + ch] = (sums[ch] / n, sums[c + ch] / n);
         }
     }
     dx.par_chunks_mut(c).enumerate().for_each(|(r, dx_r)| {
@@ -272,6 +347,7 @@ pub fn backward_train_cpu<T: Real>(
             dx_r[ch] = dx_r[ch] + gamma[ch] * rs * v;
         }
     });
+    Ok(())
 }
 
 /// Eval-mode forward with running statistics. x, y (R, C).
@@ -377,7 +453,8 @@ fn sizes(p: &BnParams) -> (usize, usize, usize) {
 }
 
 /// Train-mode forward: statistics of every group into `mean`/`rstd` (G, C), running stats of
-/// group 0 updated, y = relu?(gamma * xhat + beta + res?).
+/// group 0 updated, y = relu?(gamma * xhat + beta + res?). Under SyncBN (p.world > 1) the sums
+/// are added over the ranks through `sync`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_train_cuda<T: GpuFloat>(
     g: &Gpu,
@@ -389,8 +466,10 @@ pub fn forward_train_cuda<T: GpuFloat>(
     relu: bool,
     y: &mut impl DevMut<T>,
     (mean, rstd): (&mut impl DevMut<f32>, &mut impl DevMut<f32>),
+    sync: Option<&DevSync>,
 ) -> crate::Result<()> {
     let (n, c, gc) = sizes(p);
+    let sync = check_sync(p, sync);
     // As on the CPU: a group of one row has no variance (PyTorch refuses it too).
     if p.group_rows <= 1 {
         return Err(crate::Error::Other(format!(
@@ -413,27 +492,25 @@ pub fn forward_train_cuda<T: GpuFloat>(
         ],
     )?;
     let ch = chunks(p);
-    let mut scratch = g.scratch(gc * ch as usize)?;
-    // Every element the finalize kernels read is written by bn_stats_partial first: no zeroing.
-    let mut partial = scratch.slice_mut(..gc * ch as usize);
+    let np = gc * ch as usize;
+    let mut scratch = g.scratch(np + gc)?;
+    // Every element the finalize kernels read is written by bn_stats_partial (and bn_sum_chunks)
+    // first: no zeroing.
+    // Exactly the window used: under SyncBN all of `sums` goes to the all-reduce.
+    let mut window = scratch.slice_mut(..np + gc);
+    let (mut partial, mut sums) = window.split_at_mut(np);
     let x = x.view();
     let (mut mean, mut rstd) = (mean.view_mut(), rstd.view_mut());
     let (mut rm, mut rv) = (running_mean.view_mut(), running_var.view_mut());
-    // The CPU's four steps (stats_sum, stats_sq around the mean, finalize, apply), in launches;
-    // SyncBN's all-reduce of the partial sums goes between each stats step and its finalize.
+    // The CPU's four steps (stats_sum, stats_sq around the mean, finalize, apply), in launches.
+    // SyncBN sums the chunks, adds the sums over the ranks and finalizes them as one chunk.
     stats_partial_cuda(g, p, &x, None, ch, &mut partial)?;
-    finalize_mean_cuda(g, p, ch, &partial.as_view(), &mut mean)?;
+    let (src, k) = reduce_partial(g, p, ch, &partial, &mut sums, sync)?;
+    finalize_mean_cuda(g, p, k, &src, &mut mean)?;
     let mv = mean.as_view();
     stats_partial_cuda(g, p, &x, Some(&mv), ch, &mut partial)?;
-    finalize_var_cuda(
-        g,
-        p,
-        ch,
-        &partial.as_view(),
-        &mv,
-        &mut rstd,
-        (&mut rm, &mut rv),
-    )?;
+    let (src, k) = reduce_partial(g, p, ch, &partial, &mut sums, sync)?;
+    finalize_var_cuda(g, p, k, &src, &mv, &mut rstd, (&mut rm, &mut rv))?;
     apply(
         g,
         p,
@@ -464,6 +541,28 @@ fn stats_partial_cuda<T: GpuFloat>(
     };
     b.arg(partial);
     run(g, b, stats_cfg(p, ch), "bn_stats_partial")
+}
+
+/// A statistics pass's partial sums as a finalize kernel reads them, with their chunk count: as
+/// they are; or under SyncBN summed over the chunks (bn_sum_chunks), added over the ranks, and
+/// read as one chunk.
+fn reduce_partial<'a>(
+    g: &Gpu,
+    p: &BnParams,
+    ch: i32,
+    partial: &'a CudaViewMut<'_, f32>,
+    sums: &'a mut CudaViewMut<'_, f32>,
+    sync: Option<&DevSync>,
+) -> crate::Result<(CudaView<'a, f32>, i32)> {
+    let Some(s) = sync else {
+        return Ok((partial.as_view(), ch));
+    };
+    let mut b = g.stream.launch_builder(&g.k.bn_sum_chunks);
+    let pv = partial.as_view();
+    b.arg(&pv).arg(p).arg(&ch).arg(&mut *sums);
+    run(g, b, grid_1d(p.groups() * p.c as usize), "bn_sum_chunks")?;
+    s.sum(sums)?;
+    Ok((sums.as_view(), 1))
 }
 
 /// Every group's mean from its partial sums (the first half of the CPU's finalize_cpu).
@@ -511,6 +610,7 @@ pub fn forward_eval_cuda<T: GpuFloat>(
 ) -> crate::Result<()> {
     let pe = BnParams {
         group_rows: p.rows,
+        world: 1,
         ..*p
     };
     let (n, c, _) = sizes(&pe);
@@ -560,7 +660,8 @@ fn apply<T: GpuFloat>(
 
 /// Backward of either mode (`train` picks the formula; eval uses group_rows = rows). `y` is the
 /// saved output when the ReLU was fused; `dres` receives the fused residual's gradient.
-/// dx, dgamma, dbeta, dres are added to.
+/// dx, dgamma, dbeta, dres are added to. Under SyncBN (train, p.world > 1) the sums of dy and
+/// dy * xhat are added over the ranks through `sync` after dgamma and dbeta took this rank's.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_cuda<T: GpuFloat>(
     g: &Gpu,
@@ -574,15 +675,18 @@ pub fn backward_cuda<T: GpuFloat>(
     (dgamma, dbeta): (&mut impl DevMut<f32>, &mut impl DevMut<f32>),
     dx: &mut impl DevMut<T>,
     mut dres: Option<CudaViewMut<'_, T>>,
+    sync: Option<&DevSync>,
 ) -> crate::Result<()> {
     let p = if train {
         *p
     } else {
         BnParams {
             group_rows: p.rows,
+            world: 1,
             ..*p
         }
     };
+    let sync = check_sync(&p, sync);
     let (n, c, gc) = sizes(&p);
     need(
         "batchnorm::backward_cuda",
@@ -603,7 +707,8 @@ pub fn backward_cuda<T: GpuFloat>(
     let np = gc * ch as usize * 2;
     let mut scratch = g.scratch(np + 2 * gc)?;
     // bn_bwd_partial writes all of `partial`, bn_bwd_finalize all of `gsum`, before any read.
-    let (mut partial, mut gsum) = scratch.split_at_mut(np);
+    let mut window = scratch.slice_mut(..np + 2 * gc);
+    let (mut partial, mut gsum) = window.split_at_mut(np);
     let (x, dy, mean, rstd, gamma) = (x.view(), dy.view(), mean.view(), rstd.view(), gamma.view());
     let (mut dgamma, mut dbeta, mut dx) = (dgamma.view_mut(), dbeta.view_mut(), dx.view_mut());
     let mut b = g.stream.launch_builder(g.k.bn_bwd_partial.get::<T>());
@@ -620,6 +725,9 @@ pub fn backward_cuda<T: GpuFloat>(
         .arg(&mut dgamma)
         .arg(&mut dbeta);
     run(g, b, grid_1d(c), "bn_bwd_finalize")?;
+    if let Some(s) = sync {
+        s.sum(&mut gsum)?;
+    }
     let (gsum, train) = (gsum.as_view(), train as i32);
     let mut b = g.stream.launch_builder(g.k.bn_bwd_apply.get::<T>());
     b.arg(&x).arg(&dy);
@@ -646,8 +754,10 @@ use crate::backend::{Backend, Cpu, Cuda, Elem, Ve, VeMut, Vf, VfMut};
 /// y = relu?(batchnorm(x) + res?) on a backend (the graph's fused BN node). On the CPU, the
 /// reference functions composed: batch norm, then the residual add, then the ReLU.
 pub trait BnKernels: Backend {
-    /// Train mode: batch statistics (per group), saved as mean then rstd; the running statistics
-    /// (mean then var, one window) updated.
+    /// How this device's ranks add statistics (SyncBN): [`HostSync`] or [`DevSync`].
+    type Sync: ?Sized + SyncGroup;
+    /// Train mode: batch statistics (per group, or over p.world ranks through `sync`), saved as
+    /// mean then rstd; the running statistics (mean then var, one window) updated.
     #[allow(clippy::too_many_arguments)]
     fn bn_forward_train(
         &self,
@@ -659,6 +769,7 @@ pub trait BnKernels: Backend {
         relu: bool,
         y: &mut VeMut<Self>,
         saved: &mut VfMut<Self>,
+        sync: Option<&Self::Sync>,
     ) -> crate::Result<()>;
     /// Eval mode: running statistics; `saved` is what the backend's backward wants of them.
     #[allow(clippy::too_many_arguments)]
@@ -688,6 +799,7 @@ pub trait BnKernels: Backend {
         dgb: &mut VfMut<Self>,
         dx: &mut VeMut<Self>,
         dres: Option<VeMut<Self>>,
+        sync: Option<&Self::Sync>,
     ) -> crate::Result<()>;
 }
 
@@ -703,6 +815,7 @@ fn residual_relu_cpu<T: Real>(y: &mut [T], res: Option<&[T]>, relu: bool) {
 }
 
 impl<T: Real + Elem> BnKernels for Cpu<T> {
+    type Sync = HostSync;
     fn bn_forward_train(
         &self,
         p: &BnParams,
@@ -713,10 +826,11 @@ impl<T: Real + Elem> BnKernels for Cpu<T> {
         relu: bool,
         y: &mut &mut [T],
         saved: &mut &mut [T],
+        sync: Option<&HostSync>,
     ) -> crate::Result<()> {
         let (rm, rv) = running.split_at_mut(p.c as usize);
         let (mean, rstd) = saved.split_at_mut(saved.len() / 2);
-        forward_train_cpu(x, gamma, beta, y, mean, rstd, rm, rv, p);
+        forward_train_cpu(x, gamma, beta, y, mean, rstd, rm, rv, p, sync)?;
         residual_relu_cpu(y, res, relu);
         Ok(())
     }
@@ -747,6 +861,7 @@ impl<T: Real + Elem> BnKernels for Cpu<T> {
         dgb: &mut &mut [T],
         dx: &mut &mut [T],
         dres: Option<&mut [T]>,
+        sync: Option<&HostSync>,
     ) -> crate::Result<()> {
         let (dg, db) = dgb.split_at_mut(p.c as usize);
         let rest = |dy: &[T]| {
@@ -754,9 +869,10 @@ impl<T: Real + Elem> BnKernels for Cpu<T> {
                 crate::ops::add::backward_cpu(dy, dr);
             }
             if train {
-                backward_train_cpu(x, dy, gamma, mean, rstd, dx, dg, db, p);
+                backward_train_cpu(x, dy, gamma, mean, rstd, dx, dg, db, p, sync)
             } else {
                 backward_eval_cpu(x, dy, gamma, rm, rv, dx, dg, db, p);
+                Ok(())
             }
         };
         match y {
@@ -767,7 +883,6 @@ impl<T: Real + Elem> BnKernels for Cpu<T> {
             }),
             None => rest(dy),
         }
-        Ok(())
     }
 }
 
@@ -775,6 +890,7 @@ impl<E: GpuFloat> BnKernels for Cuda<E>
 where
     cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<E>,
 {
+    type Sync = DevSync;
     fn bn_forward_train(
         &self,
         p: &BnParams,
@@ -785,12 +901,13 @@ where
         relu: bool,
         y: &mut VeMut<Self>,
         saved: &mut VfMut<Self>,
+        sync: Option<&DevSync>,
     ) -> crate::Result<()> {
         let (mut rm, mut rv) = running.split_at_mut(p.c as usize);
         let half = saved.len() / 2;
         let (mut mean, mut rstd) = saved.split_at_mut(half);
         let (running, saved) = ((&mut rm, &mut rv), (&mut mean, &mut rstd));
-        forward_train_cuda(&self.gpu, p, x, affine, running, res, relu, y, saved)
+        forward_train_cuda(&self.gpu, p, x, affine, running, res, relu, y, saved, sync)
     }
     fn bn_forward_eval(
         &self,
@@ -820,10 +937,13 @@ where
         dgb: &mut VfMut<Self>,
         dx: &mut VeMut<Self>,
         dres: Option<VeMut<Self>>,
+        sync: Option<&DevSync>,
     ) -> crate::Result<()> {
         let (mut dg, mut db) = dgb.split_at_mut(p.c as usize);
         let dgb = (&mut dg, &mut db);
-        backward_cuda(&self.gpu, p, train, x, dy, y, saved, gamma, dgb, dx, dres)
+        backward_cuda(
+            &self.gpu, p, train, x, dy, y, saved, gamma, dgb, dx, dres, sync,
+        )
     }
 }
 
@@ -848,8 +968,9 @@ mod tests {
             let (mut mu, mut rs) = (vec![0.0; g * c], vec![0.0; g * c]);
             let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
             forward_train_cpu(
-                &xs[0], &xs[1], &xs[2], &mut y, &mut mu, &mut rs, &mut rm, &mut rv, &p,
-            );
+                &xs[0], &xs[1], &xs[2], &mut y, &mut mu, &mut rs, &mut rm, &mut rv, &p, None,
+            )
+            .unwrap();
             y
         };
         let bwd = |xs: &[Vec<f64>], dy: &[f64]| {
@@ -857,10 +978,14 @@ mod tests {
             let (mut mu, mut rs) = (vec![0.0; g * c], vec![0.0; g * c]);
             let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
             forward_train_cpu(
-                &xs[0], &xs[1], &xs[2], &mut y, &mut mu, &mut rs, &mut rm, &mut rv, &p,
-            );
+                &xs[0], &xs[1], &xs[2], &mut y, &mut mu, &mut rs, &mut rm, &mut rv, &p, None,
+            )
+            .unwrap();
             let (mut dx, mut dg, mut db) = (vec![0.0; r * c], vec![0.0; c], vec![0.0; c]);
-            backward_train_cpu(&xs[0], dy, &xs[1], &mu, &rs, &mut dx, &mut dg, &mut db, &p);
+            backward_train_cpu(
+                &xs[0], dy, &xs[1], &mu, &rs, &mut dx, &mut dg, &mut db, &p, None,
+            )
+            .unwrap();
             vec![Some(dx), Some(dg), Some(db)]
         };
         assert_ok(check(
@@ -877,6 +1002,76 @@ mod tests {
         gradcheck_train(BnParams::new(7, 5)); // odd sizes
         gradcheck_train(BnParams::new(2 * 9, 3)); // BN2d: N=2, 3x3 maps
         gradcheck_train(BnParams::new(12, 4).ghost(4)); // three ghost groups
+    }
+
+    /// SyncBN: two ranks on threads, each with half the rows, normalize with the statistics of
+    /// all of them: outputs, saved and running statistics and dx equal whole-batch BN's (f64, to
+    /// rounding), and the ranks' dgamma and dbeta (each its own sums) add up to its.
+    #[test]
+    fn syncbn_over_two_ranks_equals_whole_batch_bn() {
+        use crate::dist::local::{LocalGroup, LocalSync};
+        let (r, c) = (2 * 9, 3); // per rank: N=2 of 3x3 maps
+        let x = uniform(1, 2 * r * c, -2.0, 3.0);
+        let dy = uniform(2, 2 * r * c, -1.0, 1.0);
+        let (gamma, beta) = (uniform(3, c, 0.5, 1.5), uniform(4, c, -0.5, 0.5));
+        let run = |p: &BnParams, x: &[f64], dy: &[f64], sync: Option<&HostSync>| {
+            let n = p.rows as usize * c;
+            let mut y = vec![0.0; n];
+            let (mut mu, mut rs) = (vec![0.0; c], vec![0.0; c]);
+            let (mut rm, mut rv) = (vec![0.1; c], vec![1.2; c]);
+            forward_train_cpu(
+                x, &gamma, &beta, &mut y, &mut mu, &mut rs, &mut rm, &mut rv, p, sync,
+            )
+            .unwrap();
+            let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; c], vec![0.0; c]);
+            backward_train_cpu(x, dy, &gamma, &mu, &rs, &mut dx, &mut dg, &mut db, p, sync)
+                .unwrap();
+            [y, mu, rs, rm, rv, dx, dg, db]
+        };
+        let whole = run(&BnParams::new(2 * r, c), &x, &dy, None);
+        let group = LocalGroup::new(2);
+        let ranks: Vec<[Vec<f64>; 8]> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|rank| {
+                    let sync = LocalSync {
+                        group: group.clone(),
+                        rank,
+                    };
+                    let (x, dy) = (&x[rank * r * c..][..r * c], &dy[rank * r * c..][..r * c]);
+                    let run = &run;
+                    s.spawn(move || run(&BnParams::new(r, c).synced(2), x, dy, Some(&sync)))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let close = |a: &[f64], b: &[f64], what: &str| {
+            let d = a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(a.len() == b.len() && d < 1e-12, "{what}: differs by {d}");
+        };
+        let cat = |k: usize| [ranks[0][k].clone(), ranks[1][k].clone()].concat();
+        close(&cat(0), &whole[0], "y");
+        close(&cat(5), &whole[5], "dx");
+        for (k, what) in [
+            (1, "mean"),
+            (2, "rstd"),
+            (3, "running mean"),
+            (4, "running var"),
+        ] {
+            close(&ranks[0][k], &whole[k], what);
+            close(&ranks[1][k], &whole[k], what);
+        }
+        for (k, what) in [(6, "dgamma"), (7, "dbeta")] {
+            let sum: Vec<f64> = ranks[0][k]
+                .iter()
+                .zip(&ranks[1][k])
+                .map(|(a, b)| a + b)
+                .collect();
+            close(&sum, &whole[k], what);
+        }
     }
 
     #[test]
@@ -918,7 +1113,10 @@ mod tests {
         let mut y = vec![0.0; 3 * m * c];
         let (mut mu, mut rs) = (vec![0.0; 3 * c], vec![0.0; 3 * c]);
         let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
-        forward_train_cpu(&x, &gm, &gb, &mut y, &mut mu, &mut rs, &mut rm, &mut rv, &p);
+        forward_train_cpu(
+            &x, &gm, &gb, &mut y, &mut mu, &mut rs, &mut rm, &mut rv, &p, None,
+        )
+        .unwrap();
         for g in 0..3 {
             let q = BnParams::new(m, c);
             let mut yg = vec![0.0; m * c];
@@ -926,8 +1124,9 @@ mod tests {
             let (mut rm1, mut rv1) = (vec![0.0; c], vec![1.0; c]);
             let xg = &x[g * m * c..][..m * c];
             forward_train_cpu(
-                xg, &gm, &gb, &mut yg, &mut mu1, &mut rs1, &mut rm1, &mut rv1, &q,
-            );
+                xg, &gm, &gb, &mut yg, &mut mu1, &mut rs1, &mut rm1, &mut rv1, &q, None,
+            )
+            .unwrap();
             for (a, b) in yg.iter().zip(&y[g * m * c..][..m * c]) {
                 assert!((a - b).abs() < 1e-12);
             }
