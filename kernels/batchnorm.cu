@@ -70,39 +70,31 @@ __device__ void bn_stats_partial(const T* x, BnParams p, int chunks, const float
 EXPORT_F32_BF16(bn_stats_partial, (const T* x, BnParams p, int chunks, const float* mean, float* partial),
                 (x, p, chunks, mean, partial))
 
-// One thread per (group, channel): mean = sum of the chunks in order / group_rows.
-extern "C" __global__ void bn_finalize_mean(const float* partial, BnParams p, int chunks, float* mean) {
-    int groups = p.rows / p.group_rows;
-    FOR_EACH(i, groups * p.c) {
-        int g = i / p.c, c = i % p.c;
-        float s = 0.0f;
-        for (int k = 0; k < chunks; k++) s += partial[(u64)(g * chunks + k) * p.c + c];
-        mean[i] = s / bn_count(p);
-    }
+// The chunks' partial sums of element i = (group, channel), added in order.
+__device__ __forceinline__ float bn_chunk_sum(const float* partial, const BnParams& p, int chunks, int i) {
+    int g = i / p.c, c = i % p.c;
+    float s = 0.0f;
+    for (int k = 0; k < chunks; k++) s += partial[(u64)(g * chunks + k) * p.c + c];
+    return s;
 }
 
-// SyncBN: one thread per (group, channel), sums[g, c] = the chunks' partial sums added in order (the
-// finalize kernels' first half), for the all-reduce over ranks; the finalize kernels then read
-// them as a single chunk.
+// One thread per (group, channel): mean = sum of the chunks in order / count.
+extern "C" __global__ void bn_finalize_mean(const float* partial, BnParams p, int chunks, float* mean) {
+    FOR_EACH(i, p.rows / p.group_rows * p.c) mean[i] = bn_chunk_sum(partial, p, chunks, i) / bn_count(p);
+}
+
+// SyncBN: sums[g, c] = the chunks' sums (the finalize kernels' first half), for the all-reduce over
+// ranks; the finalize kernels then read them as a single chunk.
 extern "C" __global__ void bn_sum_chunks(const float* partial, BnParams p, int chunks, float* sums) {
-    int groups = p.rows / p.group_rows;
-    FOR_EACH(i, groups * p.c) {
-        int g = i / p.c, c = i % p.c;
-        float s = 0.0f;
-        for (int k = 0; k < chunks; k++) s += partial[(u64)(g * chunks + k) * p.c + c];
-        sums[i] = s;
-    }
+    FOR_EACH(i, p.rows / p.group_rows * p.c) sums[i] = bn_chunk_sum(partial, p, chunks, i);
 }
 
 // rstd = 1 / sqrt(var_b + eps); group 0 updates the running stats (unbiased variance), when given.
 extern "C" __global__ void bn_finalize_var(const float* partial, BnParams p, int chunks, const float* mean,
                                            float* rstd, float* running_mean, float* running_var) {
-    int groups = p.rows / p.group_rows;
-    FOR_EACH(i, groups * p.c) {
+    FOR_EACH(i, p.rows / p.group_rows * p.c) {
         int g = i / p.c, c = i % p.c;
-        float s = 0.0f;
-        for (int k = 0; k < chunks; k++) s += partial[(u64)(g * chunks + k) * p.c + c];
-        float var = s / bn_count(p);
+        float var = bn_chunk_sum(partial, p, chunks, i) / bn_count(p);
         rstd[i] = 1.0f / sqrtf(var + p.eps);
         if (running_mean && g == 0) {
             float m = bn_count(p);
