@@ -125,23 +125,39 @@ inline void store_elem(void* base, size_t i, Elem e, double v) {
 // ---- device ranges ------------------------------------------------------------------------------
 
 typedef int (*range_fn)(const void*, size_t, const char*);
+typedef void (*defer_fn)(void*, void (*)(void*), void*, const char*);
 
-// The checker: from the global scope, or else from an already loaded libcuda stand-in (cudarc loads
-// libcuda with RTLD_LOCAL, which keeps its symbols out of the global scope). Looked up again until
-// found, so a libcuda loaded later is still used.
-inline range_fn range_checker() {
-    static range_fn found = nullptr;
-    if (found) return found;
-    void* f = dlsym(RTLD_DEFAULT, "swgpu_check_device_range");
+// A symbol of the libcuda stand-in: from the global scope, or else from an already loaded libcuda
+// (cudarc loads libcuda with RTLD_LOCAL, which keeps its symbols out of the global scope); null
+// while none is loaded.
+inline void* driver_symbol(const char* sym) {
+    void* f = dlsym(RTLD_DEFAULT, sym);
     for (const char* name : {"libcuda.so.1", "libcuda.so"}) {
         if (f) break;
         if (void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD)) {
-            f = dlsym(h, "swgpu_check_device_range");
+            f = dlsym(h, sym);
             dlclose(h);  // drops only the reference RTLD_NOLOAD added
         }
     }
-    found = reinterpret_cast<range_fn>(f);
+    return f;
+}
+
+// The checker, looked up again until found, so a libcuda loaded later is still used.
+inline range_fn range_checker() {
+    static range_fn found = nullptr;
+    if (!found) found = reinterpret_cast<range_fn>(driver_symbol("swgpu_check_device_range"));
     return found;
+}
+
+// Runs fn(data) on `stream` as the libcuda stand-in orders deferred work (swgpu.h); at once when
+// no stand-in is loaded.
+inline void stream_defer(void* stream, void (*fn)(void*), void* data, const char* what) {
+    static defer_fn found = nullptr;
+    if (!found) found = reinterpret_cast<defer_fn>(driver_symbol("swgpu_stream_defer"));
+    if (found)
+        found(stream, fn, data, what);
+    else
+        fn(data);
 }
 
 // True when [p, p + bytes) is inside one live device allocation, or when no checker is loaded.

@@ -4,7 +4,9 @@
 //   f32, bf16 and f64) and entered in a table. Copies and memsets are checked against the table:
 //   a range outside one live allocation prints one stderr line and fails with
 //   CUDA_ERROR_INVALID_VALUE. swgpu_check_device_range (swgpu/include/swgpu.h) exports the check.
-// - Streams and events are tokens; every call completes before it returns.
+// - Streams and events are tokens; every call completes before it returns, except work the
+//   library stand-ins defer to a side stream (swgpu_stream_defer, below): that runs when the
+//   program's own ordering (an event wait, a synchronization) says it must have run.
 // - cuModuleLoadData takes the blobs the libnvrtc stand-in "compiles" (nvrtc.cpp): it loads the g++
 //   build of that kernel file from $SWGPU_KERNELS and checks it was built from the same source.
 // - cuLaunchKernel runs the grid through the kernel library's trampoline (swgpu/kernels/runtime.cpp).
@@ -125,6 +127,45 @@ std::map<CUstream, uint64_t> g_seq;  // work queued so far per stream
 struct Stream {
     int unused;
 };
+
+// ---- work deferred on side streams (swgpu_stream_defer) ------------------------------------------
+// A library stand-in (the libnccl one) queues work on a stream the program made (a side stream)
+// through swgpu_stream_defer. It runs only when the program's ordering says it must have run: at a
+// cuStreamWaitEvent on an event recorded behind it, at cuEventSynchronize/Query of such an event,
+// at cuStreamSynchronize or cuStreamDestroy of its stream, or at cuCtxSynchronize. Work on the
+// NULL stream runs at once, as everything else does. So a program that reads a side stream's
+// results without waiting for them reads them before they exist (and a test sees wrong numbers),
+// as it could on a GPU. And work queued on a side stream that has not waited on any event since
+// its previous work is reported and the process ends: its inputs, written on other streams, could
+// still be in flight on a GPU. SWGPU_DEFER=0 runs deferred work at once.
+struct Deferred {
+    CUstream stream;
+    uint64_t seq;
+    void (*fn)(void*);
+    void* data;
+};
+std::vector<Deferred> g_deferred;   // in the order queued
+std::map<CUstream, bool> g_waited;  // the side stream waited on an event since its last deferred work
+
+bool null_stream(CUstream s) { return !s || s == (CUstream)1 || s == (CUstream)2; }
+
+// Runs the deferred work `pick` selects, oldest first, each outside g_mu (it may take it, and a
+// collective may block for a while). The caller must not hold g_mu.
+template <class F>
+void run_deferred(F pick) {
+    for (;;) {
+        Deferred d;
+        {
+            std::lock_guard<std::mutex> l(g_mu);
+            auto it = g_deferred.begin();
+            while (it != g_deferred.end() && !pick(*it)) ++it;
+            if (it == g_deferred.end()) return;
+            d = *it;
+            g_deferred.erase(it);
+        }
+        d.fn(d.data);
+    }
+}
 
 struct Module {
     void* dl;
@@ -371,6 +412,29 @@ EXPORT int swgpu_check_device_range(const void* ptr, size_t bytes, const char* w
     return check_range_locked(ptr, bytes, what ? what : "swgpu_check_device_range");
 }
 
+EXPORT void swgpu_stream_defer(void* stream, void (*fn)(void*), void* data, const char* what) {
+    static const bool on = [] {
+        const char* v = getenv("SWGPU_DEFER");
+        return !(v && (v[0] == '0' || v[0] == 'n' || v[0] == 'N' || v[0] == 'f' || v[0] == 'F'));
+    }();
+    CUstream s = (CUstream)stream;
+    if (!on || null_stream(s)) {
+        fn(data);
+        return;
+    }
+    std::lock_guard<std::mutex> l(g_mu);
+    if (!g_waited[s]) {
+        say("%s queued on side stream %p, which has waited on no event since its previous work: its inputs, "
+            "written on other streams, could still be in flight; record an event behind them and make this "
+            "stream wait for it (cuStreamWaitEvent) first",
+            what ? what : "work", s);
+        fflush(stderr);
+        _exit(3);
+    }
+    g_waited[s] = false;
+    g_deferred.push_back(Deferred{s, ++g_seq[s], fn, data});
+}
+
 // ---- initialization, device, context
 
 EXPORT CUresult cuInit(unsigned) {
@@ -459,6 +523,7 @@ EXPORT CUresult cuCtxGetDevice(CUdevice* d) {
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuCtxSynchronize() {
+    run_deferred([](const Deferred&) { return true; });
     std::lock_guard<std::mutex> l(g_mu);
     retire_locked([](const Pending&) { return true; }, "at cuCtxSynchronize");
     return CUDA_SUCCESS;
@@ -509,16 +574,37 @@ EXPORT CUresult cuStreamCreate(CUstream* s, unsigned) {
 }
 EXPORT CUresult cuStreamCreateWithPriority(CUstream* s, unsigned f, int) { return cuStreamCreate(s, f); }
 EXPORT CUresult cuStreamDestroy_v2(CUstream s) {
+    run_deferred([s](const Deferred& d) { return d.stream == s; });
+    {
+        std::lock_guard<std::mutex> l(g_mu);
+        g_waited.erase(s);
+    }
     delete static_cast<Stream*>(s);
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuStreamSynchronize(CUstream s) {
+    run_deferred([s](const Deferred& d) { return d.stream == s; });
     std::lock_guard<std::mutex> l(g_mu);
     retire_locked([s](const Pending& q) { return q.stream == s; }, "at cuStreamSynchronize");
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
-EXPORT CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
+// Everything recorded in `e` has run before `s` goes on: deferred work behind it runs now.
+EXPORT CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+    if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    CUstream on;
+    uint64_t seq;
+    {
+        std::lock_guard<std::mutex> l(g_mu);
+        auto* ev = static_cast<Event*>(e);
+        if (!null_stream(s)) g_waited[s] = true;
+        if (!ev->recorded) return CUDA_SUCCESS;
+        on = ev->stream;
+        seq = ev->seq;
+    }
+    run_deferred([on, seq](const Deferred& d) { return d.stream == on && d.seq <= seq; });
+    return CUDA_SUCCESS;
+}
 EXPORT CUresult cuStreamIsCapturing(CUstream, int* status) {
     if (status) *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
     return CUDA_SUCCESS;
@@ -555,8 +641,18 @@ EXPORT CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return
 // Waits (trivially) for the work recorded in `e`; an event never recorded is complete at once.
 EXPORT CUresult cuEventSynchronize(CUevent e) {
     if (!e) return CUDA_ERROR_INVALID_HANDLE;
-    std::lock_guard<std::mutex> l(g_mu);
     auto* ev = static_cast<Event*>(e);
+    {
+        CUstream on;
+        uint64_t seq;
+        bool recorded;
+        {
+            std::lock_guard<std::mutex> l(g_mu);
+            on = ev->stream, seq = ev->seq, recorded = ev->recorded;
+        }
+        if (recorded) run_deferred([on, seq](const Deferred& d) { return d.stream == on && d.seq <= seq; });
+    }
+    std::lock_guard<std::mutex> l(g_mu);
     if (ev->recorded)
         retire_locked([ev](const Pending& q) { return q.stream == ev->stream && q.seq <= ev->seq; },
                       "at cuEventSynchronize");

@@ -1,8 +1,12 @@
 // libnccl stand-in for the software GPU: the NCCL calls lewel makes, between processes on one
 // machine over POSIX shared memory. Test infrastructure only: never linked into lewel.
 //
-// Device memory is host memory and everything is synchronous (include/swgpu.h), so a collective
-// runs to completion inside its call: each rank copies its part into its own slot of a shared
+// Device memory is host memory (include/swgpu.h). A collective queued on the NULL stream runs to
+// completion inside its call; one queued on a stream the program made is deferred through the
+// libcuda stand-in (swgpu_stream_defer) until the program's event waits or synchronizations say it
+// must have run, so reading its result too early reads the old values, as on a GPU; its failure
+// then shows in ncclCommGetAsyncError, as a real NCCL's would. Either way, when it runs, each rank
+// copies its part into its own slot of a shared
 // segment, the ranks meet at a barrier, each reads every slot and combines them **in rank order**
 // (every rank gets the same bits, run after run), and they meet again before the slots are reused.
 // Buffers longer than a slot go through in chunks.
@@ -159,6 +163,8 @@ struct ncclComm {
     uint64_t epoch;
     ncclResult_t async;
     char name[64];
+    int pending;  // deferred collectives not yet run
+    bool dead;    // destroyed or aborted while some were pending: the last one frees it
 };
 typedef ncclComm* ncclComm_t;
 
@@ -309,6 +315,83 @@ ncclResult_t check_call(ncclComm* c, const char* what, int t, int op) {
         return fail(c->async, c->rank, "%s: the communicator has already failed (%s)", what, g_last.c_str());
     if (type_size(t) == 0) return fail(ncclInvalidArgument, c->rank, "%s: data type %d", what, t);
     if (op < opSum || op > opAvg) return fail(ncclInvalidArgument, c->rank, "%s: reduction op %d", what, op);
+    return ncclSuccess;
+}
+
+enum : uint64_t { kAllReduce = 1, kReduce = 2, kBroadcast = 3, kAllGather = 4 };
+
+// One collective's arguments, checked.
+struct Job {
+    ncclComm* c;
+    uint64_t kind;
+    const void* send;
+    void* recv;
+    size_t count;
+    int t, op, root;
+};
+
+// The data movement of a checked collective, every rank in it together, a slot's worth at a time.
+ncclResult_t exchange(const Job& j) {
+    ncclComm* c = j.c;
+    const char* what = kind_name(j.kind);
+    ncclResult_t r = agree(c, j.kind, j.t, j.op, j.root, j.count);
+    if (r != ncclSuccess) return r;
+    size_t es = type_size(j.t), per = c->h->chunk / es;
+    const uint8_t* send = (const uint8_t*)j.send;
+    uint8_t* recv = (uint8_t*)j.recv;
+    bool root = c->rank == j.root;
+    if (j.kind == kAllReduce && j.count == 1 && j.t == tFloat32 && swb::env_flag("SWGPU_NCCL_TRACE", false))
+        fprintf(stderr, "swgpu nccl: rank %d: all-reduce of one float: %.9g\n", c->rank, *(const float*)send);
+    for (size_t off = 0; off < j.count; off += per) {
+        size_t n = j.count - off < per ? j.count - off : per;
+        if (j.kind != kBroadcast)
+            memcpy(slot(c, c->rank), send + off * es, n * es);
+        else if (root)
+            memcpy(slot(c, j.root), send + off * es, n * es);
+        if ((r = barrier(c, what)) != ncclSuccess) return r;
+        switch (j.kind) {
+            case kAllReduce: reduce_any(c, recv + off * es, n, j.t, j.op); break;
+            case kReduce:
+                if (root) reduce_any(c, recv + off * es, n, j.t, j.op);
+                break;
+            case kBroadcast: memcpy(recv + off * es, slot(c, j.root), n * es); break;
+            case kAllGather:
+                for (int k = 0; k < c->nranks; k++) memcpy(recv + ((size_t)k * j.count + off) * es, slot(c, k), n * es);
+                break;
+        }
+        if ((r = barrier(c, what)) != ncclSuccess) return r;
+    }
+    if (j.kind == kBroadcast && swb::env_flag("SWGPU_NCCL_TRACE", false)) {
+        uint64_t h = 1469598103934665603ull;
+        for (size_t i = 0; i < j.count * es; i++) h = (h ^ recv[i]) * 1099511628211ull;
+        fprintf(stderr, "swgpu nccl: rank %d: broadcast result %016llx at %p\n", c->rank, (unsigned long long)h,
+                j.recv);
+    }
+    return ncclSuccess;
+}
+
+void unmap_and_free(ncclComm* c) {
+    if (c->h) munmap(c->h, c->map_bytes);
+    delete c;
+}
+
+// A deferred collective's turn (see the top): its failure is kept for ncclCommGetAsyncError.
+void run_job(void* p) {
+    Job* j = (Job*)p;
+    ncclComm* c = j->c;
+    if (!c->dead && c->async == ncclSuccess) {
+        ncclResult_t r = exchange(*j);
+        if (r != ncclSuccess && c->async == ncclSuccess) c->async = r;
+    }
+    delete j;
+    if (--c->pending == 0 && c->dead) unmap_and_free(c);
+}
+
+// Runs a checked collective now (NULL stream) or defers it on its stream.
+ncclResult_t launch(const Job& j, void* stream) {
+    if (!stream) return exchange(j);
+    j.c->pending++;
+    swb::stream_defer(stream, run_job, new Job(j), kind_name(j.kind));
     return ncclSuccess;
 }
 
@@ -484,11 +567,11 @@ ncclResult_t init_rank(ncclComm_t* out, int nranks, ncclUniqueId id, int rank) {
 
 void release(ncclComm* c, uint32_t state) {
     if (!c) return;
-    if (c->h) {
-        c->h->ranks[c->rank].state.store(state, std::memory_order_release);
-        munmap(c->h, c->map_bytes);
-    }
-    delete c;
+    if (c->h) c->h->ranks[c->rank].state.store(state, std::memory_order_release);
+    if (c->pending > 0)
+        c->dead = true;  // the last deferred collective frees it (without running)
+    else
+        unmap_and_free(c);
 }
 
 }  // namespace
@@ -536,90 +619,51 @@ EXPORT ncclResult_t ncclCommUserRank(const ncclComm_t c, int* r) {
 EXPORT ncclResult_t ncclGroupStart() { return ncclSuccess; }
 EXPORT ncclResult_t ncclGroupEnd() { return ncclSuccess; }
 
-EXPORT ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, int t, int op, ncclComm_t c, void*) {
+EXPORT ncclResult_t ncclAllReduce(const void* send, void* recv, size_t count, int t, int op, ncclComm_t c, void* s) {
     ncclResult_t r = check_call(c, "ncclAllReduce", t, op);
     if (r != ncclSuccess) return r;
-    size_t es = type_size(t), per = c->h->chunk / es;
+    size_t es = type_size(t);
     if (!device_range_ok(send, count * es, "ncclAllReduce sendbuff") ||
         !device_range_ok(recv, count * es, "ncclAllReduce recvbuff"))
         return c->async = fail(ncclInvalidArgument, c->rank, "ncclAllReduce: a buffer outside device memory");
-    if ((r = agree(c, 1, t, op, 0, count)) != ncclSuccess) return r;
-    if (count == 1 && t == tFloat32 && swb::env_flag("SWGPU_NCCL_TRACE", false))
-        fprintf(stderr, "swgpu nccl: rank %d: all-reduce of one float: %.9g\n", c->rank, *(const float*)send);
-    for (size_t off = 0; off < count; off += per) {
-        size_t n = count - off < per ? count - off : per;
-        memcpy(slot(c, c->rank), (const uint8_t*)send + off * es, n * es);
-        if ((r = barrier(c, "ncclAllReduce")) != ncclSuccess) return r;
-        reduce_any(c, (uint8_t*)recv + off * es, n, t, op);
-        if ((r = barrier(c, "ncclAllReduce")) != ncclSuccess) return r;
-    }
-    return ncclSuccess;
+    return launch(Job{c, kAllReduce, send, recv, count, t, op, 0}, s);
 }
 
 EXPORT ncclResult_t ncclReduce(const void* send, void* recv, size_t count, int t, int op, int root, ncclComm_t c,
-                               void*) {
+                               void* s) {
     ncclResult_t r = check_call(c, "ncclReduce", t, op);
     if (r != ncclSuccess) return r;
     if (root < 0 || root >= c->nranks) return fail(ncclInvalidArgument, c->rank, "ncclReduce: root %d", root);
-    size_t es = type_size(t), per = c->h->chunk / es;
+    size_t es = type_size(t);
     if (!device_range_ok(send, count * es, "ncclReduce sendbuff") ||
         (c->rank == root && !device_range_ok(recv, count * es, "ncclReduce recvbuff")))
         return c->async = fail(ncclInvalidArgument, c->rank, "ncclReduce: a buffer outside device memory");
-    if ((r = agree(c, 2, t, op, root, count)) != ncclSuccess) return r;
-    for (size_t off = 0; off < count; off += per) {
-        size_t n = count - off < per ? count - off : per;
-        memcpy(slot(c, c->rank), (const uint8_t*)send + off * es, n * es);
-        if ((r = barrier(c, "ncclReduce")) != ncclSuccess) return r;
-        if (c->rank == root) reduce_any(c, (uint8_t*)recv + off * es, n, t, op);
-        if ((r = barrier(c, "ncclReduce")) != ncclSuccess) return r;
-    }
-    return ncclSuccess;
+    return launch(Job{c, kReduce, send, recv, count, t, op, root}, s);
 }
 
-EXPORT ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, int t, int root, ncclComm_t c, void*) {
+EXPORT ncclResult_t ncclBroadcast(const void* send, void* recv, size_t count, int t, int root, ncclComm_t c, void* s) {
     ncclResult_t r = check_call(c, "ncclBroadcast", t, opSum);
     if (r != ncclSuccess) return r;
     if (root < 0 || root >= c->nranks) return fail(ncclInvalidArgument, c->rank, "ncclBroadcast: root %d", root);
-    size_t es = type_size(t), per = c->h->chunk / es;
+    size_t es = type_size(t);
     if ((c->rank == root && !device_range_ok(send, count * es, "ncclBroadcast sendbuff")) ||
         !device_range_ok(recv, count * es, "ncclBroadcast recvbuff"))
         return c->async = fail(ncclInvalidArgument, c->rank, "ncclBroadcast: a buffer outside device memory");
-    if ((r = agree(c, 3, t, 0, root, count)) != ncclSuccess) return r;
-    for (size_t off = 0; off < count; off += per) {
-        size_t n = count - off < per ? count - off : per;
-        if (c->rank == root) memcpy(slot(c, root), (const uint8_t*)send + off * es, n * es);
-        if ((r = barrier(c, "ncclBroadcast")) != ncclSuccess) return r;
-        memcpy((uint8_t*)recv + off * es, slot(c, root), n * es);
-        if ((r = barrier(c, "ncclBroadcast")) != ncclSuccess) return r;
-    }
-    if (swb::env_flag("SWGPU_NCCL_TRACE", false)) {
-        uint64_t h = 1469598103934665603ull;
-        for (size_t i = 0; i < count * es; i++) h = (h ^ ((const uint8_t*)recv)[i]) * 1099511628211ull;
-        fprintf(stderr, "swgpu nccl: rank %d: broadcast result %016llx at %p\n", c->rank, (unsigned long long)h, recv);
-    }
-    return ncclSuccess;
+    return launch(Job{c, kBroadcast, send, recv, count, t, 0, root}, s);
 }
 
 EXPORT ncclResult_t ncclBcast(void* buf, size_t count, int t, int root, ncclComm_t c, void* s) {
     return ncclBroadcast(buf, buf, count, t, root, c, s);
 }
 
-EXPORT ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, int t, ncclComm_t c, void*) {
+EXPORT ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, int t, ncclComm_t c, void* s) {
     ncclResult_t r = check_call(c, "ncclAllGather", t, opSum);
     if (r != ncclSuccess) return r;
-    size_t es = type_size(t), per = c->h->chunk / es;
+    size_t es = type_size(t);
     if (!device_range_ok(send, count * es, "ncclAllGather sendbuff") ||
         !device_range_ok(recv, count * es * (size_t)c->nranks, "ncclAllGather recvbuff"))
         return c->async = fail(ncclInvalidArgument, c->rank, "ncclAllGather: a buffer outside device memory");
-    if ((r = agree(c, 4, t, 0, 0, count)) != ncclSuccess) return r;
-    for (size_t off = 0; off < count; off += per) {
-        size_t n = count - off < per ? count - off : per;
-        memcpy(slot(c, c->rank), (const uint8_t*)send + off * es, n * es);
-        if ((r = barrier(c, "ncclAllGather")) != ncclSuccess) return r;
-        for (int k = 0; k < c->nranks; k++) memcpy((uint8_t*)recv + ((size_t)k * count + off) * es, slot(c, k), n * es);
-        if ((r = barrier(c, "ncclAllGather")) != ncclSuccess) return r;
-    }
-    return ncclSuccess;
+    return launch(Job{c, kAllGather, send, recv, count, t, 0, 0}, s);
 }
 
 EXPORT ncclResult_t ncclReduceScatter(const void*, void*, size_t, int, int, ncclComm_t c, void*) {

@@ -1,7 +1,9 @@
 // Tests of the libnccl stand-in: ranks are forked processes sharing a unique id. Each case checks
 // exact results (rank-order sums, chunked buffers, broadcast, all-gather, bf16) or that a failure
 // (a peer killed, a peer that aborted, a world that never fills) ends the waiting rank with an
-// error, quickly. Usage: test LIBDIR (the folder holding libnccl.so.2). Exits nonzero on a failure.
+// error, quickly; and, with the libcuda stand-in loaded, that a collective on a side stream is
+// deferred until an event wait behind it, and one queued without a wait before it ends the process.
+// Usage: test LIBDIR (the folder holding libnccl.so.2 and libcuda.so.1). Exits nonzero on a failure.
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -35,6 +37,30 @@ bcast_t bcast;
 gather_t gather;
 destroy_t destroy, abort_comm;
 async_t async_error;
+std::string g_libdir;
+
+// The libcuda stand-in's calls the deferral cases make, loaded into the calling (forked) rank only.
+struct Driver {
+    int (*stream_create)(void**, unsigned);
+    int (*event_create)(void**, unsigned);
+    int (*event_record)(void*, void*);
+    int (*wait_event)(void*, void*, unsigned);
+    int (*mem_alloc)(unsigned long long*, size_t);
+};
+bool load_driver(Driver* d) {
+    std::string lib = g_libdir + "/libcuda.so.1";
+    void* h = dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL);
+    if (!h) {
+        fprintf(stderr, "dlopen %s: %s\n", lib.c_str(), dlerror());
+        return false;
+    }
+    d->stream_create = (int (*)(void**, unsigned))dlsym(h, "cuStreamCreate");
+    d->event_create = (int (*)(void**, unsigned))dlsym(h, "cuEventCreate");
+    d->event_record = (int (*)(void*, void*))dlsym(h, "cuEventRecord");
+    d->wait_event = (int (*)(void*, void*, unsigned))dlsym(h, "cuStreamWaitEvent");
+    d->mem_alloc = (int (*)(unsigned long long*, size_t))dlsym(h, "cuMemAlloc_v2");
+    return d->stream_create && d->event_create && d->event_record && d->wait_event && d->mem_alloc;
+}
 
 enum { Float32 = 7, Bfloat16 = 9, Sum = 0, Max = 2, Avg = 4, RemoteError = 6, SystemError = 2 };
 
@@ -83,7 +109,8 @@ int main(int argc, char** argv) {
         fprintf(stderr, "usage: test LIBDIR\n");
         return 2;
     }
-    std::string lib = std::string(argv[1]) + "/libnccl.so.2";
+    g_libdir = argv[1];
+    std::string lib = g_libdir + "/libnccl.so.2";
     void* h = dlopen(lib.c_str(), RTLD_NOW);
     if (!h) {
         fprintf(stderr, "dlopen %s: %s\n", lib.c_str(), dlerror());
@@ -197,6 +224,48 @@ int main(int argc, char** argv) {
     }, &codes);
     run("a world that never fills ends init at the timeout", codes == std::vector<int>({0, 0}));
     unsetenv("SWGPU_NCCL_TIMEOUT_S");
+
+    // A collective on a side stream: nothing moves at the call; the main stream's wait on an event
+    // recorded behind it runs it (the order a GPU keeps, made visible).
+    run("a side stream's collective runs at the event wait behind it", ranks(2, [](int r, Id id) {
+            Driver d;
+            CHECK(load_driver(&d), "libcuda stand-in");
+            Comm c;
+            CHECK(init(&c, 2, id, r) == 0, "init");
+            void *s, *ready, *done;
+            CHECK(d.stream_create(&s, 0) == 0 && d.event_create(&ready, 0) == 0 && d.event_create(&done, 0) == 0,
+                  "stream and events");
+            unsigned long long p;
+            const size_t n = 600;  // three slots: the deferred run is chunked too
+            CHECK(d.mem_alloc(&p, n * 4) == 0, "cuMemAlloc");
+            float* x = (float*)(uintptr_t)p;
+            for (size_t i = 0; i < n; i++) x[i] = val(r, i);
+            CHECK(d.event_record(ready, nullptr) == 0 && d.wait_event(s, ready, 0) == 0, "side waits on main");
+            CHECK(allreduce(x, x, n, Float32, Sum, c, s) == 0, "allreduce on the side stream");
+            for (size_t i = 0; i < n; i++) CHECK(x[i] == val(r, i), "rank %d elem %zu changed before any wait", r, i);
+            CHECK(d.event_record(done, s) == 0 && d.wait_event(nullptr, done, 0) == 0, "main waits on side");
+            for (size_t i = 0; i < n; i++) {
+                float want = val(0, i) + val(1, i);
+                CHECK(memcmp(&x[i], &want, 4) == 0, "rank %d elem %zu: %.9g after the wait, want %.9g", r, i, x[i],
+                      want);
+            }
+            destroy(c);
+            return 0;
+        }) == 0);
+
+    codes.clear();
+    ranks(1, [](int, Id id) {
+        Driver d;
+        CHECK(load_driver(&d), "libcuda stand-in");
+        Comm c;
+        CHECK(init(&c, 1, id, 0) == 0, "init");
+        void* s;
+        unsigned long long p;
+        CHECK(d.stream_create(&s, 0) == 0 && d.mem_alloc(&p, 64) == 0, "stream and memory");
+        allreduce((void*)(uintptr_t)p, (void*)(uintptr_t)p, 16, Float32, Sum, c, s);  // no wait before it
+        return 0;
+    }, &codes);
+    run("a side stream's collective queued without a wait ends the rank", codes == std::vector<int>({3}));
 
     if (failures) {
         fprintf(stderr, "swgpu nccl test: %d case(s) failed\n", failures);
