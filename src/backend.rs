@@ -108,8 +108,14 @@ pub trait Backend: Sized {
     fn host_vec<'a, T: Elem>(&self, b: &'a Self::Buf<T>, cache: &'a mut Vec<T>) -> Result<&'a [T]>;
     /// Zeroes every parameter gradient (the start of backward).
     fn zero_grads(&self, st: &mut ParamStore<Self::F>, w: &mut Self::Weights) -> Result<()>;
-    /// Folds compute-dtype weight gradients into the `F` gradients (the end of backward).
-    fn finish_grads(&self, st: &mut ParamStore<Self::F>, w: &mut Self::Weights) -> Result<()>;
+    /// Folds the compute-dtype weight gradients in `r` (of the flat table) into the `F` gradients
+    /// (the end of backward, or of a gradient bucket's part of it).
+    fn finish_grads(
+        &self,
+        st: &mut ParamStore<Self::F>,
+        w: &mut Self::Weights,
+        r: Range<usize>,
+    ) -> Result<()>;
 }
 
 // ----------------------------------------------------------------------------
@@ -237,7 +243,7 @@ impl<T: Float + Elem> Backend for Cpu<T> {
         st.zero_grads();
         Ok(())
     }
-    fn finish_grads(&self, _st: &mut ParamStore<T>, _w: &mut ()) -> Result<()> {
+    fn finish_grads(&self, _st: &mut ParamStore<T>, _w: &mut (), _r: Range<usize>) -> Result<()> {
         Ok(())
     }
 }
@@ -450,8 +456,14 @@ where
         self.gpu.memset_zero(&mut w.grads)?;
         self.gpu.memset_zero(&mut w.grads_c)
     }
-    fn finish_grads(&self, _st: &mut ParamStore<f32>, w: &mut DevWeights<E>) -> Result<()> {
-        crate::gpu::accum_f32_cuda(&self.gpu, &w.grads_c, &mut w.grads)
+    fn finish_grads(
+        &self,
+        _st: &mut ParamStore<f32>,
+        w: &mut DevWeights<E>,
+        r: Range<usize>,
+    ) -> Result<()> {
+        let src = w.grads_c.slice(r.clone());
+        crate::gpu::accum_f32_cuda(&self.gpu, &src, &mut w.grads.slice_mut(r))
     }
 }
 

@@ -21,7 +21,7 @@
 use crate::backend::{Backend, Cpu, Cuda, Elem};
 use crate::error::{Error, Result};
 use crate::gpu::GpuFloat;
-use crate::memory::{BufferId, CounterId, ParamId, ParamStore};
+use crate::memory::{BufferId, CounterId, ParamId, ParamStore, SizeTable};
 use crate::ops::aggregate::AggregateParams;
 use crate::ops::batchnorm::{BnParams, SyncGroup};
 use crate::ops::concat::ConcatParams;
@@ -35,6 +35,7 @@ use crate::ops::Real;
 use crate::tensor::{Shape, Tensor};
 use cudarc::cublas::{CudaBlas, Gemm};
 use std::ffi::CStr;
+use std::ops::Range;
 
 /// Every op family's kernels: what a [`Graph`] needs of its backend.
 pub trait Kernels:
@@ -239,6 +240,56 @@ impl Node {
             Node::Add { a, b, y } => [Some(a), Some(b), Some(y)],
         }
     }
+
+    /// The parameters whose gradients its backward writes.
+    fn grad_params(&self) -> [Option<ParamId>; 2] {
+        match *self {
+            Node::Conv { w, .. } | Node::Linear { w, .. } => [Some(w), None],
+            Node::Bn { bn, .. } => [Some(bn.gamma), Some(bn.beta)],
+            _ => [None, None],
+        }
+    }
+}
+
+/// Data-parallel gradient reduction in buckets, as PyTorch DDP's: backward hands each bucket of
+/// the flat `F` gradient buffer over as soon as it has written the last of it (compute-dtype
+/// gradients folded in), so reducing it overlaps the rest of backward.
+pub trait GradReduce<B: Backend> {
+    /// Elements per bucket, at least (a parameter is never split; the first parameters may make
+    /// a smaller last bucket).
+    fn bucket_elems(&self) -> usize;
+    /// The gradients in `r` are final: start reducing them.
+    fn bucket(&mut self, dev: &B, grads: &mut B::Buf<B::F>, r: Range<usize>) -> Result<()>;
+    /// Backward has handed every bucket over: whatever reads the gradients next waits for them.
+    fn finish(&mut self, dev: &B) -> Result<()>;
+}
+
+/// The buckets of a tape's flat gradient buffer, in the order backward finishes them: (the tape
+/// index after whose backward the bucket is final, its range). Buckets are runs of whole
+/// parameters in table order, made from the table's end (the heads, which backward reaches
+/// first) toward its start; a bucket is final after the earliest node that writes any of its
+/// gradients (backward replays the tape in reverse); one that no node writes is final at once
+/// (index `tape.len()`).
+fn plan_buckets(tape: &[Node], table: &SizeTable, elems: usize) -> Vec<(usize, Range<usize>)> {
+    let n = tape.len();
+    let mut last = vec![n; table.entries.len()];
+    for (j, node) in tape.iter().enumerate().rev() {
+        for p in node.grad_params().into_iter().flatten() {
+            last[p.0] = j;
+        }
+    }
+    let (mut plan, mut end, mut at, mut len) = (Vec::new(), table.total, n, 0);
+    for (i, e) in table.entries.iter().enumerate().rev() {
+        at = if at == n { last[i] } else { at.min(last[i]) };
+        len += e.shape.numel();
+        if len >= elems.max(1) || i == 0 {
+            plan.push((at, e.offset..end));
+            (end, at, len) = (e.offset, n, 0);
+        }
+    }
+    // Backward reaches high indices first; ties in table order from the end.
+    plan.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.start.cmp(&a.1.start)));
+    plan
 }
 
 /// Per-slot storage of one element type, grown on demand and kept across steps. The gradient
@@ -348,6 +399,8 @@ pub struct Graph<B: Kernels> {
     spans: Spans,
     /// The ranks whose batch statistics `BnMode::Train` shares (SyncBN), where set.
     bn_sync: Option<std::rc::Rc<B::Sync>>,
+    /// Where backward hands the finished gradient buckets (data parallel), where set.
+    grad_reduce: Option<Box<dyn GradReduce<B>>>,
 }
 
 impl<T: Real + Elem> Graph<Cpu<T>> {
@@ -387,6 +440,7 @@ impl<B: Kernels> Graph<B> {
             open: None,
             spans: Spans::default(),
             bn_sync: None,
+            grad_reduce: None,
         })
     }
 
@@ -394,6 +448,12 @@ impl<B: Kernels> Graph<B> {
     /// rows of every rank in `sync` (SyncBN); None: over this graph's own rows.
     pub fn set_bn_sync(&mut self, sync: Option<std::rc::Rc<B::Sync>>) {
         self.bn_sync = sync.filter(|s| s.world() > 1);
+    }
+
+    /// Backward hands its gradient buckets to `r` as it finishes each (data-parallel training);
+    /// None: the gradients are simply final when backward returns.
+    pub fn set_grad_reduce(&mut self, r: Option<Box<dyn GradReduce<B>>>) {
+        self.grad_reduce = r;
     }
 
     /// Bytes held by this graph: weights plus the arena's high-water mark.
@@ -960,7 +1020,8 @@ impl<B: Kernels> Graph<B> {
     /// d(out)/d(everything): zeroes the parameter gradients, seeds d out = 1, replays the tape in
     /// reverse (every node adds into its inputs' gradients and the parameters'), then folds the
     /// compute-dtype weight gradients into the `F` gradients. Returns the first error of the
-    /// step, forward included.
+    /// step, forward included. With a [`GradReduce`] set, each bucket is folded and handed over
+    /// as soon as the node that finishes it has run.
     ///
     /// Activation gradients live only while backward needs them: a slot's gradient is lent a
     /// zeroed buffer at the first node that touches it (the last of its consumers; backward runs
@@ -976,6 +1037,26 @@ impl<B: Kernels> Graph<B> {
         let mut spans = std::mem::take(&mut self.spans);
         spans.compute(&tape, &self.meta);
         let (mut nb, mut nd) = (0, 0);
+        let mut reduce = self.grad_reduce.take();
+        let plan = match &reduce {
+            Some(r) => plan_buckets(&tape, &self.store.table, r.bucket_elems()),
+            None => Vec::new(),
+        };
+        let mut fired = 0;
+        // Folds and hands over the buckets final once backward has run node `j` (`tape.len()`:
+        // before any).
+        let mut fire = |g: &mut Self, j: usize, reduce: &mut Option<Box<dyn GradReduce<B>>>| {
+            let Some(r) = reduce.as_mut() else {
+                return Ok(());
+            };
+            while let Some((_, range)) = plan.get(fired).filter(|b| b.0 == j) {
+                fired += 1;
+                g.dev.finish_grads(&mut g.store, &mut g.w, range.clone())?;
+                let (_, grads, _) = B::f_side(&mut g.store, &mut g.w);
+                r.bucket(&g.dev, grads, range.clone())?;
+            }
+            Ok(())
+        };
         let r = (|| {
             self.dev.zero_grads(&mut self.store, &mut self.w)?;
             self.lend(out.slot)?;
@@ -983,6 +1064,7 @@ impl<B: Kernels> Graph<B> {
             let r = self.dev.seed_one(&mut b);
             self.gf.put(out.slot as usize, b);
             r?;
+            fire(self, tape.len(), &mut reduce)?;
             for (j, node) in tape.iter().enumerate().rev() {
                 while let Some(&(_, s)) = spans.born.get(nb).filter(|b| b.0 as usize == j) {
                     nb += 1;
@@ -1006,6 +1088,7 @@ impl<B: Kernels> Graph<B> {
                         _ => self.gf.release(s as usize),
                     }
                 }
+                fire(self, j, &mut reduce)?;
             }
             Ok(())
         })();
@@ -1013,8 +1096,15 @@ impl<B: Kernels> Graph<B> {
         self.spans = spans;
         self.ge.release_all();
         self.gf.release_all();
-        r?;
-        self.dev.finish_grads(&mut self.store, &mut self.w)
+        let r = r.and_then(|()| match reduce.as_mut() {
+            Some(red) => red.finish(&self.dev),
+            None => {
+                let all = 0..self.store.table.total;
+                self.dev.finish_grads(&mut self.store, &mut self.w, all)
+            }
+        });
+        self.grad_reduce = reduce;
+        r
     }
 
     /// Activation-gradient bytes: (held by the gradient pools, which is the peak of what

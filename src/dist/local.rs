@@ -146,6 +146,36 @@ pub struct LocalSync {
     pub rank: usize,
 }
 
+/// Gradient buckets averaged over a [`LocalGroup`] as backward finishes each (the CPU form of
+/// [`super::nccl::GradBuckets`]; here each bucket's reduction completes in its call).
+pub struct LocalBuckets {
+    pub group: LocalGroup,
+    pub rank: usize,
+    /// Elements per bucket.
+    pub elems: usize,
+    /// The ranges handed over, in order (what tests look at).
+    pub seen: std::rc::Rc<std::cell::RefCell<Vec<std::ops::Range<usize>>>>,
+}
+
+impl crate::graph::GradReduce<crate::backend::Cpu<f32>> for LocalBuckets {
+    fn bucket_elems(&self) -> usize {
+        self.elems
+    }
+    fn bucket(
+        &mut self,
+        _dev: &crate::backend::Cpu<f32>,
+        grads: &mut Vec<f32>,
+        r: std::ops::Range<usize>,
+    ) -> crate::error::Result<()> {
+        self.seen.borrow_mut().push(r.clone());
+        self.group.all_reduce_mean(self.rank, &mut grads[r]);
+        Ok(())
+    }
+    fn finish(&mut self, _dev: &crate::backend::Cpu<f32>) -> crate::error::Result<()> {
+        Ok(())
+    }
+}
+
 impl crate::ops::batchnorm::SyncGroup for LocalSync {
     fn world(&self) -> usize {
         self.group.world
@@ -261,71 +291,141 @@ mod tests {
         ranks_against_one(true);
     }
 
+    type Steps = Vec<(Vec<f32>, Vec<f32>)>;
+
+    /// Two CPU ranks on threads, each with its half of every step's batch, gradients averaged
+    /// (after backward, or in buckets of `bucket` elements during it when nonzero), rank 0's BN
+    /// running statistics broadcast before every forward, BN synced when `sync_bn`. Returns each
+    /// rank's trace and the buckets it handed over.
+    fn two_ranks(
+        cfg: LewelConfig,
+        sc: &StepConfig,
+        steps: &Steps,
+        (b, s): (usize, usize),
+        sync_bn: bool,
+        bucket: usize,
+    ) -> Vec<(Trace, Vec<std::ops::Range<usize>>)> {
+        let per = s * s * 3;
+        let group = LocalGroup::new(2);
+        std::thread::scope(|scope| {
+            let hs: Vec<_> = (0..2)
+                .map(|rank| {
+                    let (g1, g2) = (group.clone(), group.clone());
+                    let group = &group;
+                    scope.spawn(move || {
+                        let mut m = Lewel::new(cfg, 5);
+                        if sync_bn {
+                            let sync = |group: &LocalGroup| -> Option<Rc<HostSync>> {
+                                Some(Rc::new(LocalSync {
+                                    group: group.clone(),
+                                    rank,
+                                }))
+                            };
+                            m.g.set_bn_sync(sync(group));
+                            m.tg.set_bn_sync(sync(group));
+                        }
+                        let seen = Rc::new(std::cell::RefCell::new(Vec::new()));
+                        if bucket == 0 {
+                            m.grad_hook = Some(Box::new(move |_, grads: &mut Vec<f32>| {
+                                g1.all_reduce_mean(rank, grads);
+                                Ok(())
+                            }));
+                        } else {
+                            m.g.set_grad_reduce(Some(Box::new(LocalBuckets {
+                                group: g1,
+                                rank,
+                                elems: bucket,
+                                seen: seen.clone(),
+                            })));
+                        }
+                        m.buffer_hook = Some(Box::new(move |_, online, target| {
+                            g2.broadcast(rank, 0, online);
+                            g2.broadcast(rank, 0, target);
+                            Ok(())
+                        }));
+                        let half = Shape::new(&[b / 2, s, s, 3]);
+                        let (lo, hi) = (rank * b / 2, (rank + 1) * b / 2);
+                        let trace = steps
+                            .iter()
+                            .map(|(v1, v2)| {
+                                let (a, c) = (rows(v1, per, lo, hi), rows(v2, per, lo, hi));
+                                let l = m.forward_backward(&a, &c, half, sc).unwrap();
+                                m.update(sc).unwrap();
+                                record(&m, l)
+                            })
+                            .collect();
+                        let seen = seen.borrow().clone();
+                        (trace, seen)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Random views for `n` steps of a batch of `b` images of `s` pixels.
+    fn random_steps(n: usize, b: usize, s: usize) -> Steps {
+        let mut r = Rng::new(11);
+        let len = b * s * s * 3;
+        (0..n)
+            .map(|_| {
+                let mut v = || (0..len).map(|_| r.normal() as f32).collect::<Vec<f32>>();
+                (v(), v())
+            })
+            .collect()
+    }
+
+    /// Gradient buckets handed over during backward give the bits of one all-reduce after it:
+    /// each bucket goes only once its last writer has run (a bucket sent early would miss a
+    /// later addition, and the ranks' updates would differ from the flat run's), and the buckets
+    /// cover the gradient buffer once, heads first, the stem's last.
+    #[test]
+    fn gradient_buckets_during_backward_equal_one_all_reduce_after_it() {
+        let cfg = LewelConfig::new(Arch::TINY, 4, 1.0, 0.5);
+        let (b, s) = (8, 32);
+        let steps = random_steps(2, b, s);
+        let total = Lewel::new(cfg, 5).g.store.table.total;
+        for (method, sync_bn) in [(Method::LewelBEman, false), (Method::LewelB, true)] {
+            let sc = StepConfig::recipe(method, 0.3, 0.99);
+            let flat = two_ranks(cfg, &sc, &steps, (b, s), sync_bn, 0);
+            let elems = total / 10;
+            let bucketed = two_ranks(cfg, &sc, &steps, (b, s), sync_bn, elems);
+            for rank in 0..2 {
+                assert!(
+                    flat[rank].0 == bucketed[rank].0,
+                    "{method:?} rank {rank}: bucketed gradients changed the run"
+                );
+                let seen = &bucketed[rank].1;
+                let per_step = seen.len() / steps.len();
+                assert!(per_step >= 8, "{method:?}: {per_step} buckets a step");
+                let mut one: Vec<_> = seen[..per_step].to_vec();
+                assert_eq!(one.last().unwrap().start, 0, "the stem's bucket goes last");
+                one.sort_by_key(|r| r.start);
+                assert!(
+                    one.windows(2).all(|w| w[0].end == w[1].start)
+                        && one.last().unwrap().end == total,
+                    "{method:?}: buckets {one:?} do not tile 0..{total}"
+                );
+            }
+            println!("{method:?}: {} buckets a step of about {elems} gradients, bit for bit the flat all-reduce's run", bucketed[0].1.len() / steps.len());
+        }
+    }
+
     fn ranks_against_one(sync_bn: bool) {
         let cfg = LewelConfig::new(Arch::TINY, 4, 1.0, 0.5);
         let (b, s) = (16, 64);
-        let per = s * s * 3;
         let shape = Shape::new(&[b, s, s, 3]);
-        let mut r = Rng::new(11);
-        let steps: Vec<(Vec<f32>, Vec<f32>)> = (0..3)
-            .map(|_| {
-                let mut v = || {
-                    (0..b * per)
-                        .map(|_| r.normal() as f32)
-                        .collect::<Vec<f32>>()
-                };
-                (v(), v())
-            })
-            .collect();
+        let steps = random_steps(3, b, s);
         for method in [Method::LewelBEman, Method::LewelB] {
             let sc = StepConfig::recipe(method, 0.3, 0.99);
             let mut one_sc = sc;
             one_sc.bn_group = (!sync_bn).then_some(b / 2);
             let one = one_process(cfg, &one_sc, &steps, shape, 0.0);
             let floor = one_process(cfg, &one_sc, &steps, shape, 1e-7);
-            let group = LocalGroup::new(2);
-            let ranks: Vec<Trace> = std::thread::scope(|scope| {
-                let hs: Vec<_> = (0..2)
-                    .map(|rank| {
-                        let (g1, g2) = (group.clone(), group.clone());
-                        let (steps, group) = (&steps, &group);
-                        scope.spawn(move || {
-                            let mut m = Lewel::new(cfg, 5);
-                            if sync_bn {
-                                let sync = |group: &LocalGroup| -> Option<Rc<HostSync>> {
-                                    Some(Rc::new(LocalSync {
-                                        group: group.clone(),
-                                        rank,
-                                    }))
-                                };
-                                m.g.set_bn_sync(sync(group));
-                                m.tg.set_bn_sync(sync(group));
-                            }
-                            m.grad_hook = Some(Box::new(move |_, grads: &mut Vec<f32>| {
-                                g1.all_reduce_mean(rank, grads);
-                                Ok(())
-                            }));
-                            m.buffer_hook = Some(Box::new(move |_, online, target| {
-                                g2.broadcast(rank, 0, online);
-                                g2.broadcast(rank, 0, target);
-                                Ok(())
-                            }));
-                            let half = Shape::new(&[b / 2, s, s, 3]);
-                            let (lo, hi) = (rank * b / 2, (rank + 1) * b / 2);
-                            steps
-                                .iter()
-                                .map(|(v1, v2)| {
-                                    let (a, c) = (rows(v1, per, lo, hi), rows(v2, per, lo, hi));
-                                    let l = m.forward_backward(&a, &c, half, &sc).unwrap();
-                                    m.update(&sc).unwrap();
-                                    record(&m, l)
-                                })
-                                .collect()
-                        })
-                    })
-                    .collect();
-                hs.into_iter().map(|h| h.join().unwrap()).collect()
-            });
+            let ranks: Vec<Trace> = two_ranks(cfg, &sc, &steps, (b, s), sync_bn, 0)
+                .into_iter()
+                .map(|(t, _)| t)
+                .collect();
             let last = steps.len() - 1;
             // The same averaged gradients, the same update: the same bits on every rank. (Their
             // BN statistics differ after a step's forwards until the next step's broadcast.)

@@ -1,8 +1,11 @@
 //! The GPU communicator: one NCCL communicator per process (one process per GPU), made after the
-//! rendezvous ([`super::rendezvous`]) hands every rank rank 0's unique id. Collectives are queued
-//! on the GPU's stream, in the order the training step makes them, the same on every rank: the
-//! gradient all-reduce after backward, the loss all-reduce, the broadcast of rank 0's BN running
-//! statistics before each forward.
+//! rendezvous ([`super::rendezvous`]) hands every rank rank 0's unique id. Collectives run on a
+//! side stream of their own, in the order the training step makes them, the same on every rank:
+//! the gradient buckets' all-reduces as backward finishes each (overlapping the rest of backward),
+//! the loss all-reduce, SyncBN's sums, the broadcast of rank 0's BN running statistics before each
+//! forward. Events order them against the compute stream: the side stream waits for the compute
+//! work queued before each collective, and the compute stream waits for the collective's result
+//! before its next use ([`Nccl::join`]); the host never waits.
 //!
 //! A watchdog thread keeps the run from hanging: it asks NCCL for an asynchronous error every
 //! half second (a peer's death seen by the network or the transport) and watches the training
@@ -13,7 +16,7 @@
 use super::rendezvous;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use cudarc::driver::{CudaStream, DevicePtrMut};
+use cudarc::driver::{CudaEvent, CudaStream, DevicePtrMut};
 use cudarc::nccl::{result, sys};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,7 +38,16 @@ pub struct Nccl {
     comm: sys::ncclComm_t,
     pub rank: usize,
     pub world: usize,
-    stream: Arc<CudaStream>,
+    /// The compute stream (the GPU's).
+    main: Arc<CudaStream>,
+    /// Where the collectives run.
+    side: Arc<CudaStream>,
+    /// Recorded on `main` before each collective, waited on by `side`.
+    ready: CudaEvent,
+    /// Recorded on `side` after collectives, waited on by `main`.
+    done: CudaEvent,
+    /// Collectives queued since `main` last waited for `side`.
+    pending: bool,
     watch: Arc<Watch>,
     watchdog: Option<std::thread::JoinHandle<()>>,
     /// A collective failed: the communicator is aborted, not destroyed, at the end.
@@ -119,11 +131,26 @@ impl Nccl {
                 describe(r, comm)
             )));
         }
+        let cu = |what: &str, e: cudarc::driver::DriverError| gpu.err(what, e);
+        let side = gpu
+            .ctx
+            .new_stream()
+            .map_err(|e| cu("making the collectives' stream", e))?;
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let event = || {
+            gpu.ctx
+                .new_event(flags)
+                .map_err(|e| cu("making the collectives' events", e))
+        };
         let mut n = Nccl {
             comm,
             rank,
             world,
-            stream: gpu.stream.clone(),
+            main: gpu.stream.clone(),
+            side,
+            ready: event()?,
+            done: event()?,
+            pending: false,
             watch: watch.clone(),
             watchdog: None,
             failed: false,
@@ -164,14 +191,42 @@ impl Nccl {
         }
     }
 
-    /// Every rank's `buf` becomes the mean over the ranks (queued on the stream).
+    /// Every rank's `buf` becomes the mean over the ranks (queued; later work on the compute
+    /// stream sees the result).
     pub fn all_reduce_mean<B: DevicePtrMut<f32>>(&mut self, buf: &mut B) -> Result<()> {
+        self.all_reduce(buf, sys::ncclRedOp_t::ncclAvg)?;
+        self.join()
+    }
+
+    /// As [`Nccl::all_reduce_mean`], but the compute stream goes on without waiting for it: work
+    /// that reads `buf` must come after [`Nccl::join`]. Gradient buckets overlap backward so.
+    pub fn all_reduce_mean_async<B: DevicePtrMut<f32>>(&mut self, buf: &mut B) -> Result<()> {
         self.all_reduce(buf, sys::ncclRedOp_t::ncclAvg)
     }
 
-    /// Every rank's `buf` becomes the sum over the ranks (queued on the stream).
+    /// Every rank's `buf` becomes the sum over the ranks (queued; later work on the compute stream
+    /// sees the result).
     pub fn all_reduce_sum<B: DevicePtrMut<f32>>(&mut self, buf: &mut B) -> Result<()> {
-        self.all_reduce(buf, sys::ncclRedOp_t::ncclSum)
+        self.all_reduce(buf, sys::ncclRedOp_t::ncclSum)?;
+        self.join()
+    }
+
+    /// Work queued on the compute stream from now on waits for every collective queued so far.
+    pub fn join(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.pending) {
+            return Ok(());
+        }
+        let r = self
+            .done
+            .record(&self.side)
+            .and_then(|()| self.main.wait(&self.done));
+        r.map_err(|e| {
+            self.failed = true;
+            Error::Cuda(format!(
+                "rank {}: ordering the compute stream after the collectives: {e:?}",
+                self.rank
+            ))
+        })
     }
 
     fn all_reduce<B: DevicePtrMut<f32>>(
@@ -193,7 +248,8 @@ impl Nccl {
         })
     }
 
-    /// Every rank's `buf` becomes rank `root`'s (queued on the stream).
+    /// Every rank's `buf` becomes rank `root`'s (queued; later work on the compute stream sees
+    /// the result).
     pub fn broadcast<B: DevicePtrMut<f32>>(&mut self, buf: &mut B, root: usize) -> Result<()> {
         // SAFETY: as above, sent from rank `root`'s in place.
         self.in_place("broadcast", buf, |p, n, comm, s| unsafe {
@@ -206,11 +262,12 @@ impl Nccl {
                 comm,
                 s,
             )
-        })
+        })?;
+        self.join()
     }
 
-    /// Runs collective `f` in place on `buf` (its device pointer, length, the comm and the
-    /// stream), checking its result.
+    /// Queues collective `f` in place on `buf` (its device pointer, length, the comm and the side
+    /// stream) behind the compute work queued so far, checking its result.
     fn in_place<B: DevicePtrMut<f32>>(
         &mut self,
         what: &str,
@@ -223,9 +280,21 @@ impl Nccl {
         ) -> sys::ncclResult_t,
     ) -> Result<()> {
         let n = buf.len();
-        let stream = self.stream.clone();
-        let (p, _rec) = buf.device_ptr_mut(&stream);
-        let r = f(p, n, self.comm, stream.cu_stream() as _);
+        let waited = self
+            .ready
+            .record(&self.main)
+            .and_then(|()| self.side.wait(&self.ready));
+        if let Err(e) = waited {
+            self.failed = true;
+            return Err(Error::Cuda(format!(
+                "rank {}: ordering the NCCL {what} after the compute stream: {e:?}",
+                self.rank
+            )));
+        }
+        let side = self.side.clone();
+        let (p, _rec) = buf.device_ptr_mut(&side);
+        let r = f(p, n, self.comm, side.cu_stream() as _);
+        self.pending = true;
         self.check(what, r)
     }
 }
@@ -246,6 +315,36 @@ impl<'a> crate::ops::batchnorm::StatSync<cudarc::driver::CudaViewMut<'a, f32>> f
     }
 }
 
+/// The gradient buckets' all-reduce (the average over the ranks), each queued on the side
+/// stream as backward finishes it; backward's end makes the compute stream wait for them all.
+pub struct GradBuckets {
+    pub nccl: std::rc::Rc<std::cell::RefCell<Nccl>>,
+    /// Elements per bucket.
+    pub elems: usize,
+}
+
+impl<E: crate::gpu::GpuFloat> crate::graph::GradReduce<crate::backend::Cuda<E>> for GradBuckets
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<E>,
+{
+    fn bucket_elems(&self) -> usize {
+        self.elems
+    }
+    fn bucket(
+        &mut self,
+        _dev: &crate::backend::Cuda<E>,
+        grads: &mut cudarc::driver::CudaSlice<f32>,
+        r: std::ops::Range<usize>,
+    ) -> Result<()> {
+        self.nccl
+            .borrow_mut()
+            .all_reduce_mean_async(&mut grads.slice_mut(r))
+    }
+    fn finish(&mut self, _dev: &crate::backend::Cuda<E>) -> Result<()> {
+        self.nccl.borrow_mut().join()
+    }
+}
+
 impl Drop for Nccl {
     fn drop(&mut self) {
         self.watch.stop.store(true, Ordering::Release);
@@ -258,7 +357,7 @@ impl Drop for Nccl {
                 sys::ncclCommAbort(self.comm);
             } else {
                 // Queued collectives finish first, as ncclCommDestroy requires.
-                let _ = self.stream.synchronize();
+                let _ = self.side.synchronize();
                 sys::ncclCommDestroy(self.comm);
             }
         }
