@@ -1544,9 +1544,9 @@ pub fn check_world(cfg: &PretrainConfig, world: usize) -> Result<()> {
 }
 
 /// On a GPU in a run of several ranks: meets the other ranks, makes rank 0's state everyone's,
-/// and hooks the collectives into the step (gradients and loss averaged, BN running statistics
-/// broadcast from rank 0 before every forward, as DDP does; with --sync-bn the BN statistics
-/// summed over the ranks).
+/// and hooks the collectives into the step (gradients averaged in buckets during backward, loss
+/// averaged, BN running statistics broadcast from rank 0 before every forward, as DDP does; with
+/// --sync-bn the BN statistics summed over the ranks).
 fn data_parallel<E: crate::gpu::GpuFloat>(
     m: &mut Trainer<Cuda<E>>,
     gpu: &Rc<Gpu>,
@@ -1591,10 +1591,32 @@ where
         m.tg.dev.refresh(&mut m.tg.store, &mut m.tg.w)?;
         m.g.dev.sync()?;
     }
-    let c = nccl.clone();
-    m.grad_hook = Some(Box::new(move |_, grads| {
-        c.borrow_mut().all_reduce_mean(grads)
-    }));
+    // Gradients: averaged in buckets as backward finishes each (overlapping the rest of it), of
+    // LEWEL_BUCKET_MB MiB (PyTorch DDP's 25 by default); 0: one all-reduce after backward.
+    let mib = match std::env::var("LEWEL_BUCKET_MB") {
+        Ok(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .ok_or_else(|| {
+                Error::user(format!(
+                    "LEWEL_BUCKET_MB={v}: expected MiB per gradient bucket (25 by default; 0: one all-reduce after backward)"
+                ))
+            })?,
+        Err(_) => 25.0,
+    };
+    let elems = (mib * (1 << 20) as f64 / 4.0) as usize;
+    if elems == 0 {
+        let c = nccl.clone();
+        m.grad_hook = Some(Box::new(move |_, grads| {
+            c.borrow_mut().all_reduce_mean(grads)
+        }));
+    } else {
+        m.g.set_grad_reduce(Some(Box::new(crate::dist::nccl::GradBuckets {
+            nccl: nccl.clone(),
+            elems,
+        })));
+    }
     let c = nccl.clone();
     m.loss_hook = Some(Box::new(move |_, loss| {
         c.borrow_mut().all_reduce_mean(loss)

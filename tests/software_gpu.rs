@@ -606,8 +606,10 @@ fn two_ranks(d: &Path, name: &str, vars: impl Fn(usize, u16) -> Vec<(String, Str
 /// step 1 (weights, BN statistics, momentum) to 1e-12 NMSE. Later steps only within 5%: this
 /// model at 32 px is chaotic (one process with the stand-in cuDNN's summation order changed moves
 /// step 2's loss by 1e-3 and the final BN biases by O(1)), so only gross breakage shows there.
-/// The same run from torchrun's and from Slurm's variables is bit for bit the --gpus run, rank
-/// 1 writing nothing; a run stopped after epoch 1 and resumed on 2 ranks ends bit for bit where
+/// The --gpus run reduces its gradients in dozens of buckets during backward; one all-reduce
+/// after backward, and the default 25 MiB buckets (one, for this model) of the runs below, give
+/// it bit for bit. The same run from torchrun's and from Slurm's variables is bit for bit the
+/// --gpus run, rank 1 writing nothing; a run stopped after epoch 1 and resumed on 2 ranks ends bit for bit where
 /// the uninterrupted one does.
 #[test]
 fn two_software_gpus_follow_one_with_bn_groups() {
@@ -616,11 +618,32 @@ fn two_software_gpus_follow_one_with_bn_groups() {
     }
     let d = tmp("dp");
     let p = |n: &str| d.join(n).to_string_lossy().into_owned();
-    let line = emu_with(&dp(&["--gpus", "2", "--out", &p("two")]), TWO);
+    // Gradient buckets of 0.05 MiB (13107 floats): dozens a step, each all-reduced on the
+    // collectives' stream as backward finishes it (the stand-in runs it only at the event wait
+    // behind it, so a missing wait would read unreduced gradients).
+    let out = emu_output(
+        &dp(&["--gpus", "2", "--out", &p("two")]),
+        &[
+            ("SWGPU_DEVICES", "2"),
+            ("LEWEL_BUCKET_MB", "0.05"),
+            ("SWGPU_NCCL_TRACE", "1"),
+        ],
+    );
+    let (line, trace) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{line}\n{trace}");
     assert!(
         line.contains("batch 16 (8 on each of 2 GPUs"),
         "first line: {line}"
     );
+    let all_reduces = trace
+        .lines()
+        .filter(|l| l.contains("rank 0: call") && l.contains("ncclAllReduce"))
+        .count();
+    println!("rank 0: {all_reduces} all-reduces in 3 steps with 0.05 MiB buckets");
+    assert!(all_reduces >= 3 * 20, "{all_reduces} all-reduces");
     emu_with(&dp(&["--bn-group", "8", "--out", &p("one")]), TWO);
     let (two, one) = (losses(&d.join("two")), losses(&d.join("one")));
     println!("two ranks: {two:?}\none, --bn-group 8: {one:?}");
@@ -655,6 +678,12 @@ fn two_software_gpus_follow_one_with_bn_groups() {
             "{what}: final state"
         );
     };
+    // One all-reduce after backward: the same bits (elementwise averages, whatever the buckets).
+    emu_with(
+        &dp(&["--gpus", "2", "--out", &p("flat")]),
+        &[("SWGPU_DEVICES", "2"), ("LEWEL_BUCKET_MB", "0")],
+    );
+    same(&d.join("flat"), "one all-reduce after backward");
     let torchrun = two_ranks(&d, "torchrun", |r, port| {
         [
             ("RANK", r.to_string()),
