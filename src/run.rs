@@ -637,36 +637,74 @@ fn views_batch(
     (a.concat(), b.concat())
 }
 
+/// How the kNN monitor's feature passes split over the ranks: each computes a contiguous share of
+/// the images and `gather` (an all-gather, rank order) gives every rank all of them.
+struct Shard<'a> {
+    rank: usize,
+    world: usize,
+    gather: Option<&'a mut Gather>,
+}
+
+/// An all-gather of host floats (rank order).
+type Gather = dyn FnMut(&[f32]) -> Result<Vec<f32>>;
+
 /// Pooled online backbone features (eval mode), L2-normalized, of the items `item` yields: its
-/// normalized (size, size, 3) eval view and label, or None for an image that could not be read.
+/// normalized (size, size, 3) eval view and label, or None for an image that could not be read
+/// (left out). Over several ranks each computes its share and they are gathered, in item order.
 fn features<B: TrainBackend>(
     m: &mut Trainer<B>,
     n: usize,
     size: usize,
     item: &(dyn Fn(usize) -> Option<(Vec<f32>, usize)> + Sync),
+    shard: &mut Shard,
 ) -> Result<(Vec<f32>, Vec<usize>)> {
     let c = m.cfg.arch.out_channels();
-    let (mut feats, mut labels) = (Vec::with_capacity(n * c), Vec::with_capacity(n));
-    let all: Vec<usize> = (0..n).collect();
+    // This rank's rows [lo, hi) of `per` (the same count on every rank for the gather); a row
+    // is the features and the label, -1 for an unreadable image or padding.
+    let row = c + 1;
+    let per = n.div_ceil(shard.world);
+    let (lo, hi) = ((shard.rank * per).min(n), ((shard.rank + 1) * per).min(n));
+    let mut mine = vec![0.0f32; per * row];
+    mine.chunks_mut(row).for_each(|r| r[c] = -1.0);
+    let own: Vec<usize> = (lo..hi).collect();
     // At most the training batch at a time: the pass shares the training graph's memory, so it
     // never asks for more than a training step did.
-    let per = m.feature_batch;
-    for chunk in all.chunks(per) {
-        let items: Vec<(Vec<f32>, usize)> = chunk.par_iter().filter_map(|&i| item(i)).collect();
+    let batch = m.feature_batch;
+    for chunk in own.chunks(batch) {
+        let items: Vec<(usize, (Vec<f32>, usize))> = chunk
+            .par_iter()
+            .filter_map(|&i| item(i).map(|x| (i, x)))
+            .collect();
         if items.is_empty() {
             continue;
         }
-        let x: Vec<f32> = items.iter().flat_map(|(v, _)| v.iter().copied()).collect();
+        let x: Vec<f32> = items
+            .iter()
+            .flat_map(|(_, (v, _))| v.iter().copied())
+            .collect();
         let shape = Shape::new(&[items.len(), size, size, 3]);
-        feats.extend(m.features(&x, shape).map_err(|e| match e {
+        let f = m.features(&x, shape).map_err(|e| match e {
             Error::OutOfMemory(m) => Error::user(format!(
                 "out of GPU memory: {m}; in the kNN monitor's feature pass ({} images at a time): \
                  try a smaller --batch-size",
                 items.len()
             )),
             e => e,
-        })?);
-        labels.extend(items.iter().map(|(_, l)| *l));
+        })?;
+        for ((i, (_, label)), f) in items.iter().zip(f.chunks(c)) {
+            let r = &mut mine[(i - lo) * row..][..row];
+            r[..c].copy_from_slice(f);
+            r[c] = *label as f32;
+        }
+    }
+    let all = match shard.gather.as_mut() {
+        Some(gather) if shard.world > 1 => gather(&mine)?,
+        _ => mine,
+    };
+    let (mut feats, mut labels) = (Vec::with_capacity(n * c), Vec::with_capacity(n));
+    for r in all.chunks(row).filter(|r| r[c] >= 0.0) {
+        feats.extend_from_slice(&r[..c]);
+        labels.push(r[c] as usize);
     }
     knn::normalize_rows(&mut feats, c);
     Ok((feats, labels))
@@ -781,10 +819,13 @@ impl KnnData {
 }
 
 /// kNN accuracy (%) of the online backbone's features; None when the monitor is off.
+/// Over several ranks each computes a share of the features; rank 0 alone votes (the others get
+/// None).
 fn knn_monitor<B: TrainBackend>(
     m: &mut Trainer<B>,
     data: &KnnData,
     cfg: &PretrainConfig,
+    shard: &mut Shard,
 ) -> Result<Option<f64>> {
     let c = m.cfg.arch.out_channels();
     let size = cfg.size();
@@ -804,8 +845,8 @@ fn knn_monitor<B: TrainBackend>(
                 n => n.min(d.train_len),
             };
             (
-                features(m, n_mem, size, &item(Split::Train))?,
-                features(m, d.val_len, size, &item(Split::Val))?,
+                features(m, n_mem, size, &item(Split::Train), shard)?,
+                features(m, d.val_len, size, &item(Split::Val), shard)?,
                 CLASSES.len(),
             )
         }
@@ -828,12 +869,15 @@ fn knn_monitor<B: TrainBackend>(
                 }
             };
             (
-                features(m, memory.1.len(), size, &item(memory))?,
-                features(m, query.1.len(), size, &item(query))?,
+                features(m, memory.1.len(), size, &item(memory), shard)?,
+                features(m, query.1.len(), size, &item(query), shard)?,
                 *classes,
             )
         }
     };
+    if shard.rank != 0 {
+        return Ok(None);
+    }
     Ok(Some(knn::knn_accuracy(
         &mem, &ml, &q, &ql, c, cfg.knn_k, classes,
     )))
@@ -1037,17 +1081,15 @@ struct EpochEnd {
     world: usize,
 }
 
-/// The end of an epoch, on any device: the kNN monitor, the epoch's line and metrics, the
-/// checkpoint and its manifest (written atomically). Returns the kNN accuracy.
+/// The end of an epoch on rank 0, on any device: the epoch's line and metrics with the kNN
+/// monitor's accuracy, the checkpoint and its manifest (written atomically). Returns the accuracy.
 fn end_of_epoch<B: TrainBackend>(
     m: &mut Trainer<B>,
-    knn_data: &KnnData,
+    knn_last: Option<f64>,
     cfg: &PretrainConfig,
     log: &mut Log,
     e: EpochEnd,
 ) -> Result<Option<f64>> {
-    m.restart_step_clock();
-    let knn_last = knn_monitor(m, knn_data, cfg)?;
     let (epoch, mean) = (e.epoch, e.mean_loss);
     match knn_last {
         Some(a) => log.line(&format!(
@@ -1667,6 +1709,14 @@ fn train_loop<B: TrainBackend>(
     let (rank, world) = (ranks.rank, ranks.world);
     // Rank 0 alone reports and writes; the others train quietly (their errors still show).
     let lead = rank == 0;
+    let mut gather = nccl
+        .clone()
+        .map(|c| move |v: &[f32]| c.borrow_mut().all_gather_host(v));
+    let mut shard = Shard {
+        rank,
+        world,
+        gather: gather.as_mut().map(|g| g as &mut Gather),
+    };
     let dev = m.g.dev.clone();
     if dev.has_device_memory() {
         m.feature_batch = (cfg.batch_size / world).clamp(1, 128);
@@ -1775,12 +1825,8 @@ fn train_loop<B: TrainBackend>(
             (man.knn_init, man.first_loss)
         }
         None => {
-            // The kNN monitor runs on rank 0 (the models are the same on every rank).
-            let acc = if lead {
-                knn_monitor(&mut m, &knn_data, &cfg)?
-            } else {
-                None
-            };
+            // Every rank computes its share of the kNN monitor's features; rank 0 votes.
+            let acc = knn_monitor(&mut m, &knn_data, &cfg, &mut shard)?;
             if let Some(a) = acc {
                 log.line(&format!("knn | epoch 0 | acc {a:.2}%"));
                 log.json(serde_json::json!({"epoch": 0, "knn_acc": a}))?;
@@ -1908,10 +1954,10 @@ fn train_loop<B: TrainBackend>(
             first_loss: steps.first_loss,
             world,
         };
+        m.restart_step_clock();
+        let acc = knn_monitor(&mut m, &knn_data, &cfg, &mut shard)?;
         if lead {
-            knn_last = end_of_epoch(&mut m, &knn_data, &cfg, &mut log, end)?;
-        } else {
-            m.restart_step_clock();
+            knn_last = end_of_epoch(&mut m, acc, &cfg, &mut log, end)?;
         }
         progress();
         if opts.stop_after == Some(epochs_done) {

@@ -644,7 +644,22 @@ fn two_software_gpus_follow_one_with_bn_groups() {
         .count();
     println!("rank 0: {all_reduces} all-reduces in 3 steps with 0.05 MiB buckets");
     assert!(all_reduces >= 3 * 20, "{all_reduces} all-reduces");
+    // The kNN monitor's features: memory and queries gathered at epochs 0 to 3.
+    let gathers = trace
+        .lines()
+        .filter(|l| l.contains("rank 0: call") && l.contains("ncclAllGather"))
+        .count();
+    assert_eq!(gathers, 2 * 4, "all-gathers");
     emu_with(&dp(&["--bn-group", "8", "--out", &p("one")]), TWO);
+    // The kNN monitor before training: each rank computes half the features, gathered to rank 0;
+    // the same vote as one GPU's.
+    let knn0 = |run: &str| metrics(&d.join(run))[0]["knn_acc"].as_f64();
+    println!(
+        "kNN at epoch 0: two ranks {:?}, one GPU {:?}",
+        knn0("two"),
+        knn0("one")
+    );
+    assert!(knn0("two").is_some() && knn0("two") == knn0("one"));
     let (two, one) = (losses(&d.join("two")), losses(&d.join("one")));
     println!("two ranks: {two:?}\none, --bn-group 8: {one:?}");
     assert_eq!(two.len(), 3);

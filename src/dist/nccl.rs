@@ -266,6 +266,64 @@ impl Nccl {
         self.join()
     }
 
+    /// The side stream waits for the compute work queued so far.
+    fn after_main(&mut self, what: &str) -> Result<()> {
+        let waited = self
+            .ready
+            .record(&self.main)
+            .and_then(|()| self.side.wait(&self.ready));
+        waited.map_err(|e| {
+            self.failed = true;
+            Error::Cuda(format!(
+                "rank {}: ordering the NCCL {what} after the compute stream: {e:?}",
+                self.rank
+            ))
+        })
+    }
+
+    /// Every rank's `mine` (of one length on every rank), concatenated in rank order, on the host
+    /// (waits for it): the kNN monitor's features, computed a share per rank.
+    pub fn all_gather_host(&mut self, mine: &[f32]) -> Result<Vec<f32>> {
+        let rank = self.rank;
+        let cu = |what: &str, e: cudarc::driver::DriverError| {
+            Error::Cuda(format!("rank {rank}: {what}: {e:?}"))
+        };
+        let main = self.main.clone();
+        let send = main
+            .clone_htod(mine)
+            .map_err(|e| cu("uploading for an all-gather", e))?;
+        let mut recv = main
+            .alloc_zeros::<f32>(mine.len() * self.world)
+            .map_err(|e| cu("allocating an all-gather's result", e))?;
+        self.after_main("all-gather")?;
+        let side = self.side.clone();
+        let r = {
+            let (sp, _a) = cudarc::driver::DevicePtr::device_ptr(&send, &side);
+            let (rp, _b) = recv.device_ptr_mut(&side);
+            // SAFETY: `sp` holds `mine.len()` f32 and `rp` world times that, on this GPU.
+            unsafe {
+                sys::ncclAllGather(
+                    sp as *const _,
+                    rp as *mut _,
+                    mine.len(),
+                    sys::ncclDataType_t::ncclFloat32,
+                    self.comm,
+                    side.cu_stream() as _,
+                )
+            }
+        };
+        self.pending = true;
+        self.check("all-gather", r)?;
+        self.join()?;
+        let out = main
+            .clone_dtoh(&recv)
+            .map_err(|e| cu("downloading an all-gather's result", e))?;
+        main.synchronize()
+            .map_err(|e| cu("waiting for an all-gather", e))?;
+        drop(send);
+        Ok(out)
+    }
+
     /// Queues collective `f` in place on `buf` (its device pointer, length, the comm and the side
     /// stream) behind the compute work queued so far, checking its result.
     fn in_place<B: DevicePtrMut<f32>>(
@@ -280,17 +338,7 @@ impl Nccl {
         ) -> sys::ncclResult_t,
     ) -> Result<()> {
         let n = buf.len();
-        let waited = self
-            .ready
-            .record(&self.main)
-            .and_then(|()| self.side.wait(&self.ready));
-        if let Err(e) = waited {
-            self.failed = true;
-            return Err(Error::Cuda(format!(
-                "rank {}: ordering the NCCL {what} after the compute stream: {e:?}",
-                self.rank
-            )));
-        }
+        self.after_main(what)?;
         let side = self.side.clone();
         let (p, _rec) = buf.device_ptr_mut(&side);
         let r = f(p, n, self.comm, side.cu_stream() as _);
