@@ -589,20 +589,27 @@ EXPORT CUresult cuStreamSynchronize(CUstream s) {
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
-// Everything recorded in `e` has run before `s` goes on: deferred work behind it runs now.
-EXPORT CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
-    if (!e) return CUDA_ERROR_INVALID_HANDLE;
+// Runs the deferred work recorded in `ev` (none if it was never recorded).
+static void run_recorded(Event* ev) {
     CUstream on;
     uint64_t seq;
     {
         std::lock_guard<std::mutex> l(g_mu);
-        auto* ev = static_cast<Event*>(e);
-        if (!null_stream(s)) g_waited[s] = true;
-        if (!ev->recorded) return CUDA_SUCCESS;
+        if (!ev->recorded) return;
         on = ev->stream;
         seq = ev->seq;
     }
     run_deferred([on, seq](const Deferred& d) { return d.stream == on && d.seq <= seq; });
+}
+
+// Everything recorded in `e` has run before `s` goes on: deferred work behind it runs now.
+EXPORT CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+    if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    if (!null_stream(s)) {
+        std::lock_guard<std::mutex> l(g_mu);
+        g_waited[s] = true;
+    }
+    run_recorded(static_cast<Event*>(e));
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuStreamIsCapturing(CUstream, int* status) {
@@ -642,16 +649,7 @@ EXPORT CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return
 EXPORT CUresult cuEventSynchronize(CUevent e) {
     if (!e) return CUDA_ERROR_INVALID_HANDLE;
     auto* ev = static_cast<Event*>(e);
-    {
-        CUstream on;
-        uint64_t seq;
-        bool recorded;
-        {
-            std::lock_guard<std::mutex> l(g_mu);
-            on = ev->stream, seq = ev->seq, recorded = ev->recorded;
-        }
-        if (recorded) run_deferred([on, seq](const Deferred& d) { return d.stream == on && d.seq <= seq; });
-    }
+    run_recorded(ev);
     std::lock_guard<std::mutex> l(g_mu);
     if (ev->recorded)
         retire_locked([ev](const Pending& q) { return q.stream == ev->stream && q.seq <= ev->seq; },
