@@ -710,6 +710,49 @@ fn features<B: TrainBackend>(
     Ok((feats, labels))
 }
 
+/// A hash of the state every rank must hold bit for bit (online and target parameters, LARS
+/// momentum; not the BN running statistics, which under per-GPU BN differ until the next
+/// broadcast), as four 16-bit pieces exact in f32, for an all-gather.
+fn state_hash<B: TrainBackend>(m: &mut Trainer<B>) -> Result<[f32; 4]> {
+    let h = m.host()?;
+    let mut c = crc32fast::Hasher::new();
+    let mut d = crc32fast::Hasher::new();
+    for v in [&h.online.params[..], &h.target.params[..]] {
+        v.iter().for_each(|x| c.update(&x.to_le_bytes()));
+    }
+    h.momentum.iter().for_each(|x| d.update(&x.to_le_bytes()));
+    let (c, d) = (c.finalize(), d.finalize());
+    Ok([c >> 16, c & 0xffff, d >> 16, d & 0xffff].map(|w| w as f32))
+}
+
+/// The ranks' state hashes, gathered: the first rank whose state differs from rank 0's is an
+/// error on every rank (data parallelism keeps the ranks identical by construction; a rank that
+/// drifted would otherwise train another model in silence).
+fn same_state(all: &[f32], when: &str) -> Result<()> {
+    let hex = |w: &[f32]| {
+        w.iter()
+            .map(|&x| format!("{:04x}", x as u32))
+            .collect::<String>()
+    };
+    match all.chunks(4).position(|w| w != &all[..4]) {
+        None => Ok(()),
+        Some(r) => Err(Error::Other(format!(
+            "rank {r}'s weights or momentum differ from rank 0's {when} (state hash {} against {}): the ranks no longer train one model (a nondeterministic kernel on one GPU, or a collective that went wrong); rerun with LEWEL_CHECK_RANKS=1 to find the first step",
+            hex(&all[r * 4..][..4]),
+            hex(&all[..4])
+        ))),
+    }
+}
+
+/// Compares the ranks' state (see [`same_state`]); nothing on one process.
+fn check_ranks<B: TrainBackend>(m: &mut Trainer<B>, shard: &mut Shard, when: &str) -> Result<()> {
+    let Some(gather) = shard.gather.as_mut().filter(|_| shard.world > 1) else {
+        return Ok(());
+    };
+    let mine = state_hash(m)?;
+    same_state(&gather(&mine)?, when)
+}
+
 /// The kNN monitor's labeled images.
 enum KnnData {
     Synthetic(Synthetic),
@@ -1862,6 +1905,9 @@ fn train_loop<B: TrainBackend>(
     if let Some(c) = &nccl {
         c.borrow().arm(true);
     }
+    // The ranks' state is compared at every epoch's end, and after every step with
+    // LEWEL_CHECK_RANKS=1 (a download of the state per step: for debugging).
+    let every_step_check = world > 1 && std::env::var("LEWEL_CHECK_RANKS").is_ok_and(|v| v == "1");
     for epoch in start_epoch..cfg.epochs {
         let mut loss_sum = 0.0;
         let mut batches = match &train {
@@ -1918,6 +1964,9 @@ fn train_loop<B: TrainBackend>(
                 }
             };
             m.update(&sc)?;
+            if every_step_check {
+                check_ranks(&mut m, &mut shard, &format!("after step {}", k + 1))?;
+            }
             if let Some(why) = dev.take_find_failure() {
                 log.warn(&format!(
                     "benchmarking cuDNN algorithms failed ({why}); using cuDNN's heuristic choice"
@@ -1955,6 +2004,7 @@ fn train_loop<B: TrainBackend>(
             world,
         };
         m.restart_step_clock();
+        check_ranks(&mut m, &mut shard, &format!("after epoch {epochs_done}"))?;
         let acc = knn_monitor(&mut m, &knn_data, &cfg, &mut shard)?;
         if lead {
             knn_last = end_of_epoch(&mut m, acc, &cfg, &mut log, end)?;
@@ -2196,6 +2246,36 @@ pub(crate) fn stop(epochs: usize) -> RunOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ranks' state check: equal hashes pass; a rank whose parameters moved by one ulp, or
+    /// whose momentum alone differs, is named on every rank.
+    #[test]
+    fn a_rank_whose_state_drifted_is_named() {
+        let cfg =
+            crate::model::lewel::LewelConfig::new(crate::model::resnet::Arch::TINY, 4, 1.0, 0.5);
+        let mut m = crate::train::Lewel::new(cfg, 5);
+        let h0 = state_hash(&mut m).unwrap();
+        assert_eq!(state_hash(&mut m).unwrap(), h0);
+        same_state(&[h0, h0, h0].concat(), "after epoch 1").unwrap();
+        m.g.store.params[7] = f32::from_bits(m.g.store.params[7].to_bits() + 1);
+        let h1 = state_hash(&mut m).unwrap();
+        assert_ne!(h1, h0);
+        let e = same_state(&[h0, h0, h1].concat(), "after step 3")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("rank 2's weights or momentum differ from rank 0's after step 3"),
+            "{e}"
+        );
+        m.g.store.params[7] = f32::from_bits(m.g.store.params[7].to_bits() - 1);
+        m.momentum[0] += 1.0;
+        let h2 = state_hash(&mut m).unwrap();
+        assert!(h2[..2] == h0[..2] && h2[2..] != h0[2..]);
+        assert!(same_state(&[h0, h2].concat(), "x")
+            .unwrap_err()
+            .to_string()
+            .starts_with("rank 1"));
+    }
 
     fn small(out: PathBuf) -> PretrainConfig {
         PretrainConfig {

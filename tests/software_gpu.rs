@@ -644,12 +644,13 @@ fn two_software_gpus_follow_one_with_bn_groups() {
         .count();
     println!("rank 0: {all_reduces} all-reduces in 3 steps with 0.05 MiB buckets");
     assert!(all_reduces >= 3 * 20, "{all_reduces} all-reduces");
-    // The kNN monitor's features: memory and queries gathered at epochs 0 to 3.
+    // The kNN monitor's features (memory and queries) gathered at epochs 0 to 3, and the ranks'
+    // state hashes at the end of epochs 1 to 3.
     let gathers = trace
         .lines()
         .filter(|l| l.contains("rank 0: call") && l.contains("ncclAllGather"))
         .count();
-    assert_eq!(gathers, 2 * 4, "all-gathers");
+    assert_eq!(gathers, 2 * 4 + 3, "all-gathers");
     emu_with(&dp(&["--bn-group", "8", "--out", &p("one")]), TWO);
     // The kNN monitor before training: each rank computes half the features, gathered to rank 0;
     // the same vote as one GPU's.
@@ -693,10 +694,15 @@ fn two_software_gpus_follow_one_with_bn_groups() {
             "{what}: final state"
         );
     };
-    // One all-reduce after backward: the same bits (elementwise averages, whatever the buckets).
+    // One all-reduce after backward: the same bits (elementwise averages, whatever the buckets);
+    // its ranks compare their state hashes after every step (they do after every epoch anyway).
     emu_with(
         &dp(&["--gpus", "2", "--out", &p("flat")]),
-        &[("SWGPU_DEVICES", "2"), ("LEWEL_BUCKET_MB", "0")],
+        &[
+            ("SWGPU_DEVICES", "2"),
+            ("LEWEL_BUCKET_MB", "0"),
+            ("LEWEL_CHECK_RANKS", "1"),
+        ],
     );
     same(&d.join("flat"), "one all-reduce after backward");
     let torchrun = two_ranks(&d, "torchrun", |r, port| {
