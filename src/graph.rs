@@ -269,16 +269,18 @@ pub trait GradReduce<B: Backend> {
 /// parameters in table order, made from the table's end (the heads, which backward reaches
 /// first) toward its start; a bucket is final after the earliest node that writes any of its
 /// gradients (backward replays the tape in reverse); one that no node writes is final at once
-/// (index `tape.len()`).
-fn plan_buckets(tape: &[Node], table: &SizeTable, elems: usize) -> Vec<(usize, Range<usize>)> {
+/// (index `tape.len()`). Fills `plan`, with `last` as scratch (both reused step to step).
+fn plan_buckets(tape: &[Node], table: &SizeTable, elems: usize, (plan, last): &mut BucketPlan) {
     let n = tape.len();
-    let mut last = vec![n; table.entries.len()];
+    last.clear();
+    last.resize(table.entries.len(), n);
+    plan.clear();
     for (j, node) in tape.iter().enumerate().rev() {
         for p in node.grad_params().into_iter().flatten() {
             last[p.0] = j;
         }
     }
-    let (mut plan, mut end, mut at, mut len) = (Vec::new(), table.total, n, 0);
+    let (mut end, mut at, mut len) = (table.total, n, 0);
     for (i, e) in table.entries.iter().enumerate().rev() {
         at = if at == n { last[i] } else { at.min(last[i]) };
         len += e.shape.numel();
@@ -287,10 +289,13 @@ fn plan_buckets(tape: &[Node], table: &SizeTable, elems: usize) -> Vec<(usize, R
             (end, at, len) = (e.offset, n, 0);
         }
     }
-    // Backward reaches high indices first; ties in table order from the end.
-    plan.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.start.cmp(&a.1.start)));
-    plan
+    // Backward reaches high indices first; ties in table order from the end (starts are
+    // distinct: an unstable sort, which does not allocate, gives the one order).
+    plan.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(b.1.start.cmp(&a.1.start)));
 }
+
+/// Gradient buckets in firing order (see [`plan_buckets`]) and its scratch.
+type BucketPlan = (Vec<(usize, Range<usize>)>, Vec<usize>);
 
 /// Per-slot storage of one element type, grown on demand and kept across steps. The gradient
 /// pools also lend buffers for part of a step: [`Pool::acquire`] and [`Pool::release`] move them
@@ -401,6 +406,8 @@ pub struct Graph<B: Kernels> {
     bn_sync: Option<std::rc::Rc<B::Sync>>,
     /// Where backward hands the finished gradient buckets (data parallel), where set.
     grad_reduce: Option<Box<dyn GradReduce<B>>>,
+    /// Its bucket plan, reused.
+    buckets: BucketPlan,
 }
 
 impl<T: Real + Elem> Graph<Cpu<T>> {
@@ -441,6 +448,7 @@ impl<B: Kernels> Graph<B> {
             spans: Spans::default(),
             bn_sync: None,
             grad_reduce: None,
+            buckets: Default::default(),
         })
     }
 
@@ -1038,10 +1046,11 @@ impl<B: Kernels> Graph<B> {
         spans.compute(&tape, &self.meta);
         let (mut nb, mut nd) = (0, 0);
         let mut reduce = self.grad_reduce.take();
-        let plan = match &reduce {
-            Some(r) => plan_buckets(&tape, &self.store.table, r.bucket_elems()),
-            None => Vec::new(),
-        };
+        let mut buckets = std::mem::take(&mut self.buckets);
+        if let Some(r) = &reduce {
+            plan_buckets(&tape, &self.store.table, r.bucket_elems(), &mut buckets);
+        }
+        let plan = &buckets.0;
         let mut fired = 0;
         // Folds and hands over the buckets final once backward has run node `j` (`tape.len()`:
         // before any).
@@ -1104,6 +1113,7 @@ impl<B: Kernels> Graph<B> {
             }
         });
         self.grad_reduce = reduce;
+        self.buckets = buckets;
         r
     }
 

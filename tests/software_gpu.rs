@@ -755,8 +755,9 @@ fn two_software_gpus_follow_one_with_bn_groups() {
 /// one step, 1e-4 in the predictors'), so the end-to-end link is relative: step 1's loss within
 /// 5e-4 and ten times closer to one GPU's than per-GPU BN's is (measured 5.8e-5 against 4.3e-3),
 /// the state after step 1 three times closer (measured 1.0e-3 against 1.1e-2 NMSE), later steps
-/// within 5%, the predictors' gradients close (below). The exact links are on the CPU (two threads against one process: gradients to
-/// 1e-14) and `lewel check`'s mirrored SyncBN whole step on the GPU.
+/// within 5%, the predictors' gradients close (below). The exact links are on the CPU (two
+/// threads against one process: gradients to 1e-14) and `lewel check`'s mirrored SyncBN whole step
+/// on the GPU.
 #[test]
 fn two_software_gpus_with_syncbn_follow_one_with_whole_batch_bn() {
     if !available("two_software_gpus_with_syncbn_follow_one_with_whole_batch_bn") {

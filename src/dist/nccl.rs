@@ -16,7 +16,7 @@
 use super::rendezvous;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use cudarc::driver::{CudaEvent, CudaStream, DevicePtrMut};
+use cudarc::driver::{CudaEvent, CudaStream, DevicePtrMut, DriverError};
 use cudarc::nccl::{result, sys};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -216,16 +216,15 @@ impl Nccl {
         if !std::mem::take(&mut self.pending) {
             return Ok(());
         }
-        let r = self
-            .done
-            .record(&self.side)
-            .and_then(|()| self.main.wait(&self.done));
+        let r = order(&self.done, &self.side, &self.main);
+        self.ordered(r, "the compute stream after the collectives")
+    }
+
+    /// `r` of ordering `what`, as this rank's error (the communicator is then aborted at the end).
+    fn ordered(&mut self, r: std::result::Result<(), DriverError>, what: &str) -> Result<()> {
         r.map_err(|e| {
             self.failed = true;
-            Error::Cuda(format!(
-                "rank {}: ordering the compute stream after the collectives: {e:?}",
-                self.rank
-            ))
+            Error::Cuda(format!("rank {}: ordering {what}: {e:?}", self.rank))
         })
     }
 
@@ -268,17 +267,8 @@ impl Nccl {
 
     /// The side stream waits for the compute work queued so far.
     fn after_main(&mut self, what: &str) -> Result<()> {
-        let waited = self
-            .ready
-            .record(&self.main)
-            .and_then(|()| self.side.wait(&self.ready));
-        waited.map_err(|e| {
-            self.failed = true;
-            Error::Cuda(format!(
-                "rank {}: ordering the NCCL {what} after the compute stream: {e:?}",
-                self.rank
-            ))
-        })
+        let r = order(&self.ready, &self.main, &self.side);
+        self.ordered(r, &format!("the NCCL {what} after the compute stream"))
     }
 
     /// Every rank's `mine` (of one length on every rank), concatenated in rank order, on the host
@@ -361,6 +351,15 @@ impl<'a> crate::ops::batchnorm::StatSync<cudarc::driver::CudaViewMut<'a, f32>> f
     fn sum(&self, sums: &mut cudarc::driver::CudaViewMut<'a, f32>) -> Result<()> {
         self.0.borrow_mut().all_reduce_sum(sums)
     }
+}
+
+/// `waiter` waits for the work queued so far on `on`, through `event` (recorded, then waited on).
+fn order(
+    event: &CudaEvent,
+    on: &CudaStream,
+    waiter: &CudaStream,
+) -> std::result::Result<(), DriverError> {
+    event.record(on).and_then(|()| waiter.wait(event))
 }
 
 /// The gradient buckets' all-reduce (the average over the ranks), each queued on the side
