@@ -8,8 +8,9 @@
 //
 // Forward (train):  bn_stats_partial (sum x) -> bn_finalize_mean -> bn_stats_partial (sum (x-mean)^2)
 //                   -> bn_finalize_var (rstd, running stats of group 0) -> bn_apply
-// SyncBN (world > 1): each partial pass is summed by bn_sum_chunks, the sums all-reduced over the
-// ranks (NCCL, by the caller), and the finalize kernels read the result as one chunk; backward
+// SyncBN (world > 1): the two passes run over this rank's rows (world 1: its own mean, then
+// the deviations about it and their squares, folded by bn_sum_chunks), the ranks' moments are
+// all-gathered (NCCL, by the caller) and bn_merge_ranks merges them, read by bn_finalize_var as one chunk; backward
 // all-reduces bn_bwd_finalize's sums before bn_bwd_apply. Counts are group_rows * world.
 // Forward (eval):   bn_eval_stats (mean, rstd from the running stats) -> bn_apply
 // bn_apply fuses the residual add and the ReLU: y = relu(gamma * (x - mean) * rstd + beta + res).
@@ -43,32 +44,41 @@ __device__ __forceinline__ void bn_chunk(const BnParams& p, int chunks, int g, i
 }
 
 // grid (ceil(C/32), G*chunks), block (32, 8). partial[(g*chunks + k) * C + c] = sum over the chunk
-// of x (mean == null) or (x - mean[g, c])^2.
+// of x (mean == null) or (x - mean[g, c])^2; `dev` (when not null, with `mean`) likewise receives
+// the sums of x - mean[g, c] (SyncBN's correction of a rank's rounded mean).
 template <typename T>
-__device__ void bn_stats_partial(const T* x, BnParams p, int chunks, const float* mean, float* partial) {
+__device__ void bn_stats_partial(const T* x, BnParams p, int chunks, const float* mean, float* partial,
+                                 float* dev) {
     __shared__ float sh[BN_TY][BN_TX + 1];
+    __shared__ float sd[BN_TY][BN_TX + 1];
     int c = blockIdx.x * BN_TX + threadIdx.x;
     int g = blockIdx.y / chunks, k = blockIdx.y % chunks;
     int r0, r1;
     bn_chunk(p, chunks, g, k, &r0, &r1);
-    float acc = 0.0f;
+    float acc = 0.0f, accd = 0.0f;
     if (c < p.c) {
         float m = mean ? mean[g * p.c + c] : 0.0f;
         for (int r = r0 + threadIdx.y; r < r1; r += BN_TY) {
             float v = ld(x, (u64)r * p.c + c) - m;
             acc += mean ? v * v : v;
+            accd += v;
         }
     }
     sh[threadIdx.y][threadIdx.x] = acc;
+    sd[threadIdx.y][threadIdx.x] = accd;
     __syncthreads();
     if (threadIdx.y == 0 && c < p.c) {
-        float s = 0.0f;
-        for (int j = 0; j < BN_TY; j++) s += sh[j][threadIdx.x];
+        float s = 0.0f, d = 0.0f;
+        for (int j = 0; j < BN_TY; j++) {
+            s += sh[j][threadIdx.x];
+            d += sd[j][threadIdx.x];
+        }
         partial[(u64)blockIdx.y * p.c + c] = s;
+        if (dev && mean) dev[(u64)blockIdx.y * p.c + c] = d;
     }
 }
-EXPORT_F32_BF16(bn_stats_partial, (const T* x, BnParams p, int chunks, const float* mean, float* partial),
-                (x, p, chunks, mean, partial))
+EXPORT_F32_BF16(bn_stats_partial, (const T* x, BnParams p, int chunks, const float* mean, float* partial, float* dev),
+                (x, p, chunks, mean, partial, dev))
 
 // The chunks' partial sums of element i = (group, channel), added in order.
 __device__ __forceinline__ float bn_chunk_sum(const float* partial, const BnParams& p, int chunks, int i) {
@@ -83,10 +93,33 @@ extern "C" __global__ void bn_finalize_mean(const float* partial, BnParams p, in
     FOR_EACH(i, p.rows / p.group_rows * p.c) mean[i] = bn_chunk_sum(partial, p, chunks, i) / bn_count(p);
 }
 
-// SyncBN: sums[g, c] = the chunks' sums (the finalize kernels' first half), for the all-reduce over
-// ranks; the finalize kernels then read them as a single chunk.
+// SyncBN: sums[g, c] = the chunks' sums (the finalize kernels' first half), a rank's share of the
+// statistics before they are gathered.
 extern "C" __global__ void bn_sum_chunks(const float* partial, BnParams p, int chunks, float* sums) {
     FOR_EACH(i, p.rows / p.group_rows * p.c) sums[i] = bn_chunk_sum(partial, p, chunks, i);
+}
+
+// SyncBN: the ranks' gathered moments, each over group_rows rows: per rank (a (C), d (C), q (C)),
+// its rounded mean a, the sums of x - a and of (x - a)^2. Merged in rank order in double: each
+// rank's mean m = a + d / n and squared deviations about it q - d^2 / n (the corrected two-pass
+// form, so that the rounding of a enters to second order only), then mean = the average of the
+// m, m2 = the sum of (q - d^2 / n) + n * (m - mean)^2 (the CPU's merge_moments).
+extern "C" __global__ void bn_merge_ranks(const float* all, BnParams p, float* mean, float* m2) {
+    FOR_EACH(c, p.c) {
+        double n = (double)p.group_rows, s = 0.0, q = 0.0;
+        for (int r = 0; r < p.world; r++) {
+            const float* part = all + (u64)r * 3 * p.c;
+            s += (double)part[c] + (double)part[p.c + c] / n;
+        }
+        double mu = s / p.world;
+        for (int r = 0; r < p.world; r++) {
+            const float* part = all + (u64)r * 3 * p.c;
+            double d = (double)part[p.c + c], m = (double)part[c] + d / n - mu;
+            q += (double)part[2 * p.c + c] - d * d / n + n * m * m;
+        }
+        mean[c] = (float)mu;
+        m2[c] = (float)q;
+    }
 }
 
 // rstd = 1 / sqrt(var_b + eps); group 0 updates the running stats (unbiased variance), when given.

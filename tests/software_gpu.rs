@@ -749,13 +749,15 @@ fn two_software_gpus_follow_one_with_bn_groups() {
 
 /// `lewel pretrain --gpus 2 --sync-bn` against one GPU whose BN takes the whole batch, with
 /// LEWEL-B (its target in train mode: both networks' BN synced, as the official LEWEL-B runs),
-/// and against two ranks without the sync. The ranks add their f32 sums in another order than one
-/// GPU's chunks, and this small model at init amplifies such rounding (measured: one GPU against
-/// the CPU engine, or the ranks against one GPU, differ by O(1) NMSE in the stem's gradients after
-/// one step, 1e-4 in the predictors'), so the end-to-end link is relative: step 1's loss within
-/// 5e-4 and ten times closer to one GPU's than per-GPU BN's is (measured 5.8e-5 against 4.3e-3),
-/// the state after step 1 three times closer (measured 1.0e-3 against 1.1e-2 NMSE), later steps
-/// within 5%, the predictors' gradients close (below). The exact links are on the CPU (two
+/// and against two ranks without the sync. The ranks merge their own moments (mean and squared
+/// deviations about it, one gather per BN) where one GPU sums its rows' chunks in f32, and this
+/// small model at init amplifies such rounding (measured: one GPU against the CPU engine differ
+/// by 1.8e-3 in step 1's loss and by O(1) NMSE in the stem's gradients after one step, 1e-4 in the
+/// predictors'), so the end-to-end link is relative: step 1's loss within 2e-3 and four times
+/// closer to one GPU's than per-GPU BN's is (measured 6.5e-4 against 4.3e-3; 3.4e-3 with the
+/// merge's between-rank term dropped), the state after step 1 three times closer (measured 9.6e-4
+/// against 1.1e-2 NMSE; 5.6e-3 with that term dropped), later steps within 5%, the predictors'
+/// gradients close (below). The exact links are on the CPU (two
 /// threads against one process: gradients to 1e-14) and `lewel check`'s mirrored SyncBN whole step
 /// on the GPU.
 #[test]
@@ -820,7 +822,7 @@ two ranks, BN per GPU: {per_gpu:?}"
     let (synced_gap, per_gpu_gap) = (rel(sync[0]), rel(per_gpu[0]));
     println!("step 1 loss: SyncBN {synced_gap:.1e} from one GPU, BN per GPU {per_gpu_gap:.1e}");
     assert!(
-        synced_gap <= 5e-4 && synced_gap <= 0.1 * per_gpu_gap,
+        synced_gap <= 2e-3 && synced_gap <= 0.25 * per_gpu_gap,
         "step 1: {} vs {} (per-GPU BN {})",
         sync[0],
         one[0],

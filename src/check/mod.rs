@@ -682,7 +682,8 @@ fn loss_rows<T: GpuFloat>(c: &mut Ctx) -> Result<()> {
 }
 
 /// A SyncBN sync on one device as if `world` ranks held this rank's rows: every sum times the
-/// world (the CPU's form and the GPU's, which goes through the host).
+/// world; the gather fills the other ranks' parts from this one's (`mirror_parts`). The CPU's form
+/// and the GPU's, which goes through the host.
 pub(crate) struct Mirrored(
     pub(crate) usize,
     pub(crate) Option<std::sync::Arc<cudarc::driver::CudaStream>>,
@@ -692,12 +693,37 @@ impl batchnorm::SyncGroup for Mirrored {
     fn world(&self) -> usize {
         self.0
     }
+    fn rank(&self) -> usize {
+        0
+    }
 }
 
 impl batchnorm::StatSync<[f64]> for Mirrored {
     fn sum(&self, s: &mut [f64]) -> Result<()> {
         s.iter_mut().for_each(|v| *v *= self.0 as f64);
         Ok(())
+    }
+    fn gather(&self, all: &mut [f64]) -> Result<()> {
+        mirror_parts(all, self.0);
+        Ok(())
+    }
+}
+
+/// Mirrored's gather: part 0 (a rank's (a, d, q) of C each, `batchnorm::merge_moments`) copied to
+/// every other part, rank r's mean a shifted by r / 4 and its q scaled by 1 + r / 2, so that the
+/// merge of unequal ranks is exercised (the same on the CPU and the GPU).
+fn mirror_parts<T: num_traits::Float>(all: &mut [T], world: usize) {
+    let k = all.len() / world;
+    let c = k / 3;
+    let (first, rest) = all.split_at_mut(k);
+    for (r, part) in rest.chunks_exact_mut(k).enumerate() {
+        let r = T::from(r + 1).unwrap();
+        let (quarter, half) = (T::from(0.25).unwrap(), T::from(0.5).unwrap());
+        part.copy_from_slice(first);
+        for ch in 0..c {
+            part[ch] = first[ch] + r * quarter;
+            part[2 * c + ch] = first[2 * c + ch] * (T::one() + r * half);
+        }
     }
 }
 
@@ -709,6 +735,15 @@ impl<'a> batchnorm::StatSync<CudaViewMut<'a, f32>> for Mirrored {
         stream.synchronize().map_err(err)?;
         h.iter_mut().for_each(|v| *v *= self.0 as f32);
         stream.memcpy_htod(&h, s).map_err(err)?;
+        stream.synchronize().map_err(err)
+    }
+    fn gather(&self, all: &mut CudaViewMut<'a, f32>) -> Result<()> {
+        let stream = self.1.as_ref().expect("Mirrored: a GPU stream");
+        let err = |e| Error::Other(format!("Mirrored: {e:?}"));
+        let mut h = stream.clone_dtoh(&all.as_view()).map_err(err)?;
+        stream.synchronize().map_err(err)?;
+        mirror_parts(&mut h, self.0);
+        stream.memcpy_htod(&h, all).map_err(err)?;
         stream.synchronize().map_err(err)
     }
 }

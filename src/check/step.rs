@@ -228,7 +228,8 @@ fn f64_grads(
 }
 
 /// SyncBN over `world` mirrored ranks (every statistic sum times `world`, as if each rank held
-/// these rows) on both CPU graphs of a step; world 1: none.
+/// these rows; the gathered moments varied per rank, `mirror_parts`) on both CPU graphs of a
+/// step; world 1: none.
 fn mirror_cpu<T: crate::ops::Real + crate::backend::Elem>(
     g: &mut crate::graph::Graph<crate::backend::Cpu<T>>,
     tg: &mut crate::graph::Graph<crate::backend::Cpu<T>>,

@@ -133,6 +133,17 @@ impl LocalGroup {
         })
     }
 
+    /// buf <- each rank's own part of it (buf holds `world` equal parts, part r from rank r).
+    pub fn all_gather_f64(&self, rank: usize, buf: &mut [f64]) {
+        let world = self.world;
+        self.collective(rank, buf, |all| {
+            let k = all[0].len() / world;
+            (0..world)
+                .flat_map(|r| all[r][r * k..][..k].to_vec())
+                .collect()
+        })
+    }
+
     /// buf <- rank `root`'s buf.
     pub fn broadcast(&self, rank: usize, root: usize, buf: &mut [f32]) {
         self.collective_f32(rank, buf, |all| all[root].clone())
@@ -180,11 +191,18 @@ impl crate::ops::batchnorm::SyncGroup for LocalSync {
     fn world(&self) -> usize {
         self.group.world
     }
+    fn rank(&self) -> usize {
+        self.rank
+    }
 }
 
 impl crate::ops::batchnorm::StatSync<[f64]> for LocalSync {
     fn sum(&self, sums: &mut [f64]) -> crate::Result<()> {
         self.group.all_reduce_sum_f64(self.rank, sums);
+        Ok(())
+    }
+    fn gather(&self, all: &mut [f64]) -> crate::Result<()> {
+        self.group.all_gather_f64(self.rank, all);
         Ok(())
     }
 }

@@ -265,6 +265,32 @@ impl Nccl {
         self.join()
     }
 
+    /// `buf` holds `world` equal parts; every rank's part `rank` (written by it) becomes every
+    /// rank's part `rank`: NCCL's in-place all-gather (queued; later work on the compute stream
+    /// sees the result). SyncBN's statistics.
+    pub fn all_gather<B: DevicePtrMut<f32>>(&mut self, buf: &mut B) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
+        assert!(
+            buf.len().is_multiple_of(world),
+            "Nccl::all_gather: {} floats in {world} parts",
+            buf.len()
+        );
+        // SAFETY: `p` is `n` f32 of device memory on this communicator's GPU; this rank's part,
+        // n / world floats from rank * (n / world), is inside it: NCCL's in-place form.
+        self.in_place("all-gather", buf, |p, n, comm, s| unsafe {
+            let k = n / world;
+            sys::ncclAllGather(
+                (p + (rank * k * 4) as u64) as *const _,
+                p as *mut _,
+                k,
+                sys::ncclDataType_t::ncclFloat32,
+                comm,
+                s,
+            )
+        })?;
+        self.join()
+    }
+
     /// The side stream waits for the compute work queued so far.
     fn after_main(&mut self, what: &str) -> Result<()> {
         let r = order(&self.ready, &self.main, &self.side);
@@ -345,11 +371,17 @@ impl crate::ops::batchnorm::SyncGroup for BnSync {
     fn world(&self) -> usize {
         self.0.borrow().world
     }
+    fn rank(&self) -> usize {
+        self.0.borrow().rank
+    }
 }
 
 impl<'a> crate::ops::batchnorm::StatSync<cudarc::driver::CudaViewMut<'a, f32>> for BnSync {
     fn sum(&self, sums: &mut cudarc::driver::CudaViewMut<'a, f32>) -> Result<()> {
         self.0.borrow_mut().all_reduce_sum(sums)
+    }
+    fn gather(&self, all: &mut cudarc::driver::CudaViewMut<'a, f32>) -> Result<()> {
+        self.0.borrow_mut().all_gather(all)
     }
 }
 

@@ -167,7 +167,8 @@ macro_rules! registry {
 registry! {
     "add.cu" { pair add_fwd, pair scale_fwd, pair axpy }
     "batchnorm.cu" {
-        pair bn_stats_partial, one bn_finalize_mean, one bn_sum_chunks, one bn_finalize_var, one bn_eval_stats,
+        pair bn_stats_partial, one bn_finalize_mean, one bn_sum_chunks, one bn_merge_ranks,
+        one bn_finalize_var, one bn_eval_stats,
         pair bn_apply, pair bn_bwd_partial, one bn_bwd_finalize, pair bn_bwd_apply,
     }
     "augment.cu" { one aug_color, one aug_blur, pair aug_finish }

@@ -15,10 +15,13 @@
 //!   dx += gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))
 //!   dgamma += sum(dy * xhat),  dbeta += sum(dy)
 //! Sums run in f64 over fixed chunks of rows, combined in order: deterministic at any thread count.
-//! SyncBN (`world` > 1, one group): the ranks' per-channel sums are added over the ranks
-//! ([`StatSync`]) before each use, so every rank normalizes with the statistics of all their rows
-//! (m = rows * world): the sums of x and of squared deviations in forward, of dy and dy * xhat in
-//! backward (dgamma and dbeta keep this rank's own sums: the gradient all-reduce adds them).
+//! SyncBN (`world` > 1, one group): every rank normalizes with the statistics of all the ranks'
+//! rows (m = rows * world), one collective ([`StatSync`]) per pass. Forward: each rank's mean and
+//! squared deviations about it over its own rows are gathered and merged in rank order (for equal
+//! counts n: mean = the average of the means, M2 = sum of M2_r + n * (mean_r - mean)^2, Chan et
+//! al.'s pairwise update), the two-pass accuracy without a second round trip. Backward: the sums
+//! of dy and dy * xhat are added over the ranks (dgamma and dbeta keep this rank's own sums: the
+//! gradient all-reduce adds them).
 
 use super::{Real, REDUCE_CHUNK};
 use rayon::prelude::*;
@@ -43,13 +46,18 @@ pub struct BnParams {
 /// The ranks that share train-mode batch statistics (SyncBN).
 pub trait SyncGroup {
     fn world(&self) -> usize;
+    /// This rank's place among them.
+    fn rank(&self) -> usize;
 }
 
-/// Adds per-channel sums over the ranks sharing statistics, in place: every rank calls it with
-/// sums of one length, in the same order, and each gets the total. `S` is `[f64]` on the CPU, an
-/// f32 device window on a GPU.
+/// Collectives over the ranks sharing statistics, in place: every rank calls them with buffers
+/// of one length, in the same order. `S` is `[f64]` on the CPU, an f32 device window on a GPU.
 pub trait StatSync<S: ?Sized>: SyncGroup {
+    /// Each element becomes its sum over the ranks.
     fn sum(&self, sums: &mut S) -> crate::Result<()>;
+    /// `all` holds `world` equal parts, this rank's (part `rank`) written by the caller; every
+    /// other part becomes that rank's.
+    fn gather(&self, all: &mut S) -> crate::Result<()>;
 }
 
 /// The CPU's statistics sync.
@@ -195,7 +203,8 @@ pub fn finalize_cpu<T: Real>(
 /// Train-mode forward. x, y (R, C); gamma, beta, running_mean, running_var (C);
 /// mean, rstd (G, C) are written for backward. Composed of the four steps above, in the order the
 /// GPU runs its kernels (bn_stats_partial, bn_finalize_mean, bn_stats_partial, bn_finalize_var,
-/// bn_apply); SyncBN (`sync`, p.world ranks) adds an all-reduce of the sums after steps 1 and 2.
+/// bn_apply); SyncBN (`sync`, p.world ranks) takes steps 1 and 2 over this rank's rows about its
+/// own mean, gathers them and merges them (bn_merge_ranks).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_train_cpu<T: Real>(
     x: &[T],
@@ -228,17 +237,37 @@ pub fn forward_train_cpu<T: Real>(
     let sync = check_sync(p, sync);
     let n = p.count();
     for g in 0..p.groups() {
-        // Each sum over this process's rows, added over the ranks before it is used (SyncBN),
-        // then the squared deviations from the mean so found.
-        let mut sum = stats_sum_cpu(x, p, g);
-        if let Some(s) = sync {
-            s.sum(&mut sum)?;
-        }
-        let mu: Vec<f64> = sum.iter().map(|s| s / n as f64).collect();
-        let mut sq = stats_sq_cpu(x, p, g, &mu);
-        if let Some(s) = sync {
-            s.sum(&mut sq)?;
-        }
+        // The sums over the rows, then the squared deviations from the mean so found; under
+        // SyncBN each rank's own, gathered and merged.
+        let (mu, sq) = match sync {
+            None => {
+                let mu: Vec<f64> = stats_sum_cpu(x, p, g)
+                    .iter()
+                    .map(|s| s / n as f64)
+                    .collect();
+                let sq = stats_sq_cpu(x, p, g, &mu);
+                (mu, sq)
+            }
+            Some(s) => {
+                // This rank's (a, d, q) into its part (merge_moments), gathered, merged.
+                let (w, at) = (p.world as usize, s.rank() * 3 * c);
+                let mut all = vec![0.0; w * 3 * c];
+                let a: Vec<f64> = stats_sum_cpu(x, p, 0)
+                    .iter()
+                    .map(|v| v / m as f64)
+                    .collect();
+                let d = channel_sums(0, m, c, |r, acc| {
+                    for ((s, v), a) in acc.iter_mut().zip(&x[r * c..][..c]).zip(&a) {
+                        *s += v.as_f64() - a;
+                    }
+                });
+                all[at + 2 * c..at + 3 * c].copy_from_slice(&stats_sq_cpu(x, p, 0, &a));
+                all[at + c..at + 2 * c].copy_from_slice(&d);
+                all[at..at + c].copy_from_slice(&a);
+                s.gather(&mut all)?;
+                merge_moments(&all, c, m)
+            }
+        };
         finalize_cpu(
             p,
             g,
@@ -249,6 +278,33 @@ pub fn forward_train_cpu<T: Real>(
     }
     apply_cpu(x, (mean, rstd), gamma, beta, y, p);
     Ok(())
+}
+
+/// SyncBN's merge of the ranks' moments, gathered per rank over `rows` rows each as (a, d, q) of C
+/// each: its mean as computed (rounded), the sums of x - a and of (x - a)^2. Each rank's mean is
+/// a + d / rows and its squared deviations about it q - d^2 / rows (the corrected two-pass form:
+/// the rounding of a enters to second order only, as in one device's two passes); merged in rank
+/// order: the mean of the means, and the sum of each rank's squared deviations plus
+/// rows * (its mean - the mean)^2 (Chan et al.'s update for equal counts). kernels/batchnorm.cu's
+/// bn_merge_ranks is the same in f64.
+pub fn merge_moments(all: &[f64], c: usize, rows: usize) -> (Vec<f64>, Vec<f64>) {
+    let n = rows as f64;
+    let parts: Vec<&[f64]> = all.chunks_exact(3 * c).collect();
+    let mu: Vec<f64> = (0..c)
+        .map(|ch| parts.iter().map(|q| q[ch] + q[c + ch] / n).sum::<f64>() / parts.len() as f64)
+        .collect();
+    let sq = (0..c)
+        .map(|ch| {
+            parts
+                .iter()
+                .map(|q| {
+                    let (d, m) = (q[c + ch], q[ch] + q[c + ch] / n - mu[ch]);
+                    q[2 * c + ch] - d * d / n + n * m * m
+                })
+                .sum()
+        })
+        .collect();
+    (mu, sq)
 }
 
 /// The sync a train-mode pass uses: `sync` when `p` spans several ranks (one group), else none.
@@ -493,24 +549,59 @@ pub fn forward_train_cuda<T: GpuFloat>(
     )?;
     let ch = chunks(p);
     let np = gc * ch as usize;
-    let mut scratch = g.scratch(np + gc)?;
-    // Every element the finalize kernels read is written by bn_stats_partial (and bn_sum_chunks)
-    // first: no zeroing.
-    // Exactly the window used: under SyncBN all of `sums` goes to the all-reduce.
-    let mut window = scratch.slice_mut(..np + gc);
-    let (mut partial, mut sums) = window.split_at_mut(np);
+    // SyncBN (one group, gc = c): a second set of partial sums, then the ranks' gathered moments
+    // (world x 3 x C) and the merged squared deviations (C).
+    let extra = sync.map_or(0, |_| np + (3 * p.world as usize + 1) * c);
+    let mut scratch = g.scratch(np + extra)?;
+    // Every element read is written first (by bn_stats_partial, the finalize kernels, the
+    // gather, bn_merge_ranks): no zeroing. Exactly the window used: the gather takes all of it.
+    let mut window = scratch.slice_mut(..np + extra);
+    let (mut partial, mut rest) = window.split_at_mut(np);
     let x = x.view();
     let (mut mean, mut rstd) = (mean.view_mut(), rstd.view_mut());
     let (mut rm, mut rv) = (running_mean.view_mut(), running_var.view_mut());
-    // The CPU's four steps (stats_sum, stats_sq around the mean, finalize, apply), in launches.
-    // SyncBN sums the chunks, adds the sums over the ranks and finalizes them as one chunk.
-    stats_partial_cuda(g, p, &x, None, ch, &mut partial)?;
-    let (src, k) = reduce_partial(g, p, ch, &partial, &mut sums, sync)?;
-    finalize_mean_cuda(g, p, k, &src, &mut mean)?;
+    // The CPU's steps (stats_sum, stats_sq around the mean, finalize, apply), in launches.
+    match sync {
+        None => {
+            stats_partial_cuda(g, p, &x, None, ch, &mut partial, None)?;
+            finalize_mean_cuda(g, p, ch, &partial.as_view(), &mut mean)?;
+            let mv = mean.as_view();
+            stats_partial_cuda(g, p, &x, Some(&mv), ch, &mut partial, None)?;
+            let pv = partial.as_view();
+            finalize_var_cuda(g, p, ch, &pv, &mv, &mut rstd, (&mut rm, &mut rv))?;
+        }
+        Some(s) => {
+            // This rank's (a, d, q) (ops::batchnorm::merge_moments) into its part, gathered,
+            // merged.
+            let own = BnParams { world: 1, ..*p };
+            let (mut devs, mut rest) = rest.split_at_mut(np);
+            let (mut all, mut sq) = rest.split_at_mut(3 * p.world as usize * c);
+            {
+                let at = s.rank() * 3 * c;
+                let mut part = all.slice_mut(at..at + 3 * c);
+                let (mut a, mut dq) = part.split_at_mut(c);
+                let (mut d, mut q) = dq.split_at_mut(c);
+                stats_partial_cuda(g, &own, &x, None, ch, &mut partial, None)?;
+                finalize_mean_cuda(g, &own, ch, &partial.as_view(), &mut a)?;
+                let av = a.as_view();
+                stats_partial_cuda(g, &own, &x, Some(&av), ch, &mut partial, Some(&mut devs))?;
+                for (from, to) in [(&partial, &mut q), (&devs, &mut d)] {
+                    let mut b = g.stream.launch_builder(&g.k.bn_sum_chunks);
+                    let fv = from.as_view();
+                    b.arg(&fv).arg(&own).arg(&ch).arg(to);
+                    run(g, b, grid_1d(c), "bn_sum_chunks")?;
+                }
+            }
+            s.gather(&mut all)?;
+            let mut b = g.stream.launch_builder(&g.k.bn_merge_ranks);
+            let av = all.as_view();
+            b.arg(&av).arg(p).arg(&mut mean).arg(&mut sq);
+            run(g, b, grid_1d(c), "bn_merge_ranks")?;
+            let (mv, sv) = (mean.as_view(), sq.as_view());
+            finalize_var_cuda(g, p, 1, &sv, &mv, &mut rstd, (&mut rm, &mut rv))?;
+        }
+    }
     let mv = mean.as_view();
-    stats_partial_cuda(g, p, &x, Some(&mv), ch, &mut partial)?;
-    let (src, k) = reduce_partial(g, p, ch, &partial, &mut sums, sync)?;
-    finalize_var_cuda(g, p, k, &src, &mv, &mut rstd, (&mut rm, &mut rv))?;
     apply(
         g,
         p,
@@ -524,7 +615,8 @@ pub fn forward_train_cuda<T: GpuFloat>(
 }
 
 /// The train forward's statistics passes: per chunk of each group's rows, partial sums of x
-/// (`mean` None; the CPU's stats_sum_cpu) or of (x - mean)^2 (stats_sq_cpu), (G, chunks, C).
+/// (`mean` None; the CPU's stats_sum_cpu) or of (x - mean)^2 (stats_sq_cpu), (G, chunks, C); with
+/// `mean`, `dev` (when given) receives the partial sums of x - mean.
 fn stats_partial_cuda<T: GpuFloat>(
     g: &Gpu,
     p: &BnParams,
@@ -532,6 +624,7 @@ fn stats_partial_cuda<T: GpuFloat>(
     mean: Option<&CudaView<'_, f32>>,
     ch: i32,
     partial: &mut CudaViewMut<'_, f32>,
+    dev: Option<&mut CudaViewMut<'_, f32>>,
 ) -> crate::Result<()> {
     let mut b = g.stream.launch_builder(g.k.bn_stats_partial.get::<T>());
     b.arg(x).arg(p).arg(&ch);
@@ -540,29 +633,8 @@ fn stats_partial_cuda<T: GpuFloat>(
         None => b.arg(&NULL),
     };
     b.arg(partial);
+    opt_mut(&mut b, dev);
     run(g, b, stats_cfg(p, ch), "bn_stats_partial")
-}
-
-/// A statistics pass's partial sums as a finalize kernel reads them, with their chunk count: as
-/// they are; or under SyncBN summed over the chunks (bn_sum_chunks), added over the ranks, and
-/// read as one chunk.
-fn reduce_partial<'a>(
-    g: &Gpu,
-    p: &BnParams,
-    ch: i32,
-    partial: &'a CudaViewMut<'_, f32>,
-    sums: &'a mut CudaViewMut<'_, f32>,
-    sync: Option<&DevSync>,
-) -> crate::Result<(CudaView<'a, f32>, i32)> {
-    let Some(s) = sync else {
-        return Ok((partial.as_view(), ch));
-    };
-    let mut b = g.stream.launch_builder(&g.k.bn_sum_chunks);
-    let pv = partial.as_view();
-    b.arg(&pv).arg(p).arg(&ch).arg(&mut *sums);
-    run(g, b, grid_1d(p.groups() * p.c as usize), "bn_sum_chunks")?;
-    s.sum(sums)?;
-    Ok((sums.as_view(), 1))
 }
 
 /// Every group's mean from its partial sums (the first half of the CPU's finalize_cpu).
@@ -1011,7 +1083,9 @@ mod tests {
     fn syncbn_over_two_ranks_equals_whole_batch_bn() {
         use crate::dist::local::{LocalGroup, LocalSync};
         let (r, c) = (2 * 9, 3); // per rank: N=2 of 3x3 maps
-        let x = uniform(1, 2 * r * c, -2.0, 3.0);
+                                 // The second rank's rows shifted: the merge's between-rank term matters.
+        let mut x = uniform(1, 2 * r * c, -2.0, 3.0);
+        x[r * c..].iter_mut().for_each(|v| *v += 2.0);
         let dy = uniform(2, 2 * r * c, -1.0, 1.0);
         let (gamma, beta) = (uniform(3, c, 0.5, 1.5), uniform(4, c, -0.5, 0.5));
         let run = |p: &BnParams, x: &[f64], dy: &[f64], sync: Option<&HostSync>| {

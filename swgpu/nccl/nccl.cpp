@@ -663,6 +663,14 @@ EXPORT ncclResult_t ncclAllGather(const void* send, void* recv, size_t count, in
     if (!device_range_ok(send, count * es, "ncclAllGather sendbuff") ||
         !device_range_ok(recv, count * es * (size_t)c->nranks, "ncclAllGather recvbuff"))
         return c->async = fail(ncclInvalidArgument, c->rank, "ncclAllGather: a buffer outside device memory");
+    // NCCL's in-place form is sendbuff == recvbuff + rank * sendcount; any other overlap is a race.
+    const uint8_t *sb = (const uint8_t*)send, *rb = (const uint8_t*)recv;
+    size_t part = count * es, whole = part * (size_t)c->nranks;
+    if (sb < rb + whole && rb < sb + part && sb != rb + (size_t)c->rank * part)
+        return c->async = fail(ncclInvalidArgument, c->rank,
+                               "ncclAllGather: sendbuff overlaps recvbuff at byte %td, not at this rank's part "
+                               "(%zu): not NCCL's in-place form",
+                               sb - rb, (size_t)c->rank * part);
     return launch(Job{c, kAllGather, send, recv, count, t, 0, 0}, s);
 }
 

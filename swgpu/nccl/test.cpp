@@ -165,6 +165,31 @@ int main(int argc, char** argv) {
             return 0;
         }) == 0);
 
+    // SyncBN's form: each rank writes its part of the result buffer and gathers in place.
+    run("in-place all-gather (3 ranks, 300 floats each, chunked)", ranks(3, [](int r, Id id) {
+            Comm c;
+            CHECK(init(&c, 3, id, r) == 0, "init");
+            std::vector<float> g(900, -1.0f);
+            for (size_t i = 0; i < 300; i++) g[r * 300 + i] = (float)(r * 1000 + i);
+            CHECK(gather(g.data() + r * 300, g.data(), 300, Float32, c, nullptr) == 0, "gather");
+            for (size_t i = 0; i < g.size(); i++) CHECK(g[i] == (float)((i / 300) * 1000 + i % 300), "gather %zu", i);
+            destroy(c);
+            return 0;
+        }) == 0);
+
+    run("an all-gather whose buffers overlap otherwise is refused", ranks(2, [](int r, Id id) {
+            Comm c;
+            CHECK(init(&c, 2, id, r) == 0, "init");
+            std::vector<float> g(600, 0.0f);
+            // Rank 1 sends from part 0: it would overwrite what it sends.
+            float* send = r == 1 ? g.data() : g.data() + 1;
+            int got = gather(send, g.data(), 300, Float32, c, nullptr);
+            if (r == 1) CHECK(got == 4, "rank 1: got %d, not ncclInvalidArgument", got);
+            if (r == 0) CHECK(got == 4, "rank 0: got %d, not ncclInvalidArgument", got);
+            abort_comm(c);
+            return 0;
+        }) == 0);
+
     run("bf16 all-reduce rounds once to nearest even", ranks(2, [](int r, Id id) {
             Comm c;
             CHECK(init(&c, 2, id, r) == 0, "init");
