@@ -10,6 +10,8 @@
 //                tau = eta |w| / (|g| + wd |w|) (0 when |w| = 0 or the denominator is 0)
 //   lars_update: u = scale * (g + wd' w); buf = m buf + u; w -= buf   (wd' = 0 when excluded)
 //   ema_update:  t = m t + (1 - m) o, over parameters (and BN running stats under EMAN)
+//   sgd_update:  d = g + wd w; buf = m buf + d; w -= lr buf  (PyTorch's SGD: the linear probe and
+//                fine-tuning)
 #include "common.cuh"
 
 extern "C" __global__ void lars_norms(const float* w, const float* g, const int* chunk_len, const u64* chunk_start,
@@ -73,4 +75,13 @@ extern "C" __global__ void lars_update(float* w, const float* g, float* buf, con
 extern "C" __global__ void ema_update(float* target, const float* online, u64 n, double m) {
     double r = __dsub_rn(1.0, m);
     FOR_EACH(i, n) target[i] = (float)__dadd_rn(__dmul_rn(m, (double)target[i]), __dmul_rn(r, (double)online[i]));
+}
+
+extern "C" __global__ void sgd_update(float* w, const float* g, float* buf, u64 n, double lr, double m, double wd) {
+    FOR_EACH(i, n) {
+        double d = __dadd_rn((double)g[i], __dmul_rn(wd, (double)w[i]));
+        double nb = __dadd_rn(__dmul_rn(m, (double)buf[i]), d);
+        buf[i] = (float)nb;
+        w[i] = (float)__dsub_rn((double)w[i], __dmul_rn(lr, nb));
+    }
 }

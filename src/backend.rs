@@ -54,6 +54,8 @@ pub trait Backend: Sized {
     fn copy<T: Elem>(&self, src: &Self::View<'_, T>, dst: &mut Self::ViewMut<'_, T>) -> Result<()>;
     /// Host values into activations.
     fn upload_e(&self, src: &[Self::F], dst: &mut Self::ViewMut<'_, Self::E>) -> Result<()>;
+    /// Host values into an `F` window (labels, constants).
+    fn upload_f(&self, src: &[Self::F], dst: &mut Self::ViewMut<'_, Self::F>) -> Result<()>;
     /// A window's values on the host (waits).
     fn download<T: Elem>(&self, v: &Self::View<'_, T>) -> Result<Vec<T>>;
     fn e_to_f(v: Self::E) -> Self::F;
@@ -186,6 +188,10 @@ impl<T: Float + Elem> Backend for Cpu<T> {
         dst.copy_from_slice(src);
         Ok(())
     }
+    fn upload_f(&self, src: &[T], dst: &mut &mut [T]) -> Result<()> {
+        dst.copy_from_slice(src);
+        Ok(())
+    }
     fn download<U: Elem>(&self, v: &&[U]) -> Result<Vec<U>> {
         Ok(v.to_vec())
     }
@@ -313,6 +319,12 @@ where
     fn copy<U: Elem>(&self, src: &CudaView<'_, U>, dst: &mut CudaViewMut<'_, U>) -> Result<()> {
         self.gpu.copy(src, dst)
     }
+    fn upload_f(&self, src: &[f32], dst: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        self.gpu
+            .stream
+            .memcpy_htod(src, dst)
+            .map_err(|e| self.gpu.err("uploading an input", e))
+    }
     fn upload_e(&self, src: &[f32], dst: &mut CudaViewMut<'_, E>) -> Result<()> {
         let h: Vec<E> = src.iter().map(|&v| E::from_f32(v)).collect();
         self.gpu
@@ -434,12 +446,20 @@ where
         cache.params.resize(st.table.total, 0.0);
         cache.grads.resize(st.table.total, 0.0);
         cache.buffers.resize(st.buffer_table.total, 0.0);
-        g.stream
-            .memcpy_dtoh(&w.params, &mut cache.params)
-            .map_err(|e| g.err("downloading parameters", e))?;
-        g.stream
-            .memcpy_dtoh(&w.buffers, &mut cache.buffers)
-            .map_err(|e| g.err("downloading BN statistics", e))?;
+        // The device buffers may be longer (an empty table still allocates one element).
+        if st.table.total > 0 {
+            g.stream
+                .memcpy_dtoh(&w.params.slice(..st.table.total), &mut cache.params)
+                .map_err(|e| g.err("downloading parameters", e))?;
+        }
+        if st.buffer_table.total > 0 {
+            g.stream
+                .memcpy_dtoh(
+                    &w.buffers.slice(..st.buffer_table.total),
+                    &mut cache.buffers,
+                )
+                .map_err(|e| g.err("downloading BN statistics", e))?;
+        }
         g.sync()?;
         Ok(cache)
     }

@@ -49,6 +49,7 @@ pub trait Kernels:
     + crate::ops::aggregate::AggregateKernels
     + crate::ops::loss::LossKernels
     + crate::ops::add::AddKernels
+    + crate::ops::xent::XentKernels
 {
 }
 
@@ -196,6 +197,15 @@ pub enum Node {
         b: Tensor,
         y: Tensor,
     },
+    /// Softmax cross-entropy of classifier heads with their bias (`ops::xent`).
+    Xent {
+        logits: Tensor,
+        bias: ParamId,
+        labels: Tensor,
+        y: Tensor,
+        lse: Tensor,
+        p: crate::ops::xent::XentParams,
+    },
 }
 
 impl Node {
@@ -214,6 +224,7 @@ impl Node {
             Node::Loss { .. } => (c"loss", c"loss backward"),
             Node::Scale { .. } => (c"scale", c"scale backward"),
             Node::Add { .. } => (c"add", c"add backward"),
+            Node::Xent { .. } => (c"xent", c"xent backward"),
         }
     }
 
@@ -232,7 +243,8 @@ impl Node {
             | Node::Linear { x, y, .. }
             | Node::Align { x, y, .. }
             | Node::Scale { x, y, .. }
-            | Node::Loss { pred: x, y, .. } => [Some(x), Some(y), None],
+            | Node::Loss { pred: x, y, .. }
+            | Node::Xent { logits: x, y, .. } => [Some(x), Some(y), None],
             Node::Bn { x, y, res, .. } => [Some(x), Some(y), res],
             Node::Concat { g, x, u, .. } => [Some(g), Some(x), Some(u)],
             Node::Split { z, zg, a, .. } => [Some(z), Some(zg), Some(a)],
@@ -246,6 +258,7 @@ impl Node {
         match *self {
             Node::Conv { w, .. } | Node::Linear { w, .. } => [Some(w), None],
             Node::Bn { bn, .. } => [Some(bn.gamma), Some(bn.beta)],
+            Node::Xent { bias, .. } => [Some(bias), None],
             _ => [None, None],
         }
     }
@@ -632,6 +645,19 @@ impl<B: Kernels> Graph<B> {
         t
     }
 
+    /// A constant `F` input from host values (class labels): no gradient.
+    pub fn input_f(&mut self, shape: Shape, data: &[B::F]) -> Tensor {
+        assert_eq!(
+            data.len(),
+            shape.numel(),
+            "input_f: {} values for {shape}",
+            data.len()
+        );
+        let t = self.alloc(Kind::F, shape, false);
+        self.with_f(t, |s, b| s.dev.upload_f(data, b));
+        t
+    }
+
     /// A constant input copied from another graph on the same device (the target's outputs).
     pub fn input_from(&mut self, src: &Graph<B>, t: Tensor) -> Tensor {
         let y = self.alloc(Kind::E, t.shape, false);
@@ -995,6 +1021,70 @@ impl<B: Kernels> Graph<B> {
         y
     }
 
+    /// Softmax cross-entropy of `heads` classifier heads side by side: logits (R, heads * O) plus
+    /// `bias` (heads * O), against `labels` (R, an `F` tensor from [`Graph::input_f`]). Returns
+    /// (the sum over heads of each head's mean cross-entropy, a scalar to run backward from; each
+    /// head's mean, (heads)).
+    pub fn cross_entropy(
+        &mut self,
+        logits: Tensor,
+        bias: ParamId,
+        labels: Tensor,
+        heads: usize,
+    ) -> (Tensor, Tensor) {
+        self.begin(c"xent");
+        let cols = self.store.shape(bias).numel();
+        let rows = labels.numel();
+        assert!(
+            heads > 0 && cols.is_multiple_of(heads) && logits.numel() == rows * cols,
+            "cross_entropy: logits {} for {rows} labels and a bias of {cols} in {heads} heads",
+            logits.shape
+        );
+        let p = crate::ops::xent::XentParams::new(rows, cols / heads, heads);
+        let y = self.alloc(Kind::F, Shape::scalar(), self.ng(logits));
+        let per_head = self.alloc(Kind::F, Shape::new(&[heads]), false);
+        let lse = self.alloc(Kind::F, Shape::new(&[rows * heads]), false);
+        let ce = self.alloc(Kind::F, Shape::new(&[rows * heads]), false);
+        if !self.failed() {
+            let (mut yb, mut hb, mut lb, mut cb) = (
+                self.f.take(y.slot as usize),
+                self.f.take(per_head.slot as usize),
+                self.f.take(lse.slot as usize),
+                self.f.take(ce.slot as usize),
+            );
+            let br = self.store.table.range(bias.0);
+            let r = {
+                let (params, _, _) = B::f_side(&mut self.store, &mut self.w);
+                self.dev.xent_forward(
+                    &p,
+                    (
+                        &ev!(self, logits),
+                        &B::view(params, br),
+                        &self.f.view(labels.slot as usize, rows),
+                    ),
+                    &mut B::view_mut(&mut lb, 0..lse.numel()),
+                    &mut B::view_mut(&mut cb, 0..ce.numel()),
+                    &mut B::view_mut(&mut hb, 0..heads),
+                    &mut B::view_mut(&mut yb, 0..1),
+                )
+            };
+            self.f.put(y.slot as usize, yb);
+            self.f.put(per_head.slot as usize, hb);
+            self.f.put(lse.slot as usize, lb);
+            self.f.put(ce.slot as usize, cb);
+            self.fail(r);
+        }
+        self.record(Node::Xent {
+            logits,
+            bias,
+            labels,
+            y,
+            lse,
+            p,
+        });
+        (y, per_head)
+    }
+
     /// alpha * x.
     pub fn scale(&mut self, x: Tensor, alpha: f64) -> Tensor {
         self.begin(c"scale");
@@ -1325,6 +1415,33 @@ impl<B: Kernels> Graph<B> {
                 s.dev
                     .loss_backward(&p, (&ev!(s, pred), &ev!(s, target)), &dl, dp)
             }),
+            Node::Xent {
+                logits,
+                bias,
+                labels,
+                y,
+                lse,
+                p,
+            } => {
+                let br = self.store.table.range(bias.0);
+                let i = logits.slot as usize;
+                let mut dl = self.ge.take(i);
+                let (params, grads, _) = B::f_side(&mut self.store, &mut self.w);
+                let r = self.dev.xent_backward(
+                    &p,
+                    (
+                        &self.e.view(i, self.meta[i].len),
+                        &B::view(params, br.clone()),
+                        &self.f.view(labels.slot as usize, labels.numel()),
+                    ),
+                    &self.f.view(lse.slot as usize, lse.numel()),
+                    &B::view(self.gf.get(y.slot as usize), 0..1),
+                    &mut B::view_mut(&mut dl, 0..self.meta[i].len),
+                    &mut B::view_mut(grads, br),
+                );
+                self.ge.put(i, dl);
+                r
+            }
             Node::Scale { x, y, alpha } => self.axpy_grad(x, y, alpha),
             Node::Add { a, b, y } => {
                 self.axpy_grad(a, y, 1.0)?;

@@ -96,6 +96,51 @@ pub fn lars_step(
     }
 }
 
+/// Plain SGD with momentum, as PyTorch's `torch.optim.SGD` (dampening 0, no Nesterov): the
+/// linear probe's and fine-tuning's optimizer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdConfig {
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+}
+
+/// One SGD step: d = g + wd * w; buf = m * buf + d; w -= lr * buf (PyTorch's first step sets
+/// buf = d, which a zeroed buf gives too). In f64, each value rounded once to f32.
+pub fn sgd_step(params: &mut [f32], grads: &[f32], buf: &mut [f32], c: &SgdConfig) {
+    assert!(
+        params.len() == grads.len() && params.len() == buf.len(),
+        "sgd_step: buffer lengths"
+    );
+    for ((w, g), b) in params.iter_mut().zip(grads).zip(buf.iter_mut()) {
+        let d = *g as f64 + c.weight_decay * *w as f64;
+        let nb = c.momentum * *b as f64 + d;
+        *b = nb as f32;
+        *w = (*w as f64 - c.lr * nb) as f32;
+    }
+}
+
+/// [`sgd_step`] on a GPU (kernels/optim.cu sgd_update), the same arithmetic.
+pub fn sgd_step_cuda(
+    g: &Gpu,
+    params: &mut impl DevMut<f32>,
+    grads: &impl Dev<f32>,
+    buf: &mut impl DevMut<f32>,
+    c: &SgdConfig,
+) -> crate::Result<()> {
+    let n = params.len();
+    need(
+        "sgd_step_cuda",
+        &[("grads", grads.len(), n), ("momentum", buf.len(), n)],
+    )?;
+    let (mut w, gv, mut b) = (params.view_mut(), grads.view(), buf.view_mut());
+    let n = n as u64;
+    let mut l = g.stream.launch_builder(&g.k.sgd_update);
+    l.arg(&mut w).arg(&gv).arg(&mut b).arg(&n);
+    l.arg(&c.lr).arg(&c.momentum).arg(&c.weight_decay);
+    run(g, l, grid_1d(n as usize), "sgd_update")
+}
+
 /// Learning rate at iteration `i` of epoch `epoch` (both 0-based).
 pub fn lr_at(
     base: f64,
@@ -286,6 +331,15 @@ pub trait OptimKernels: Backend<F = f32> {
         momentum: &mut Self::Buf<f32>,
         c: &LarsConfig,
     ) -> crate::Result<()>;
+    /// [`sgd_step`] over `r` of the flat buffers.
+    fn sgd_step(
+        &self,
+        params: &mut Self::Buf<f32>,
+        grads: &Self::Buf<f32>,
+        momentum: &mut Self::Buf<f32>,
+        r: std::ops::Range<usize>,
+        c: &SgdConfig,
+    ) -> crate::Result<()>;
     /// target = m * target + (1 - m) * online[..target's length].
     fn ema(
         &self,
@@ -309,6 +363,22 @@ impl OptimKernels for Cpu<f32> {
         c: &LarsConfig,
     ) -> crate::Result<()> {
         lars_step(table, excluded, params, grads, momentum, c);
+        Ok(())
+    }
+    fn sgd_step(
+        &self,
+        params: &mut Vec<f32>,
+        grads: &Vec<f32>,
+        momentum: &mut Vec<f32>,
+        r: std::ops::Range<usize>,
+        c: &SgdConfig,
+    ) -> crate::Result<()> {
+        sgd_step(
+            &mut params[r.clone()],
+            &grads[r.clone()],
+            &mut momentum[r],
+            c,
+        );
         Ok(())
     }
     fn ema(&self, target: &mut Vec<f32>, online: &Vec<f32>, m: f64) -> crate::Result<()> {
@@ -335,6 +405,22 @@ where
         c: &LarsConfig,
     ) -> crate::Result<()> {
         lars.step(&self.gpu, params, grads, momentum, c)
+    }
+    fn sgd_step(
+        &self,
+        params: &mut CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        momentum: &mut CudaSlice<f32>,
+        r: std::ops::Range<usize>,
+        c: &SgdConfig,
+    ) -> crate::Result<()> {
+        sgd_step_cuda(
+            &self.gpu,
+            &mut params.slice_mut(r.clone()),
+            &grads.slice(r.clone()),
+            &mut momentum.slice_mut(r),
+            c,
+        )
     }
     fn ema(
         &self,

@@ -227,7 +227,7 @@ pub fn run_ops(g: &Gpu, seed: u64) -> Result<Vec<Row>> {
     ops::<f32>(&mut c);
     ops::<half::bf16>(&mut c);
     g.set_tf32(tf32)?;
-    c.section("LARS/EMA", "f32", optim);
+    c.section("LARS/EMA/SGD", "f32", optim);
     c.section("cast", "f32", cast::<f32>);
     c.section("cast", "bf16", cast::<half::bf16>);
     c.section("augment", "u8", |c| {
@@ -266,6 +266,7 @@ where
     c.section("l2norm/softmax/align", dt, norms::<T>);
     c.section("aggregate", dt, aggregate_rows::<T>);
     c.section("loss", dt, loss_rows::<T>);
+    c.section("xent", dt, xent_rows::<T>);
 }
 
 fn elementwise<T: GpuFloat>(c: &mut Ctx) -> Result<()> {
@@ -681,6 +682,58 @@ fn loss_rows<T: GpuFloat>(c: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// The classifier heads' cross-entropy: 96 rows, 3 heads of 100 classes (the linear probe's
+/// multi-lr form), with a bias; one label out of range is not used (labels are real classes).
+fn xent_rows<T: GpuFloat>(c: &mut Ctx) -> Result<()> {
+    use crate::ops::xent;
+    let t = tol::<T>();
+    let g = c.g;
+    let p = xent::XentParams::new(96, 100, 3);
+    let (r, cols) = (96, 300);
+    let (logits, bias, dl0, db0) = (
+        c.rand::<T>(r * cols, 3.0),
+        c.rand::<f32>(cols, 0.5),
+        c.rand::<T>(r * cols, 0.01),
+        c.rand::<f32>(cols, 0.01),
+    );
+    let labels: Vec<f32> = (0..r).map(|i| ((i * 37) % 100) as f32).collect();
+    let (lg_, b_, lb_) = (
+        c.put::<T>(&logits)?,
+        c.put::<f32>(&bias)?,
+        c.put::<f32>(&labels)?,
+    );
+    let (mut lse_, mut ce_) = (g.zeros::<f32>(r * 3)?, g.zeros::<f32>(r * 3)?);
+    let (mut heads_, mut out_) = (c.put::<f32>(&[0.0; 3])?, c.put::<f32>(&[0.0])?);
+    xent::forward_cuda(
+        g,
+        &p,
+        (&lg_, &b_, &lb_),
+        (&mut lse_, &mut ce_),
+        &mut heads_,
+        &mut out_,
+    )?;
+    let mut lse = vec![0.0; r * 3];
+    let (loss, heads) = xent::forward_cpu(&logits, &bias, &labels, &mut lse, &p);
+    let name = "xent 96 rows, 3 heads x 100";
+    c.cmp(name, "loss", &out_, &[loss], 1e-10)?;
+    c.cmp(name, "per head", &heads_, &heads, 1e-10)?;
+    let (mut dl_, mut db_) = (c.put::<T>(&dl0)?, c.put::<f32>(&db0)?);
+    xent::backward_cuda(
+        g,
+        &p,
+        (&lg_, &b_, &lb_),
+        &lse_,
+        &c.put::<f32>(&[0.7])?,
+        &mut dl_,
+        &mut db_,
+    )?;
+    let (mut dl, mut db) = (dl0.clone(), db0.clone());
+    xent::backward_cpu(&logits, &bias, &labels, &lse, 0.7, &mut dl, &mut db, &p);
+    c.cmp(name, "dlogits", &dl_, &dl, t)?;
+    c.cmp(name, "dbias", &db_, &db, 1e-10)?;
+    Ok(())
+}
+
 /// A SyncBN sync on one device as if `world` ranks held this rank's rows: every sum times the
 /// world; the gather fills the other ranks' parts from this one's (`mirror_parts`). The CPU's form
 /// and the GPU's, which goes through the host.
@@ -931,6 +984,32 @@ fn optim(c: &mut Ctx) -> Result<()> {
     lars_step(&table, &excluded, &mut w_c, &gr, &mut buf_c, &cfg);
     c.cmp("LARS step 3 tensors", "params", &w_, &w_c, 1e-12)?;
     c.cmp("LARS step 3 tensors", "momentum", &buf_, &buf_c, 1e-12)?;
+    // SGD (the probe's and fine-tuning's) over the middle of the buffers, twice (momentum used).
+    let sgd = crate::optim::SgdConfig {
+        lr: 0.4,
+        momentum: 0.9,
+        weight_decay: 1e-4,
+    };
+    let r = 1000..n - 1000;
+    let (mut w_, mut buf_) = (c.put::<f32>(&w)?, c.put::<f32>(&buf)?);
+    let (mut w_c, mut buf_c) = (w.clone(), buf.clone());
+    for _ in 0..2 {
+        crate::optim::sgd_step_cuda(
+            g,
+            &mut w_.slice_mut(r.clone()),
+            &gr_.slice(r.clone()),
+            &mut buf_.slice_mut(r.clone()),
+            &sgd,
+        )?;
+        crate::optim::sgd_step(
+            &mut w_c[r.clone()],
+            &gr[r.clone()],
+            &mut buf_c[r.clone()],
+            &sgd,
+        );
+    }
+    c.cmp("SGD 2 steps", "params", &w_, &w_c, 1e-12)?;
+    c.cmp("SGD 2 steps", "momentum", &buf_, &buf_c, 1e-12)?;
     let online = c.rand::<f32>(n, 0.1);
     let mut t_ = g.upload::<f32>(&w)?;
     let on_ = g.upload::<f32>(&online)?;

@@ -21,6 +21,7 @@ pub mod loss;
 pub mod pool;
 pub mod relu;
 pub mod softmax;
+pub mod xent;
 
 use num_traits::Float;
 
