@@ -17,6 +17,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod error;
 pub mod gradcheck;
+pub mod import;
 pub mod memory;
 pub mod ops;
 pub mod optim;
@@ -26,6 +27,7 @@ pub mod tensor;
 
 pub use error::{Context, Error, Result};
 pub mod data;
+pub mod detectron2;
 pub mod device;
 pub mod dist;
 pub mod eval;

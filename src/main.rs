@@ -26,12 +26,20 @@ enum Cmd {
     /// LEWEL pretraining. With no arguments: the built-in synthetic dataset, the tiny model (ResNet-50
     /// at 1/8 width), the best device available, runs/lewel as the run folder.
     Pretrain(PretrainArgs),
-    /// Write the online backbone of a checkpoint in torchvision names.
+    /// Write the online backbone of a checkpoint in torchvision names, or as a detectron2 .pkl.
     Export(ExportArgs),
     /// Pooled backbone features (eval mode) of images, from a checkpoint or an exported backbone.
     Embed(EmbedArgs),
     /// Exactly one LEWEL training iteration from a given state and views (the parity hook).
     Step(StepArgs),
+    /// Convert a PyTorch checkpoint to lewel's safetensors, running nothing from it.
+    ///
+    /// Reads torch.save files (zip or legacy) through a pickle reader that refuses any global but
+    /// PyTorch's tensors and containers. An official LEWEL checkpoint.pth.tar becomes a full state
+    /// with its LARS buffers (for `lewel step --state`, `lewel embed --checkpoint`); a torchvision
+    /// ResNet-18/50 state_dict or extract_backbone.py output a backbone file as `lewel export`
+    /// writes.
+    Import(ImportArgs),
     /// Print the GPU, the driver and the CUDA libraries found, or why not.
     Info,
     /// Every GPU op, forward and backward, against the CPU reference (f32 and bf16); a table.
@@ -41,6 +49,70 @@ enum Cmd {
     /// Look at a dataset: `lewel data show PATH --out grid.png`.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Linear probe of a backbone (frozen, eval-mode BN): top-1/top-5 of linear heads, one per
+    /// learning rate, trained in one pass (LEWEL_SPEC 8's recipe by default).
+    Linear(LinearArgs),
+    /// Each LEWEL head's alignment map over a few images, as a PNG grid (and one line per map).
+    #[command(name = "show-align")]
+    ShowAlign(ShowAlignArgs),
+}
+
+#[derive(clap::Args)]
+struct ShowAlignArgs {
+    /// A run folder, its checkpoint.json, or a LEWEL state (.safetensors) with the online neck.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// An ImageFolder, a packed file, a folder of images, one image, or `synthetic` (the built-in
+    /// set's held-out images).
+    #[arg(long)]
+    data: PathBuf,
+    /// The PNG to write.
+    #[arg(long, default_value = "maps.png")]
+    out: PathBuf,
+    /// Images (rows) to show.
+    #[arg(long, default_value_t = 8)]
+    count: usize,
+    /// Side of the network input (resize + center crop). [default: the run's, else 48 on
+    /// synthetic, 224 on images]
+    #[arg(long)]
+    size: Option<usize>,
+    /// Which images: the built-in set's seed, or a labeled set's order. [default: the run's seed, else 0]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Heads of a checkpoint file outside a run folder (a run's come from its config.toml). [default: 4]
+    #[arg(long)]
+    lewel_num_heads: Option<usize>,
+    /// Scale of the alignment logits, likewise. [default: 1]
+    #[arg(long, allow_negative_numbers = true, value_parser = finite_f32)]
+    lewel_scale: Option<f32>,
+}
+
+fn show_align(a: ShowAlignArgs) -> Result<()> {
+    let o = lewel::eval::align::AlignOptions {
+        checkpoint: a.checkpoint,
+        data: a.data,
+        count: a.count,
+        size: a.size,
+        seed: a.seed,
+        heads: a.lewel_num_heads,
+        scale: a.lewel_scale,
+    };
+    let s = lewel::eval::align::show_align(&o, &a.out)?;
+    for line in &s.lines {
+        say(line);
+    }
+    say(&format!(
+        "{}: {} images x {} heads ({}x{} positions), columns: image, head 1..{} ({}x{} px)",
+        a.out.display(),
+        s.rows,
+        s.heads,
+        s.grid.0,
+        s.grid.1,
+        s.heads,
+        s.image.w,
+        s.image.h
+    ));
+    Ok(())
 }
 
 #[derive(clap::Subcommand)]
@@ -649,13 +721,32 @@ struct EmbedArgs {
 }
 
 #[derive(clap::Args)]
-struct ExportArgs {
-    /// A run folder, its checkpoint.json, or a checkpoint .safetensors.
-    #[arg(long)]
-    checkpoint: PathBuf,
-    /// Output: the online backbone in torchvision names.
+struct ImportArgs {
+    /// A torch.save file (checkpoint.pth.tar, a state_dict .pth).
+    file: PathBuf,
+    /// Output .safetensors: a LEWEL state (official names, `momentum.<name>` LARS buffers) or a
+    /// backbone (torchvision names).
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// A run folder, its checkpoint.json, or a checkpoint .safetensors (for detectron2, also a
+    /// backbone written by `lewel export`).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Output: the online backbone in torchvision names (a .safetensors), or for detectron2 a .pkl
+    /// to give as MODEL.WEIGHTS (configs/detectron2/).
+    #[arg(long)]
+    out: PathBuf,
+    /// torchvision (safetensors, torchvision names) or detectron2 (a pickle in detectron2's names).
+    #[arg(
+        long,
+        value_name = "torchvision|detectron2",
+        default_value = "torchvision"
+    )]
+    format: String,
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -666,15 +757,41 @@ fn run(cli: Cli) -> Result<()> {
             std::process::exit(2)
         }
         Some(Cmd::Export(a)) => {
-            let n = run::export(&a.checkpoint, &a.out)?;
-            say(&format!(
-                "wrote {} ({n} tensors, torchvision names)",
-                a.out.display()
-            ));
+            use lewel::detectron2::{self, ExportFormat};
+            match a.format.parse::<ExportFormat>()? {
+                ExportFormat::Torchvision => {
+                    let n = run::export(&a.checkpoint, &a.out)?;
+                    say(&format!(
+                        "wrote {} ({n} tensors, torchvision names)",
+                        a.out.display()
+                    ));
+                }
+                ExportFormat::Detectron2 => {
+                    let e = detectron2::export(&a.checkpoint, &a.out)?;
+                    if e.arch != lewel::model::resnet::Arch::RESNET50 {
+                        eprintln!(
+                            "warning: the backbone is {}; configs/detectron2/ build ResNet-50",
+                            e.arch.name()
+                        );
+                    }
+                    say(&format!(
+                        "wrote {} ({} tensors, detectron2 names, {}, {:.1} MB)",
+                        a.out.display(),
+                        e.tensors,
+                        e.arch.name(),
+                        e.bytes as f64 / 1e6
+                    ));
+                }
+            }
             Ok(())
         }
         Some(Cmd::Pretrain(a)) => pretrain(a),
         Some(Cmd::Step(a)) => step(a),
+        Some(Cmd::Import(a)) => {
+            let i = lewel::import::import(&a.file, &a.out)?;
+            say(&i.summary);
+            Ok(())
+        }
         Some(Cmd::Embed(a)) => {
             let e = run::embed(&a.checkpoint, &a.images, &a.out, a.image_size)?;
             say(&format!(
@@ -702,6 +819,8 @@ fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Check(a)) => check(a),
         Some(Cmd::Pack(a)) => pack(a),
         Some(Cmd::Data(DataCmd::Show(a))) => data_show(a),
+        Some(Cmd::Linear(a)) => linear(a),
+        Some(Cmd::ShowAlign(a)) => show_align(a),
     }
 }
 
@@ -747,6 +866,138 @@ fn check(a: CheckArgs) -> Result<()> {
     if failed > 0 {
         return Err(Error::Other(format!("lewel check: {failed} checks failed")));
     }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct LinearArgs {
+    /// The backbone: a run folder, its checkpoint.json, a LEWEL state or an exported backbone.
+    #[arg(long, required_unless_present = "resume")]
+    checkpoint: Option<PathBuf>,
+    /// Training images: an ImageFolder, a folder holding train/ and val/, or a packed file.
+    /// Default: the built-in synthetic set of the checkpoint's run.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Validation images. Default: val/ beside --data's train/.
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    /// Learning rates, one head each, trained in the same pass: 0.1,0.4,1.6,30. Absolute, for
+    /// --batch-size.
+    #[arg(long, default_value = "0.4")]
+    lr: String,
+    /// Training epochs [default: 50].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Epochs at which the learning rates are multiplied by 0.1.
+    #[arg(long, default_value = "30,40")]
+    milestones: String,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9, value_parser = finite_f64)]
+    momentum: f64,
+    /// Weight decay.
+    #[arg(long, default_value_t = 0.0, value_parser = finite_f64)]
+    wd: f64,
+    /// Crop side. Default: 224, or the run's image size on its synthetic set.
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Seed of the heads' init, the data order and the views.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Score the validation set every N epochs (and after the last).
+    #[arg(long, default_value_t = 5)]
+    eval_every: usize,
+    /// Extract centre-crop features of the training set once and train on them (fast; no
+    /// augmentation, which changes the training numbers and usually costs some accuracy).
+    #[arg(long)]
+    features_cache: bool,
+    /// Probe a randomly initialized backbone of the checkpoint's architecture (the baseline).
+    #[arg(long)]
+    random_init: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// The probe's folder. Default: linear/ in the run folder, or runs/linear.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Testing only: the backbone's BN in train mode (the frozen-backbone check must fail).
+    #[arg(long, hide = true)]
+    debug_train_bn: bool,
+    /// Continue the probe in this folder (with --epochs N: extended to N epochs).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+}
+
+fn linear(a: LinearArgs) -> Result<()> {
+    use lewel::eval::linear::{self as lin, LinearConfig};
+    let milestones = a
+        .milestones
+        .split(',')
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            v.trim().parse::<usize>().map_err(|_| {
+                Error::user(format!(
+                    "--milestones: expected epochs separated by commas, got {:?}",
+                    a.milestones
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let checkpoint = a.checkpoint.clone().unwrap_or_default();
+    let cfg = LinearConfig {
+        data: a.data,
+        val_data: a.val_data,
+        lrs: lin::parse_lrs(&a.lr)?,
+        epochs: a.epochs.unwrap_or(50),
+        milestones,
+        batch_size: a.batch_size,
+        momentum: a.momentum,
+        weight_decay: a.wd,
+        image_size: a.image_size,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        features_cache: a.features_cache,
+        random_init: a.random_init,
+        device: a.device,
+        train_bn: a.debug_train_bn,
+        ..LinearConfig::new(checkpoint.clone())
+    };
+    let (out, resume) = match (&a.resume, &a.out) {
+        (Some(r), None) => (r.clone(), lin::Start::Resume(a.epochs)),
+        (Some(_), Some(_)) => {
+            return Err(Error::user(
+                "--resume names the probe's folder; it does not go with --out",
+            ))
+        }
+        (None, Some(o)) => (o.clone(), lin::Start::New),
+        (None, None) if checkpoint.is_dir() => (checkpoint.join("linear"), lin::Start::New),
+        (None, None) => (PathBuf::from("runs/linear"), lin::Start::New),
+    };
+    let s = lin::linear(&cfg, &out, resume, &|l| say(l))?;
+    for (i, h) in s.heads.iter().enumerate() {
+        say(&format!(
+            "lr {} | top-1 {:.2}% | top-5 {:.2}% | train loss {:.4}{}",
+            h.lr,
+            h.top1,
+            h.top5,
+            h.train_loss,
+            if i == s.best && s.heads.len() > 1 {
+                " | best"
+            } else {
+                ""
+            }
+        ));
+    }
+    say(&format!(
+        "done | {} epochs in {:.1} s | {} train / {} val images, {} classes | wrote {}",
+        s.epochs,
+        s.seconds,
+        s.train_images,
+        s.val_images,
+        s.classes,
+        out.join("linear.json").display()
+    ));
     Ok(())
 }
 

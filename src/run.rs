@@ -160,7 +160,7 @@ impl Default for PretrainConfig {
 }
 
 /// Side of the rendered synthetic images the views are cropped from.
-const SOURCE_SIZE: usize = 80;
+pub(crate) const SOURCE_SIZE: usize = 80;
 
 /// Warmup epochs when none are given (LEWEL's scripts use 10 of 100-200; this is the built-in run's).
 const DEFAULT_WARMUP: usize = 2;
@@ -2029,7 +2029,7 @@ fn train_loop<B: TrainBackend>(
 }
 
 /// The weights file behind a run folder, a manifest, or a state file given directly.
-fn weights_file(checkpoint_path: &Path) -> Result<PathBuf> {
+pub(crate) fn weights_file(checkpoint_path: &Path) -> Result<PathBuf> {
     if checkpoint_path.is_dir() || checkpoint_path.extension().is_some_and(|e| e == "json") {
         let (dir, man) = read_manifest(checkpoint_path)?;
         Ok(dir.join(man.weights))
@@ -2058,7 +2058,7 @@ pub fn export(checkpoint_path: &Path, out: &Path) -> Result<usize> {
 }
 
 /// Images `lewel embed` reads: normalized tensors, or image files put through the eval transform.
-enum EmbedInput {
+pub(crate) enum EmbedInput {
     /// `images`, float32 NCHW (N, 3, H, W), already normalized.
     Tensor {
         v: Vec<f32>,
@@ -2073,7 +2073,7 @@ enum EmbedInput {
 }
 
 impl EmbedInput {
-    fn open(path: &Path) -> Result<EmbedInput> {
+    pub(crate) fn open(path: &Path) -> Result<EmbedInput> {
         let p = path.display();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
@@ -2126,7 +2126,7 @@ impl EmbedInput {
         })
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             EmbedInput::Tensor { n, .. } => *n,
             EmbedInput::Set(s) => s.len(),
@@ -2135,7 +2135,7 @@ impl EmbedInput {
     }
 
     /// Image i as the network's NHWC input (h, w): normalized, through the eval transform for files.
-    fn item(&self, i: usize, size: usize) -> Result<(Vec<f32>, usize, usize)> {
+    pub(crate) fn item(&self, i: usize, size: usize) -> Result<(Vec<f32>, usize, usize)> {
         let img = match self {
             EmbedInput::Tensor { v, h, w, .. } => {
                 let one = &v[i * 3 * h * w..][..3 * h * w];

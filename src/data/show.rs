@@ -8,8 +8,8 @@ use super::transforms;
 use crate::error::{Error, Result};
 use std::path::Path;
 
-const GAP: usize = 4;
-const BACKGROUND: u8 = 40;
+pub(crate) const GAP: usize = 4;
+pub(crate) const BACKGROUND: u8 = 40;
 
 /// The image fitted into a `size` x `size` cell, centred on gray.
 fn fit(img: &Rgb8, size: usize) -> Rgb8 {
@@ -29,7 +29,14 @@ fn fit(img: &Rgb8, size: usize) -> Rgb8 {
 }
 
 /// Draws `text` (ASCII; other characters as '?') at (x, y) with 8x8 glyphs scaled by `scale`.
-fn draw_text(img: &mut Rgb8, x: usize, y: usize, text: &str, scale: usize, color: [u8; 3]) {
+pub(crate) fn draw_text(
+    img: &mut Rgb8,
+    x: usize,
+    y: usize,
+    text: &str,
+    scale: usize,
+    color: [u8; 3],
+) {
     for (k, ch) in text.chars().enumerate() {
         let c = if ch.is_ascii() {
             ch as usize
@@ -128,7 +135,7 @@ pub fn grid(samples: &dyn Samples, count: usize, size: usize, seed: u64) -> Grid
 }
 
 /// Height of the header band above the first row.
-fn header_height(size: usize) -> usize {
+pub(crate) fn header_height(size: usize) -> usize {
     8 * (size / 112).max(1) + 2 * GAP
 }
 

@@ -1,3 +1,5 @@
 //! Evaluation: the kNN monitor now; linear probe and fine-tuning later.
 
+pub mod align;
 pub mod knn;
+pub mod linear;
