@@ -52,6 +52,8 @@ enum Cmd {
     /// Linear probe of a backbone (frozen, eval-mode BN): top-1/top-5 of linear heads, one per
     /// learning rate, trained in one pass (LEWEL_SPEC 8's recipe by default).
     Linear(LinearArgs),
+    /// Semi-supervised fine-tuning of the whole network on a split (1percent, 10percent, a list).
+    Finetune(FinetuneArgs),
     /// Each LEWEL head's alignment map over a few images, as a PNG grid (and one line per map).
     #[command(name = "show-align")]
     ShowAlign(ShowAlignArgs),
@@ -820,6 +822,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Pack(a)) => pack(a),
         Some(Cmd::Data(DataCmd::Show(a))) => data_show(a),
         Some(Cmd::Linear(a)) => linear(a),
+        Some(Cmd::Finetune(a)) => finetune(a),
         Some(Cmd::ShowAlign(a)) => show_align(a),
     }
 }
@@ -894,10 +897,10 @@ struct LinearArgs {
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9, value_parser = finite_f64)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true, value_parser = finite_f64)]
     momentum: f64,
     /// Weight decay.
-    #[arg(long, default_value_t = 0.0, value_parser = finite_f64)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true, value_parser = finite_f64)]
     wd: f64,
     /// Crop side. Default: 224, or the run's image size on its synthetic set.
     #[arg(long)]
@@ -931,19 +934,7 @@ struct LinearArgs {
 
 fn linear(a: LinearArgs) -> Result<()> {
     use lewel::eval::linear::{self as lin, LinearConfig};
-    let milestones = a
-        .milestones
-        .split(',')
-        .filter(|v| !v.trim().is_empty())
-        .map(|v| {
-            v.trim().parse::<usize>().map_err(|_| {
-                Error::user(format!(
-                    "--milestones: expected epochs separated by commas, got {:?}",
-                    a.milestones
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let milestones = parse_milestones(&a.milestones)?;
     let checkpoint = a.checkpoint.clone().unwrap_or_default();
     let cfg = LinearConfig {
         data: a.data,
@@ -997,6 +988,112 @@ fn linear(a: LinearArgs) -> Result<()> {
         s.val_images,
         s.classes,
         out.join("linear.json").display()
+    ));
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct FinetuneArgs {
+    /// The backbone: a run folder, its checkpoint.json, a LEWEL state or an exported backbone.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// An ImageFolder, or a folder holding train/ and val/ (builtin: the built-in set, with
+    /// --split all). Default: the built-in set of the checkpoint's run.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Validation images. Default: val/ beside --data's train/.
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    /// 1percent or 10percent (SimCLR's ImageNet lists, shipped), all, or a file naming the
+    /// training images one per line.
+    #[arg(long)]
+    split: String,
+    /// The backbone's learning rate [default: 1e-4 for 1percent, 0.01 otherwise].
+    #[arg(long, allow_negative_numbers = true, value_parser = finite_f64)]
+    lr: Option<f64>,
+    /// The classifier's learning rate [default: 1.0 for 1percent, 0.1 otherwise].
+    #[arg(long, allow_negative_numbers = true, value_parser = finite_f64)]
+    lr_classifier: Option<f64>,
+    #[arg(long, default_value_t = 50)]
+    epochs: usize,
+    /// Epochs at which both rates are multiplied by 0.1.
+    #[arg(long, default_value = "30,40")]
+    milestones: String,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Weight decay, on every parameter (BN and bias included).
+    #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true, value_parser = finite_f64)]
+    wd: f64,
+    /// Crop side. Default: 224, or the run's image size on its synthetic set.
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Score the validation set every N epochs (and after the last).
+    #[arg(long, default_value_t = 5)]
+    eval_every: usize,
+    /// Fine-tune a randomly initialized network of the same architecture (the baseline).
+    #[arg(long)]
+    random_init: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// The folder to write. Default: finetune-SPLIT/ in the run folder, or runs/finetune-SPLIT.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// `--milestones 30,40`.
+fn parse_milestones(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            v.trim().parse::<usize>().map_err(|_| {
+                Error::user(format!(
+                    "--milestones: expected epochs separated by commas, got {s:?}"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn finetune(a: FinetuneArgs) -> Result<()> {
+    use lewel::eval::finetune::{self as ft, FinetuneConfig};
+    let cfg = FinetuneConfig {
+        data: a.data,
+        val_data: a.val_data,
+        lr: a.lr,
+        lr_classifier: a.lr_classifier,
+        epochs: a.epochs,
+        milestones: parse_milestones(&a.milestones)?,
+        batch_size: a.batch_size,
+        weight_decay: a.wd,
+        image_size: a.image_size,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        random_init: a.random_init,
+        device: a.device,
+        ..FinetuneConfig::new(a.checkpoint.clone(), &a.split)
+    };
+    let tag: String = std::path::Path::new(&a.split)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "split".into());
+    let out = match a.out {
+        Some(o) => o,
+        None if a.checkpoint.is_dir() => a.checkpoint.join(format!("finetune-{tag}")),
+        None => PathBuf::from(format!("runs/finetune-{tag}")),
+    };
+    let s = ft::finetune(&cfg, &out, &|l| say(l))?;
+    say(&format!(
+        "done | top-1 {:.2}% | top-5 {:.2}% | train loss {:.4} | {} epochs on {} images in {:.1} s | wrote {}",
+        s.top1,
+        s.top5,
+        s.train_loss,
+        s.epochs,
+        s.train_images,
+        s.seconds,
+        out.join("finetune.json").display()
     ));
     Ok(())
 }

@@ -501,3 +501,56 @@ fn info_reports_the_ranks() {
     let bad = info(&[("RANK", "0")]);
     assert!(bad.contains("WORLD_SIZE is not set, but RANK is"), "{bad}");
 }
+
+/// Evaluation commands' bad input: a bad learning-rate list, a checkpoint of no ResNet, a split
+/// list that is not there, zero epochs: one line naming the flag or file, exit 2, nothing written.
+#[test]
+fn linear_and_finetune_bad_input_is_one_line() {
+    let d = tmp("eval-bad");
+    let out = d.join("out");
+    let fx = "tests/fixtures/linear/builtin_run_backbone.safetensors";
+    let not_resnet = "tests/fixtures/ops/ops_reference.safetensors";
+    let o = out.to_str().unwrap();
+    let base = ["--data", "builtin", "--device", "cpu", "--out", o];
+    let cases: [(Vec<&str>, &str); 5] = [
+        (
+            vec!["linear", "--checkpoint", fx, "--lr", "0.1,abc"],
+            "--lr",
+        ),
+        (
+            vec!["linear", "--checkpoint", fx, "--epochs", "0"],
+            "--epochs",
+        ),
+        (vec!["linear", "--checkpoint", not_resnet], not_resnet),
+        (
+            vec![
+                "finetune",
+                "--checkpoint",
+                fx,
+                "--split",
+                "/nonexistent/list.txt",
+            ],
+            "--split /nonexistent/list.txt",
+        ),
+        (
+            vec![
+                "finetune",
+                "--checkpoint",
+                fx,
+                "--split",
+                "all",
+                "--lr",
+                "-1",
+            ],
+            "--lr",
+        ),
+    ];
+    for (args, names) in cases {
+        let r = run(lewel()
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(&args)
+            .args(base));
+        assert_bad(&r, names);
+        assert!(!out.join("linear.json").exists() && !out.join("finetune.json").exists());
+    }
+}

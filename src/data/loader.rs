@@ -159,6 +159,10 @@ pub trait Samples: Send + Sync {
     }
     /// Sample i decoded to RGB, or why not (naming the file).
     fn decode(&self, i: usize) -> std::result::Result<Rgb8, String>;
+    /// Sample i's file name (no folder), where the set has one: what split lists name.
+    fn file_name(&self, _i: usize) -> Option<String> {
+        None
+    }
 }
 
 /// torch's DistributedSampler order for one rank and epoch (shuffled from the seed).

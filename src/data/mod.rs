@@ -42,6 +42,12 @@ impl loader::Samples for source::Source {
     fn decode(&self, i: usize) -> std::result::Result<pil::Rgb8, String> {
         source::Source::decode(self, i).map_err(|e| e.to_string())
     }
+    fn file_name(&self, i: usize) -> Option<String> {
+        match self.id(i) {
+            source::SampleId::File(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()),
+            source::SampleId::Packed { .. } => None,
+        }
+    }
 }
 
 /// The val/ folder beside a data root's train/ folder, when there is one.

@@ -210,20 +210,50 @@ impl Samples for SyntheticSamples {
             .collect();
         Ok(Rgb8::new(s, s, px))
     }
+    /// `<class>_<index>.png`, as an ImageFolder written from the set would name it (split lists
+    /// can name the built-in set's images).
+    fn file_name(&self, i: usize) -> Option<String> {
+        Some(format!(
+            "{}_{i}.png",
+            crate::data::synthetic::CLASSES[self.syn.label(i)]
+        ))
+    }
 }
 
 /// Train and validation sets with the crop size.
-struct ProbeData {
-    train: Arc<dyn Samples>,
-    val: Arc<dyn Samples>,
-    classes: usize,
-    size: usize,
-    what: String,
+pub(crate) struct ProbeData {
+    pub(crate) train: Arc<dyn Samples>,
+    pub(crate) val: Arc<dyn Samples>,
+    pub(crate) classes: usize,
+    pub(crate) size: usize,
+    pub(crate) what: String,
 }
 
-fn open_data(cfg: &LinearConfig, run: Option<&crate::run::PretrainConfig>) -> Result<ProbeData> {
+/// The data settings the evaluation commands share.
+pub(crate) struct DataFlags<'a> {
+    pub(crate) data: &'a Option<PathBuf>,
+    pub(crate) val_data: &'a Option<PathBuf>,
+    pub(crate) image_size: Option<usize>,
+}
+
+impl<'a> From<&'a LinearConfig> for DataFlags<'a> {
+    fn from(c: &'a LinearConfig) -> Self {
+        DataFlags {
+            data: &c.data,
+            val_data: &c.val_data,
+            image_size: c.image_size,
+        }
+    }
+}
+
+/// The sets a probe or a fine-tuning reads: `--data` (an ImageFolder, its parent holding train/
+/// and val/, a packed file, or `builtin`), else the built-in set of the checkpoint's run.
+pub(crate) fn open_data(
+    cfg: DataFlags<'_>,
+    run: Option<&crate::run::PretrainConfig>,
+) -> Result<ProbeData> {
     let builtin = crate::run::PretrainConfig::default();
-    let synthetic = match (&cfg.data, run) {
+    let synthetic = match (cfg.data, run) {
         (Some(d), _) if d.as_os_str() == "builtin" => Some(&builtin),
         (None, Some(rc)) if rc.data.is_none() => Some(rc),
         (None, _) => {
@@ -260,7 +290,7 @@ fn open_data(cfg: &LinearConfig, run: Option<&crate::run::PretrainConfig>) -> Re
     } else {
         data.clone()
     };
-    let val_root = match (&cfg.val_data, crate::data::sibling_val(data)) {
+    let val_root = match (cfg.val_data, crate::data::sibling_val(data)) {
         (Some(v), _) => v.clone(),
         (None, Some(v)) => v,
         (None, None) => {
@@ -309,7 +339,7 @@ fn open_data(cfg: &LinearConfig, run: Option<&crate::run::PretrainConfig>) -> Re
 
 /// A DefaultTrain view of sample `i` in `epoch` (keyed: the same on any thread count and after a
 /// resume), normalized NHWC.
-fn train_view(
+pub(crate) fn train_view(
     set: &dyn Samples,
     seed: u64,
     epoch: usize,
@@ -327,7 +357,7 @@ fn train_view(
 }
 
 /// The eval view of sample `i`, normalized NHWC.
-fn eval_view(set: &dyn Samples, i: usize, size: usize) -> Result<Vec<f32>> {
+pub(crate) fn eval_view(set: &dyn Samples, i: usize, size: usize) -> Result<Vec<f32>> {
     let img = set.decode(i).map_err(Error::user)?;
     let v = transforms::eval_view(&img, (size * 256).div_ceil(224), size);
     let mut out = vec![0.0; size * size * 3];
@@ -367,7 +397,7 @@ pub(crate) fn load_backbone(
 }
 
 /// A hash of every value of a store (parameters, BN statistics, counters).
-fn store_hash(s: &ParamStore<f32>) -> u32 {
+pub(crate) fn store_hash(s: &ParamStore<f32>) -> u32 {
     let mut h = crc32fast::Hasher::new();
     for v in s.params.iter().chain(&s.buffers) {
         h.update(&v.to_le_bytes());
@@ -489,10 +519,15 @@ impl<B: Kernels<F = f32> + OptimKernels> Probe<B> {
 // The run
 
 /// Images per backbone batch in feature extraction and validation.
-const EVAL_BATCH: usize = 64;
+pub(crate) const EVAL_BATCH: usize = 64;
 
 /// Top-1 and top-5 hits of each head over `logits` (R, k * classes).
-fn hits(logits: &[f32], labels: &[usize], k: usize, classes: usize) -> Vec<(usize, usize)> {
+pub(crate) fn hits(
+    logits: &[f32],
+    labels: &[usize],
+    k: usize,
+    classes: usize,
+) -> Vec<(usize, usize)> {
     (0..k)
         .map(|h| {
             let mut t = (0, 0);
@@ -515,7 +550,7 @@ fn hits(logits: &[f32], labels: &[usize], k: usize, classes: usize) -> Vec<(usiz
 }
 
 /// Normalized NHWC images of samples `idx` by `view`, in parallel; labels as floats.
-fn batch(
+pub(crate) fn batch(
     set: &dyn Samples,
     idx: &[usize],
     view: impl Fn(usize) -> Result<Vec<f32>> + Sync,
@@ -529,7 +564,7 @@ fn batch(
 }
 
 /// Appends one line to `path`.
-fn append_line(path: &Path, line: &str) -> Result<()> {
+pub(crate) fn append_line(path: &Path, line: &str) -> Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -540,7 +575,7 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
 }
 
 /// Keeps the lines of metrics.jsonl up to `epoch` (a resume continues after them).
-fn truncate_metrics(path: &Path, epoch: usize) -> Result<()> {
+pub(crate) fn truncate_metrics(path: &Path, epoch: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };
@@ -862,7 +897,7 @@ pub fn linear(
         } else {
             None
         };
-    let data = open_data(&cfg, run_cfg.as_ref())?;
+    let data = open_data((&cfg).into(), run_cfg.as_ref())?;
     let (store, net, arch, what) =
         load_backbone(&cfg.checkpoint, cfg.random_init.then_some(cfg.seed))?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
