@@ -2174,18 +2174,7 @@ pub fn embed(checkpoint_path: &Path, images: &Path, out: &Path, size: usize) -> 
             "--image-size: must lie in [32, 1024], got {size}"
         )));
     }
-    let weights = weights_file(checkpoint_path)?;
-    let what = weights.display().to_string();
-    let t = checkpoint::read_file(&weights)?;
-    let prefix = if t.contains_key("online_net.backbone.conv1.weight") {
-        "online_net.backbone."
-    } else {
-        ""
-    };
-    let arch = Arch::infer(&t, prefix, &what)?;
-    let mut s = crate::memory::ParamStore::new();
-    let net = crate::model::resnet::ResNet::build(&mut s, prefix, arch, &mut Rng::new(0));
-    checkpoint::load_store(&mut s, &t, &what)?;
+    let (s, net, arch, what) = crate::eval::linear::load_backbone(checkpoint_path, None)?;
     let input = EmbedInput::open(images)?;
     let n = input.len();
     let c = arch.out_channels();

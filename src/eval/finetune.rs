@@ -98,24 +98,13 @@ impl FinetuneConfig {
                 )));
             }
         }
-        if self.epochs == 0 || self.batch_size == 0 || self.eval_every == 0 {
-            return Err(Error::user(
-                "--epochs, --batch-size and --eval-every must be at least 1",
-            ));
-        }
-        if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::user(format!(
-                "--momentum: must lie in [0, 1), got {}",
-                self.momentum
-            )));
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(Error::user(format!(
-                "--wd: must be a non-negative number, got {}",
-                self.weight_decay
-            )));
-        }
-        Ok(())
+        linear::check_schedule(
+            self.epochs,
+            self.batch_size,
+            self.eval_every,
+            self.momentum,
+            self.weight_decay,
+        )
     }
 }
 
@@ -319,10 +308,7 @@ fn run_ft<B: Kernels<F = f32> + OptimKernels>(
                 let mut l = g.fetch(logits)?;
                 let mut cache = ParamStore::new();
                 let st = g.dev.host_store(&g.store, &g.w, &mut cache)?;
-                let bias = st.param(b);
-                for row in l.chunks_mut(o) {
-                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-                }
+                linear::add_bias(&mut l, st.param(b));
                 let labels: Vec<usize> = idx.iter().map(|&i| val.label(i)).collect();
                 let h = linear::hits(&l, &labels, 1, o)[0];
                 t1 += h.0;
@@ -441,13 +427,7 @@ pub fn finetune(cfg: &FinetuneConfig, out: &Path, log: &dyn Fn(&str)) -> Result<
     let (top1, top5, train_loss) = match device {
         crate::device::Device::Cpu => run_ft(Cpu::<f32>::default(), cfg, &data, out, parts, log)?,
         crate::device::Device::Cuda(n) => {
-            let gpu = std::rc::Rc::new(crate::gpu::Gpu::new(n, true).map_err(|e| match e {
-                Error::Cuda(m) => Error::user(format!(
-                    "--device {}: {m}; `lewel info` shows what was found; --device cpu runs on the CPU",
-                    cfg.device
-                )),
-                e => e,
-            })?);
+            let gpu = linear::open_gpu(n, &cfg.device)?;
             run_ft(Cuda::<f32>::new(gpu), cfg, &data, out, parts, log)?
         }
     };

@@ -104,27 +104,13 @@ impl LinearConfig {
                 )));
             }
         }
-        if self.epochs == 0 {
-            return Err(Error::user("--epochs: at least 1"));
-        }
-        if self.batch_size == 0 {
-            return Err(Error::user("--batch-size: at least 1"));
-        }
-        if self.eval_every == 0 {
-            return Err(Error::user("--eval-every: at least 1"));
-        }
-        if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::user(format!(
-                "--momentum: must lie in [0, 1), got {}",
-                self.momentum
-            )));
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(Error::user(format!(
-                "--wd: must be a non-negative number, got {}",
-                self.weight_decay
-            )));
-        }
+        check_schedule(
+            self.epochs,
+            self.batch_size,
+            self.eval_every,
+            self.momentum,
+            self.weight_decay,
+        )?;
         if let Some(s) = self.image_size {
             if !(32..=1024).contains(&s) {
                 return Err(Error::user(format!(
@@ -138,6 +124,56 @@ impl LinearConfig {
     /// The learning-rate factor of `epoch` (0-based): 0.1 per milestone passed.
     pub fn lr_factor(&self, epoch: usize) -> f64 {
         0.1f64.powi(self.milestones.iter().filter(|&&m| epoch >= m).count() as i32)
+    }
+}
+
+/// The settings the probe and fine-tuning share: counts at least 1, SGD momentum in [0, 1),
+/// weight decay non-negative.
+pub(crate) fn check_schedule(
+    epochs: usize,
+    batch_size: usize,
+    eval_every: usize,
+    momentum: f64,
+    weight_decay: f64,
+) -> Result<()> {
+    for (flag, v) in [
+        ("--epochs", epochs),
+        ("--batch-size", batch_size),
+        ("--eval-every", eval_every),
+    ] {
+        if v == 0 {
+            return Err(Error::user(format!("{flag}: at least 1")));
+        }
+    }
+    if !(0.0..1.0).contains(&momentum) {
+        return Err(Error::user(format!(
+            "--momentum: must lie in [0, 1), got {momentum}"
+        )));
+    }
+    if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+        return Err(Error::user(format!(
+            "--wd: must be a non-negative number, got {weight_decay}"
+        )));
+    }
+    Ok(())
+}
+
+/// GPU `n` for an evaluation command, its failure to open a line naming `--device`.
+pub(crate) fn open_gpu(n: usize, flag: &str) -> Result<std::rc::Rc<crate::gpu::Gpu>> {
+    crate::gpu::Gpu::new(n, true)
+        .map(std::rc::Rc::new)
+        .map_err(|e| match e {
+            Error::Cuda(m) => Error::user(format!(
+                "--device {flag}: {m}; `lewel info` shows what was found; --device cpu runs on the CPU"
+            )),
+            e => e,
+        })
+}
+
+/// Adds a head's bias (one value per column) to every row of `logits`.
+pub(crate) fn add_bias(logits: &mut [f32], bias: &[f32]) {
+    for row in logits.chunks_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
     }
 }
 
@@ -495,12 +531,7 @@ impl<B: Kernels<F = f32> + OptimKernels> Probe<B> {
             .heads
             .dev
             .host_store(&self.heads.store, &self.heads.w, &mut cache)?;
-        let bias = st.param(self.b);
-        for row in l.chunks_mut(bias.len()).take(n) {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v += b;
-            }
-        }
+        add_bias(&mut l[..n * self.k * self.classes], st.param(self.b));
         Ok(l)
     }
 
@@ -939,13 +970,7 @@ pub fn linear(
     let heads = match device {
         crate::device::Device::Cpu => run_probe(Cpu::<f32>::default(), Cpu::default(), job)?,
         crate::device::Device::Cuda(n) => {
-            let gpu = std::rc::Rc::new(crate::gpu::Gpu::new(n, true).map_err(|e| match e {
-                Error::Cuda(m) => Error::user(format!(
-                    "--device {}: {m}; `lewel info` shows what was found; --device cpu runs on the CPU",
-                    cfg.device
-                )),
-                e => e,
-            })?);
+            let gpu = open_gpu(n, &cfg.device)?;
             run_probe(Cuda::<f32>::new(gpu.clone()), Cuda::<f32>::new(gpu), job)?
         }
     };
