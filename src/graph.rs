@@ -233,6 +233,11 @@ impl Node {
         self.ranges().0.to_str().unwrap_or("?")
     }
 
+    /// Its backward's name (`conv backward`, ...), as profiles show it.
+    pub fn backward_name(&self) -> &'static str {
+        self.ranges().1.to_str().unwrap_or("?")
+    }
+
     /// The gradient slots its backward touches: the inputs whose gradients it adds to, and the
     /// outputs whose gradients it reads.
     fn grad_touches(&self) -> [Option<Tensor>; 3] {
@@ -421,6 +426,28 @@ pub struct Graph<B: Kernels> {
     grad_reduce: Option<Box<dyn GradReduce<B>>>,
     /// Its bucket plan, reused.
     buckets: BucketPlan,
+    /// Per-node times, where profiling is on ([`Graph::set_profile`]).
+    profile: Option<Profile>,
+}
+
+/// One node's forward or backward on the host's monotonic clock ([`Graph::set_profile`]).
+#[derive(Clone, Copy, Debug)]
+pub struct NodeTime {
+    /// The op's range name: `conv`, `batchnorm`, ..., `conv backward`, ...
+    pub name: &'static str,
+    /// The node's place in its forward pass since the last [`Graph::reset`] (its tape index where
+    /// the graph records); a backward has its node's index.
+    pub index: usize,
+    pub start: std::time::Instant,
+    pub dur: std::time::Duration,
+}
+
+/// The profiler's state: the times so far, the open forward's start, the next forward's index.
+#[derive(Default)]
+struct Profile {
+    times: Vec<NodeTime>,
+    open: Option<std::time::Instant>,
+    next: usize,
 }
 
 impl<T: Real + Elem> Graph<Cpu<T>> {
@@ -462,6 +489,7 @@ impl<B: Kernels> Graph<B> {
             bn_sync: None,
             grad_reduce: None,
             buckets: Default::default(),
+            profile: None,
         })
     }
 
@@ -486,6 +514,48 @@ impl<B: Kernels> Graph<B> {
     pub fn reset(&mut self) {
         self.meta.clear();
         self.tape.clear();
+        if let Some(p) = &mut self.profile {
+            p.next = 0;
+        }
+    }
+
+    /// With profiling on, every node's forward (launch to record) and backward is timed on the
+    /// host's monotonic clock into a list [`Self::take_profile`] empties. On a GPU the device is
+    /// synchronized at both ends of every node, so a node's time is its own work, without the
+    /// overlap of asynchronous launches. Off (the default), it costs one branch per node.
+    pub fn set_profile(&mut self, on: bool) {
+        match (on, &self.profile) {
+            (true, None) => self.profile = Some(Profile::default()),
+            (false, _) => self.profile = None,
+            _ => {}
+        }
+    }
+
+    /// The node times recorded since the last call (empty with profiling off).
+    pub fn take_profile(&mut self) -> Vec<NodeTime> {
+        self.profile
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.times))
+            .unwrap_or_default()
+    }
+
+    /// The profiler's clock: now, once the device has finished what was launched.
+    fn profile_clock(&self) -> Result<std::time::Instant> {
+        self.dev.sync()?;
+        Ok(std::time::Instant::now())
+    }
+
+    /// Closes the profiled span that began at `start`.
+    fn profile_push(&mut self, name: &'static CStr, index: usize, start: std::time::Instant) {
+        let end = std::time::Instant::now();
+        if let Some(p) = &mut self.profile {
+            p.times.push(NodeTime {
+                name: name.to_str().unwrap_or("?"),
+                index,
+                start,
+                dur: end - start,
+            });
+        }
     }
 
     /// With recording off, ops compute without taping and their outputs take no gradient.
@@ -564,10 +634,26 @@ impl<B: Kernels> Graph<B> {
     /// Opens the NVTX range of the op about to launch; [`Self::record`] closes it.
     fn begin(&mut self, op: &'static CStr) {
         self.open = Some(op);
+        if self.profile.is_some() {
+            let r = self.profile_clock();
+            if let (Ok(t), Some(p)) = (&r, &mut self.profile) {
+                p.open = Some(*t);
+            }
+            self.fail(r.map(|_| ()));
+        }
         self.dev.range_push(op);
     }
 
     fn record(&mut self, n: Node) {
+        if let Some(p) = &mut self.profile {
+            let (start, index) = (p.open.take(), p.next);
+            p.next += 1;
+            let r = self.dev.sync();
+            if let Some(start) = start {
+                self.profile_push(n.ranges().0, index, start);
+            }
+            self.fail(r);
+        }
         self.dev.range_pop();
         let open = self.open.take();
         debug_assert_eq!(open, Some(n.ranges().0), "an op opened another op's range");
@@ -1171,10 +1257,18 @@ impl<B: Kernels> Graph<B> {
                         self.lend(s)?;
                     }
                 }
+                let t0 = match self.profile {
+                    Some(_) => Some(self.profile_clock()?),
+                    None => None,
+                };
                 self.dev.range_push(node.ranges().1);
                 let r = self.backward_node(node);
                 self.dev.range_pop();
                 r?;
+                if let Some(t0) = t0 {
+                    self.dev.sync()?;
+                    self.profile_push(node.ranges().1, j, t0);
+                }
                 if self.dev.sync_launch() {
                     self.dev.sync().map_err(|e| {
                         Error::Other(format!("backward of node {j} ({}): {e}", node.name()))

@@ -34,4 +34,5 @@ pub mod eval;
 pub mod gpu;
 pub mod graph;
 pub mod model;
+pub mod profile;
 pub mod train;

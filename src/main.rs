@@ -44,6 +44,9 @@ enum Cmd {
     Info,
     /// Every GPU op, forward and backward, against the CPU reference (f32 and bf16); a table.
     Check(CheckArgs),
+    /// Where a training step's time goes: per node kind and per node, forward and backward, on
+    /// random inputs after a warm-up; a table, --json, or a Chrome/Perfetto --trace.
+    Profile(ProfileArgs),
     /// Pack an ImageFolder (or its train/) into one file of RGB JPEGs with labels and CRCs.
     Pack(PackArgs),
     /// Look at a dataset: `lewel data show PATH --out grid.png`.
@@ -215,6 +218,74 @@ struct CheckArgs {
     /// (runs under different thread schedules of the software GPU must give equal files).
     #[arg(long)]
     digests: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// tiny, resnet18 or resnet50.
+    #[arg(long, default_value = "resnet50")]
+    arch: String,
+    /// lewel-b-eman or lewel-b.
+    #[arg(long, default_value = "lewel-b-eman")]
+    method: String,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Side of the random square views.
+    #[arg(long, default_value_t = 64)]
+    image_size: usize,
+    /// Measured steps.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Steps run first and not measured.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Seed of the weights and the random views.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Node rows shown in the table (--json has them all).
+    #[arg(long, default_value_t = 25)]
+    top: usize,
+    /// Print the tables as JSON instead.
+    #[arg(long)]
+    json: bool,
+    /// Write Chrome/Perfetto trace events (one per node per step, one per step) to this file.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+}
+
+fn profile(a: ProfileArgs) -> Result<()> {
+    let cfg = lewel::profile::ProfileConfig {
+        device: a.device.parse()?,
+        arch: a.arch.parse()?,
+        method: a.method.parse()?,
+        batch_size: a.batch_size,
+        image_size: a.image_size,
+        steps: a.steps,
+        warmup: a.warmup,
+        seed: a.seed,
+    };
+    let (p, note) = lewel::profile::run(&cfg)?;
+    if let Some(n) = note {
+        eprintln!("lewel: note: {n}");
+    }
+    if let Some(path) = &a.trace {
+        let text =
+            serde_json::to_string(&p.trace()).map_err(|e| Error::Other(format!("trace: {e}")))?;
+        lewel::checkpoint::write_bytes_atomic(path, text.as_bytes())?;
+    }
+    // Through `say`: a closed stdout (`lewel profile | head`) is not an error.
+    if a.json {
+        say(&format!("{:#}", p.json()));
+    } else {
+        say(p.table(a.top).trim_end());
+        if let Some(path) = &a.trace {
+            say(&format!("\ntrace: {}", path.display()));
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -819,6 +890,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Cmd::Check(a)) => check(a),
+        Some(Cmd::Profile(a)) => profile(a),
         Some(Cmd::Pack(a)) => pack(a),
         Some(Cmd::Data(DataCmd::Show(a))) => data_show(a),
         Some(Cmd::Linear(a)) => linear(a),
@@ -877,8 +949,8 @@ struct LinearArgs {
     /// The backbone: a run folder, its checkpoint.json, a LEWEL state or an exported backbone.
     #[arg(long, required_unless_present = "resume")]
     checkpoint: Option<PathBuf>,
-    /// Training images: an ImageFolder, a folder holding train/ and val/, or a packed file.
-    /// Default: the built-in synthetic set of the checkpoint's run.
+    /// Training images: an ImageFolder, a folder holding train/ and val/, a packed file, or
+    /// builtin (the built-in synthetic set). Default: the built-in set of the checkpoint's run.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Validation images. Default: val/ beside --data's train/.

@@ -997,14 +997,18 @@ impl TrainData {
 }
 
 /// Where the model trains: the CPU reference, or a GPU in f32 or bf16.
-enum Target {
+pub(crate) enum Target {
     Cpu,
+    /// The GPU, and whether it computes in bf16.
     Gpu(Rc<Gpu>, bool),
 }
 
 /// Opens the chosen device. `auto` falls back to the CPU with a note when the GPU cannot be
 /// opened; `cuda` stops with the reason (exit code 2).
-fn open_device(choice: DeviceChoice, cfg: &PretrainConfig) -> Result<(Target, Option<String>)> {
+pub(crate) fn open_device(
+    choice: DeviceChoice,
+    cfg: &PretrainConfig,
+) -> Result<(Target, Option<String>)> {
     let precision = cfg.precision.as_str();
     let ordinal = match device::resolve(choice) {
         Device::Cpu => {

@@ -554,3 +554,47 @@ fn linear_and_finetune_bad_input_is_one_line() {
         assert!(!out.join("linear.json").exists() && !out.join("finetune.json").exists());
     }
 }
+
+/// `lewel profile`: bad values are one line naming the flag (exit 2); a small run prints the
+/// table with its sum-against-step line and writes the trace.
+#[test]
+fn profile_bad_input_is_one_line_and_a_small_run_works() {
+    for (args, names) in [
+        (vec!["--steps", "0"], "--steps"),
+        (vec!["--batch-size", "1"], "--batch-size"),
+        (vec!["--image-size", "8"], "--image-size"),
+        (vec!["--arch", "vgg"], "--arch"),
+        (vec!["--method", "byol"], "--method"),
+        (vec!["--device", "gpu"], "--device"),
+    ] {
+        let mut a = vec!["profile", "--device", "cpu", "--arch", "tiny"];
+        a.extend(args.iter().copied());
+        assert_bad(&run(lewel().args(&a)), names);
+    }
+    let d = tmp("profile");
+    let trace = d.join("trace.json");
+    let (code, out, err) = run(lewel().args([
+        "profile",
+        "--device",
+        "cpu",
+        "--arch",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("% of the measured step") && out.contains("conv backward"),
+        "{out}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    assert!(v["traceEvents"].as_array().unwrap().len() > 50);
+}

@@ -1237,3 +1237,38 @@ fn finetuning_on_the_software_gpu_follows_the_cpu() {
     assert!(rel < 1e-3, "train loss: {g} vs {c}");
     assert!((f(&g, "top1") - f(&c, "top1")).abs() <= 1.5, "{g} vs {c}");
 }
+
+/// `lewel profile` on the software GPU: the per-node table of a tiny step, times synchronized per
+/// node (the output says so), every node kind of the step listed.
+#[test]
+fn profile_runs_on_the_software_gpu() {
+    if !available("profile_runs_on_the_software_gpu") {
+        return;
+    }
+    let o = emu(&[
+        "profile",
+        "--device",
+        "cuda",
+        "--arch",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--steps",
+        "1",
+    ]);
+    assert!(
+        o.contains("software GPU") && o.contains("synchronized"),
+        "{o}"
+    );
+    for kind in [
+        "conv backward",
+        "batchnorm",
+        "linear",
+        "optimizer (LARS + EMA)",
+    ] {
+        assert!(o.contains(kind), "{kind} missing: {o}");
+    }
+    assert!(o.contains("% of the measured step"), "{o}");
+}
