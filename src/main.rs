@@ -944,11 +944,9 @@ fn check(a: CheckArgs) -> Result<()> {
     Ok(())
 }
 
+/// The flags `lewel linear` and `lewel finetune` share.
 #[derive(clap::Args)]
-struct LinearArgs {
-    /// The backbone: a run folder, its checkpoint.json, a LEWEL state or an exported backbone.
-    #[arg(long, required_unless_present = "resume")]
-    checkpoint: Option<PathBuf>,
+struct EvalArgs {
     /// Training images: an ImageFolder, a folder holding train/ and val/, a packed file, or
     /// builtin (the built-in synthetic set). Default: the built-in set of the checkpoint's run.
     #[arg(long)]
@@ -956,43 +954,52 @@ struct LinearArgs {
     /// Validation images. Default: val/ beside --data's train/.
     #[arg(long)]
     val_data: Option<PathBuf>,
-    /// Learning rates, one head each, trained in the same pass: 0.1,0.4,1.6,30. Absolute, for
-    /// --batch-size.
-    #[arg(long, default_value = "0.4")]
-    lr: String,
-    /// Training epochs [default: 50].
-    #[arg(long)]
-    epochs: Option<usize>,
     /// Epochs at which the learning rates are multiplied by 0.1.
     #[arg(long, default_value = "30,40")]
     milestones: String,
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
+    /// Crop side. Default: 224, or the run's image size on its synthetic set.
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Seed of the classifier's init, the data order and the views.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Score the validation set every N epochs (and after the last).
+    #[arg(long, default_value_t = 5)]
+    eval_every: usize,
+    /// A randomly initialized backbone of the checkpoint's architecture (the baseline).
+    #[arg(long)]
+    random_init: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(clap::Args)]
+struct LinearArgs {
+    /// The backbone: a run folder, its checkpoint.json, a LEWEL state or an exported backbone.
+    #[arg(long, required_unless_present = "resume")]
+    checkpoint: Option<PathBuf>,
+    /// Learning rates, one head each, trained in the same pass: 0.1,0.4,1.6,30. Absolute, for
+    /// --batch-size.
+    #[arg(long, default_value = "0.4")]
+    lr: String,
+    #[command(flatten)]
+    eval: EvalArgs,
+    /// Training epochs [default: 50].
+    #[arg(long)]
+    epochs: Option<usize>,
     /// SGD momentum.
     #[arg(long, default_value_t = 0.9, allow_negative_numbers = true, value_parser = finite_f64)]
     momentum: f64,
     /// Weight decay.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true, value_parser = finite_f64)]
     wd: f64,
-    /// Crop side. Default: 224, or the run's image size on its synthetic set.
-    #[arg(long)]
-    image_size: Option<usize>,
-    /// Seed of the heads' init, the data order and the views.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Score the validation set every N epochs (and after the last).
-    #[arg(long, default_value_t = 5)]
-    eval_every: usize,
     /// Extract centre-crop features of the training set once and train on them (fast; no
     /// augmentation, which changes the training numbers and usually costs some accuracy).
     #[arg(long)]
     features_cache: bool,
-    /// Probe a randomly initialized backbone of the checkpoint's architecture (the baseline).
-    #[arg(long)]
-    random_init: bool,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
     /// The probe's folder. Default: linear/ in the run folder, or runs/linear.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -1006,23 +1013,24 @@ struct LinearArgs {
 
 fn linear(a: LinearArgs) -> Result<()> {
     use lewel::eval::linear::{self as lin, LinearConfig};
-    let milestones = parse_milestones(&a.milestones)?;
+    let e = a.eval;
+    let milestones = parse_milestones(&e.milestones)?;
     let checkpoint = a.checkpoint.clone().unwrap_or_default();
     let cfg = LinearConfig {
-        data: a.data,
-        val_data: a.val_data,
+        data: e.data,
+        val_data: e.val_data,
         lrs: lin::parse_lrs(&a.lr)?,
         epochs: a.epochs.unwrap_or(50),
         milestones,
-        batch_size: a.batch_size,
+        batch_size: e.batch_size,
         momentum: a.momentum,
         weight_decay: a.wd,
-        image_size: a.image_size,
-        seed: a.seed,
-        eval_every: a.eval_every,
+        image_size: e.image_size,
+        seed: e.seed,
+        eval_every: e.eval_every,
         features_cache: a.features_cache,
-        random_init: a.random_init,
-        device: a.device,
+        random_init: e.random_init,
+        device: e.device,
         train_bn: a.debug_train_bn,
         ..LinearConfig::new(checkpoint.clone())
     };
@@ -1069,17 +1077,12 @@ struct FinetuneArgs {
     /// The backbone: a run folder, its checkpoint.json, a LEWEL state or an exported backbone.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// An ImageFolder, or a folder holding train/ and val/ (builtin: the built-in set, with
-    /// --split all). Default: the built-in set of the checkpoint's run.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Validation images. Default: val/ beside --data's train/.
-    #[arg(long)]
-    val_data: Option<PathBuf>,
     /// 1percent or 10percent (SimCLR's ImageNet lists, shipped), all, or a file naming the
     /// training images one per line.
     #[arg(long)]
     split: String,
+    #[command(flatten)]
+    eval: EvalArgs,
     /// The backbone's learning rate [default: 1e-4 for 1percent, 0.01 otherwise].
     #[arg(long, allow_negative_numbers = true, value_parser = finite_f64)]
     lr: Option<f64>,
@@ -1088,28 +1091,9 @@ struct FinetuneArgs {
     lr_classifier: Option<f64>,
     #[arg(long, default_value_t = 50)]
     epochs: usize,
-    /// Epochs at which both rates are multiplied by 0.1.
-    #[arg(long, default_value = "30,40")]
-    milestones: String,
-    #[arg(long, default_value_t = 256)]
-    batch_size: usize,
     /// Weight decay, on every parameter (BN and bias included).
     #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true, value_parser = finite_f64)]
     wd: f64,
-    /// Crop side. Default: 224, or the run's image size on its synthetic set.
-    #[arg(long)]
-    image_size: Option<usize>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Score the validation set every N epochs (and after the last).
-    #[arg(long, default_value_t = 5)]
-    eval_every: usize,
-    /// Fine-tune a randomly initialized network of the same architecture (the baseline).
-    #[arg(long)]
-    random_init: bool,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
     /// The folder to write. Default: finetune-SPLIT/ in the run folder, or runs/finetune-SPLIT.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -1131,20 +1115,21 @@ fn parse_milestones(s: &str) -> Result<Vec<usize>> {
 
 fn finetune(a: FinetuneArgs) -> Result<()> {
     use lewel::eval::finetune::{self as ft, FinetuneConfig};
+    let e = a.eval;
     let cfg = FinetuneConfig {
-        data: a.data,
-        val_data: a.val_data,
+        data: e.data,
+        val_data: e.val_data,
         lr: a.lr,
         lr_classifier: a.lr_classifier,
         epochs: a.epochs,
-        milestones: parse_milestones(&a.milestones)?,
-        batch_size: a.batch_size,
+        milestones: parse_milestones(&e.milestones)?,
+        batch_size: e.batch_size,
         weight_decay: a.wd,
-        image_size: a.image_size,
-        seed: a.seed,
-        eval_every: a.eval_every,
-        random_init: a.random_init,
-        device: a.device,
+        image_size: e.image_size,
+        seed: e.seed,
+        eval_every: e.eval_every,
+        random_init: e.random_init,
+        device: e.device,
         ..FinetuneConfig::new(a.checkpoint.clone(), &a.split)
     };
     let tag: String = std::path::Path::new(&a.split)

@@ -1109,6 +1109,15 @@ fn the_nccl_stand_in_passes_its_own_checks() {
     );
 }
 
+/// `lewel ARGS` on the CPU for device "cpu", else on the software GPU.
+fn on(device: &str, args: &[&str]) -> String {
+    if device == "cpu" {
+        cpu(args)
+    } else {
+        emu(args)
+    }
+}
+
 /// `lewel linear` on the software GPU: the backbone forward, the heads' GEMMs, the cross-entropy
 /// kernels and the SGD step on the device follow the CPU (the built-in run's backbone, one epoch
 /// of augmented views at 32 px). The lr 0.1 head: training loss within 1e-3, top-1 within a
@@ -1141,11 +1150,7 @@ fn linear_probe_on_the_software_gpu_follows_the_cpu() {
             "--out",
             &o,
         ];
-        if device == "cpu" {
-            cpu(&args);
-        } else {
-            emu(&args);
-        }
+        on(device, &args);
         serde_json::from_str(&std::fs::read_to_string(out.join("linear.json")).unwrap()).unwrap()
     };
     let (g, c) = (run("cuda"), run("cpu"));
@@ -1178,18 +1183,7 @@ fn finetuning_on_the_software_gpu_follows_the_cpu() {
     let fx = fixture.to_string_lossy().into_owned();
     let d = tmp("ft-split");
     std::fs::create_dir_all(&d).unwrap();
-    let classes = [
-        "disk",
-        "square",
-        "triangle",
-        "ring",
-        "cross",
-        "diamond",
-        "h-stripes",
-        "v-stripes",
-        "checker",
-        "diagonal",
-    ];
+    let classes = lewel::data::synthetic::CLASSES;
     let list: String = (0..40)
         .map(|i| format!("{}_{i}.png\n", classes[i % 10]))
         .collect();
@@ -1222,11 +1216,7 @@ fn finetuning_on_the_software_gpu_follows_the_cpu() {
             "--out",
             &o,
         ];
-        if device == "cpu" {
-            cpu(&args);
-        } else {
-            emu(&args);
-        }
+        on(device, &args);
         serde_json::from_str(&std::fs::read_to_string(out.join("finetune.json")).unwrap()).unwrap()
     };
     let (g, c) = (run("cuda"), run("cpu"));

@@ -295,6 +295,7 @@ fn run_ft<B: Kernels<F = f32> + OptimKernels>(
         if scored {
             let n = val.len();
             let (mut t1, mut t5) = (0usize, 0usize);
+            let bias = linear::param_values(&mut g, b)?;
             for start in (0..n).step_by(linear::EVAL_BATCH) {
                 let idx: Vec<usize> = (start..(start + linear::EVAL_BATCH).min(n)).collect();
                 let (x, _) = linear::batch(val, &idx, |i| linear::eval_view(val, i, size))?;
@@ -306,9 +307,7 @@ fn run_ft<B: Kernels<F = f32> + OptimKernels>(
                 let logits = g.linear(pooled, w);
                 g.check()?;
                 let mut l = g.fetch(logits)?;
-                let mut cache = ParamStore::new();
-                let st = g.dev.host_store(&g.store, &g.w, &mut cache)?;
-                linear::add_bias(&mut l, st.param(b));
+                linear::add_bias(&mut l, &bias);
                 let labels: Vec<usize> = idx.iter().map(|&i| val.label(i)).collect();
                 let h = linear::hits(&l, &labels, 1, o)[0];
                 t1 += h.0;

@@ -170,6 +170,13 @@ pub(crate) fn open_gpu(n: usize, flag: &str) -> Result<std::rc::Rc<crate::gpu::G
         })
 }
 
+/// A parameter's values on the host (only it is downloaded).
+pub(crate) fn param_values<B: Kernels<F = f32>>(g: &mut Graph<B>, p: ParamId) -> Result<Vec<f32>> {
+    let r = g.store.table.range(p.0);
+    let (params, _, _) = B::f_side(&mut g.store, &mut g.w);
+    g.dev.download(&B::view(params, r))
+}
+
 /// Adds a head's bias (one value per column) to every row of `logits`.
 pub(crate) fn add_bias(logits: &mut [f32], bias: &[f32]) {
     for row in logits.chunks_mut(bias.len()) {
@@ -518,20 +525,15 @@ impl<B: Kernels<F = f32> + OptimKernels> Probe<B> {
         self.heads.fetch(per_head)
     }
 
-    /// Every head's logits (R, k * classes) of features `f`, bias added, on the host.
-    fn logits(&mut self, f: crate::tensor::Tensor, n: usize) -> Result<Vec<f32>> {
+    /// Every head's logits (R, k * classes) of features `f`, `bias` (the heads', on the host) added.
+    fn logits(&mut self, f: crate::tensor::Tensor, bias: &[f32]) -> Result<Vec<f32>> {
         self.heads.reset();
         self.heads.set_recording(false);
         let x = self.heads.input_from(&self.bb, f);
         let logits = self.heads.linear(x, self.w);
         self.heads.check()?;
         let mut l = self.heads.fetch(logits)?;
-        let mut cache = ParamStore::new();
-        let st = self
-            .heads
-            .dev
-            .host_store(&self.heads.store, &self.heads.w, &mut cache)?;
-        add_bias(&mut l[..n * self.k * self.classes], st.param(self.b));
+        add_bias(&mut l, bias);
         Ok(l)
     }
 
@@ -758,11 +760,12 @@ fn run_probe<B: Kernels<F = f32> + OptimKernels>(
     let evaluate = |p: &mut Probe<B>| -> Result<Vec<(f64, f64)>> {
         let n = val.len();
         let mut tot = vec![(0usize, 0usize); k];
+        let bias = param_values(&mut p.heads, p.b)?;
         for start in (0..n).step_by(EVAL_BATCH) {
             let idx: Vec<usize> = (start..(start + EVAL_BATCH).min(n)).collect();
             let (x, _) = batch(val, &idx, |i| eval_view(val, i, size))?;
             let f = p.features(&x, idx.len(), size)?;
-            let l = p.logits(f, idx.len())?;
+            let l = p.logits(f, &bias)?;
             let labels: Vec<usize> = idx.iter().map(|&i| val.label(i)).collect();
             for (t, h) in tot.iter_mut().zip(hits(&l, &labels, k, o)) {
                 t.0 += h.0;
