@@ -13,6 +13,7 @@
 //! - The CPU path is deterministic at any thread count: reductions use fixed chunks combined in order.
 
 pub mod backend;
+pub mod bench;
 pub mod check;
 pub mod checkpoint;
 pub mod error;

@@ -47,6 +47,10 @@ enum Cmd {
     /// Where a training step's time goes: per node kind and per node, forward and backward, on
     /// random inputs after a warm-up; a table, --json, or a Chrome/Perfetto --trace.
     Profile(ProfileArgs),
+    /// Whole training steps per second (median of the measured steps after a warm-up, min, max),
+    /// peak memory, with data time excluded (random views) or included (the built-in set's
+    /// augmentation); --json for scripts/bench-vs-pytorch.sh.
+    Bench(BenchArgs),
     /// Pack an ImageFolder (or its train/) into one file of RGB JPEGs with labels and CRCs.
     Pack(PackArgs),
     /// Look at a dataset: `lewel data show PATH --out grid.png`.
@@ -284,6 +288,65 @@ fn profile(a: ProfileArgs) -> Result<()> {
         if let Some(path) = &a.trace {
             say(&format!("\ntrace: {}", path.display()));
         }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// tiny, resnet18 or resnet50.
+    #[arg(long, default_value = "resnet50")]
+    arch: String,
+    /// lewel-b-eman or lewel-b.
+    #[arg(long, default_value = "lewel-b-eman")]
+    method: String,
+    /// Samples per step (each has two views).
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Side of the square views.
+    #[arg(long, default_value_t = 64)]
+    image_size: usize,
+    /// Measured steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Steps run first and not measured.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Seed of the weights and the views.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// none: random views drawn once, data time excluded; builtin: each step's views drawn in the
+    /// step from the built-in synthetic set as `lewel pretrain` draws them, data time included.
+    #[arg(long, value_name = "none|builtin", default_value = "none")]
+    data: String,
+    /// Print one JSON object on one line instead.
+    #[arg(long)]
+    json: bool,
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let cfg = lewel::bench::BenchConfig {
+        device: a.device.parse()?,
+        arch: a.arch.parse()?,
+        method: a.method.parse()?,
+        batch_size: a.batch_size,
+        image_size: a.image_size,
+        steps: a.steps,
+        warmup: a.warmup,
+        seed: a.seed,
+        data: a.data.parse()?,
+    };
+    let (b, note) = lewel::bench::run(&cfg)?;
+    if let Some(n) = note {
+        eprintln!("lewel: note: {n}");
+    }
+    if a.json {
+        say(&b.json().to_string());
+    } else {
+        say(&b.text());
     }
     Ok(())
 }
@@ -891,6 +954,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Some(Cmd::Check(a)) => check(a),
         Some(Cmd::Profile(a)) => profile(a),
+        Some(Cmd::Bench(a)) => bench(a),
         Some(Cmd::Pack(a)) => pack(a),
         Some(Cmd::Data(DataCmd::Show(a))) => data_show(a),
         Some(Cmd::Linear(a)) => linear(a),

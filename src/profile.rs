@@ -127,9 +127,24 @@ pub fn run(cfg: &ProfileConfig) -> Result<(Profile, Option<String>)> {
     cfg.validate()?;
     let lc = LewelConfig::new(cfg.arch, 4, 1.0, 0.5);
     let m = Lewel::new(lc, cfg.seed);
-    // The device as `lewel pretrain --precision auto` opens it (bf16 from compute capability 8.0).
+    let (gpu, bf16) = match open(cfg.device)? {
+        (crate::run::Target::Cpu, note) => return Ok((profile(m, "cpu".into(), cfg)?, note)),
+        (crate::run::Target::Gpu(g, bf16), _) => (g, bf16),
+    };
+    let name = gpu_words(&gpu, bf16);
+    let p = if bf16 {
+        profile(m.to_device(Cuda::<half::bf16>::new(gpu))?, name, cfg)?
+    } else {
+        profile(m.to_device(Cuda::<f32>::new(gpu))?, name, cfg)?
+    };
+    Ok((p, None))
+}
+
+/// Opens the device as `lewel pretrain --precision auto` opens it (bf16 from compute capability
+/// 8.0): the target, and a note when `auto` fell back to the CPU. Shared with `lewel bench`.
+pub(crate) fn open(device: DeviceChoice) -> Result<(crate::run::Target, Option<String>)> {
     let pc = crate::run::PretrainConfig {
-        device: match cfg.device {
+        device: match device {
             DeviceChoice::Auto => "auto".into(),
             DeviceChoice::Cpu => "cpu".into(),
             DeviceChoice::Cuda(n) => format!("cuda:{n}"),
@@ -138,24 +153,19 @@ pub fn run(cfg: &ProfileConfig) -> Result<(Profile, Option<String>)> {
         deterministic: false,
         ..Default::default()
     };
-    let (gpu, bf16) = match crate::run::open_device(cfg.device, &pc)? {
-        (crate::run::Target::Cpu, note) => return Ok((profile(m, "cpu".into(), cfg)?, note)),
-        (crate::run::Target::Gpu(g, bf16), _) => (g, bf16),
-    };
-    let name = format!(
+    crate::run::open_device(device, &pc)
+}
+
+/// A GPU in words, as the first line of `lewel profile` and `lewel bench` shows it.
+pub(crate) fn gpu_words(gpu: &crate::gpu::Gpu, bf16: bool) -> String {
+    format!(
         "{} (sm_{}{}) cuda:{} {}",
         gpu.name,
         gpu.cc.0,
         gpu.cc.1,
         gpu.ordinal,
         if bf16 { "bf16" } else { "f32" }
-    );
-    let p = if bf16 {
-        profile(m.to_device(Cuda::<half::bf16>::new(gpu))?, name, cfg)?
-    } else {
-        profile(m.to_device(Cuda::<f32>::new(gpu))?, name, cfg)?
-    };
-    Ok((p, None))
+    )
 }
 
 /// Warm-up, then the measured steps with both graphs' profilers on.

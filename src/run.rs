@@ -1108,7 +1108,7 @@ impl StepLog {
 }
 
 /// Out of GPU memory, restated with the batch size tried.
-fn oom(e: Error, batch: usize) -> Error {
+pub(crate) fn oom(e: Error, batch: usize) -> Error {
     match e {
         Error::OutOfMemory(m) => Error::user(format!(
             "out of GPU memory: {m}; batch size {batch}: try a smaller --batch-size"

@@ -598,3 +598,73 @@ fn profile_bad_input_is_one_line_and_a_small_run_works() {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
     assert!(v["traceEvents"].as_array().unwrap().len() > 50);
 }
+
+/// `lewel bench --json`: one JSON object on one line whose figures agree with each other, with
+/// random views (data excluded) and with the built-in set's views drawn in each step; bad values
+/// are one line naming the flag (exit 2).
+#[test]
+fn bench_json_is_consistent_and_bad_input_is_one_line() {
+    for (args, names) in [
+        (vec!["--steps", "0"], "--steps"),
+        (vec!["--batch-size", "1"], "--batch-size"),
+        (vec!["--image-size", "8"], "--image-size"),
+        (vec!["--data", "imagenet"], "--data"),
+        (
+            vec!["--data", "builtin", "--image-size", "96"],
+            "--image-size",
+        ),
+    ] {
+        let mut a = vec!["bench", "--device", "cpu", "--arch", "tiny"];
+        a.extend(args.iter().copied());
+        let r = run(lewel().args(&a));
+        assert_bad(&r, names);
+        assert_eq!(r.2.trim_end().lines().count(), 1, "{}", r.2);
+    }
+    for data in ["none", "builtin"] {
+        let (code, out, err) = run(lewel().args([
+            "bench",
+            "--device",
+            "cpu",
+            "--arch",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            "--data",
+            data,
+        ]));
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out.trim_end().lines().count(), 1, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k}: {v}"));
+        let steps: Vec<f64> = v["step_s"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_f64().unwrap())
+            .collect();
+        assert_eq!(steps.len(), 2, "{v}");
+        assert!(steps.iter().all(|&s| s > 0.0), "{v}");
+        let (med, min, max) = (f("median_s"), f("min_s"), f("max_s"));
+        assert!(min <= med && med <= max, "{v}");
+        let want = 4.0 / med;
+        assert!((f("images_per_s") - want).abs() <= 1e-9 * want, "{v}");
+        assert!(f("peak_bytes") > 0.0, "{v}");
+        assert!(f("loss").is_finite(), "{v}");
+        assert_eq!(v["data"], data);
+        assert_eq!(v["device"], "cpu");
+        assert_eq!(
+            (v["batch"].as_u64(), v["size"].as_u64()),
+            (Some(4), Some(32))
+        );
+        assert!(v["engine"].as_str().unwrap().starts_with("lewel "), "{v}");
+        assert!(v["threads"].as_u64().unwrap() >= 1, "{v}");
+        assert_eq!(v.get("data_s").is_some(), data == "builtin", "{v}");
+    }
+}

@@ -1262,3 +1262,70 @@ fn profile_runs_on_the_software_gpu() {
     }
     assert!(o.contains("% of the measured step"), "{o}");
 }
+
+/// `lewel bench` on the software GPU: one step of the tiny model runs and reports its figures; a
+/// batch that does not fit is one line.
+#[test]
+fn bench_runs_on_the_software_gpu() {
+    if !available("bench_runs_on_the_software_gpu") {
+        return;
+    }
+    let o = emu(&[
+        "bench",
+        "--device",
+        "cuda",
+        "--arch",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "32",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&o).unwrap();
+    assert!(
+        v["device"].as_str().unwrap().contains("software GPU"),
+        "{v}"
+    );
+    assert_eq!(v["step_s"].as_array().unwrap().len(), 1, "{v}");
+    assert!(v["images_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["peak_bytes"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["loss"].as_f64().unwrap().is_finite(), "{v}");
+    // A batch that does not fit the stand-in's 60 MiB: one line naming the batch and the memory
+    // free, exit code 2.
+    let out = emu_output(
+        &[
+            "bench",
+            "--device",
+            "cuda",
+            "--arch",
+            "tiny",
+            "--batch-size",
+            "64",
+            "--image-size",
+            "48",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        &[("SWGPU_MEMORY_MIB", "60")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("scripts/emu-env.sh"))
+        .collect();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("lewel: error: out of GPU memory: ")
+            && lines[0].contains("MiB free of")
+            && lines[0].contains("batch size 64"),
+        "{err}"
+    );
+}
