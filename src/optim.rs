@@ -10,6 +10,7 @@
 //! m_k = 1 - (1 - m0) * (cos(pi k / K) + 1) / 2 per iteration.
 
 use crate::memory::SizeTable;
+use rayon::prelude::*;
 
 /// Which names skip LARS and weight decay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,8 +78,7 @@ pub fn lars_step(
         let (scale, wd) = if excl {
             (c.lr, 0.0)
         } else {
-            let pn = p.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-            let gn = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            let (pn, gn) = (sum_sq(p).sqrt(), sum_sq(g).sqrt());
             let denom = gn + c.weight_decay * pn;
             let tau = if pn > 0.0 && denom > 0.0 {
                 c.eta * pn / denom
@@ -87,13 +87,31 @@ pub fn lars_step(
             };
             (c.lr * tau, c.weight_decay)
         };
-        for ((pv, gv), bv) in p.iter_mut().zip(g).zip(b.iter_mut()) {
-            let u = scale * (*gv as f64 + wd * *pv as f64);
-            let nb = c.momentum * *bv as f64 + u;
-            *bv = nb as f32;
-            *pv = (*pv as f64 - nb) as f32;
-        }
+        p.par_chunks_mut(PAR_CHUNK)
+            .zip(g.par_chunks(PAR_CHUNK))
+            .zip(b.par_chunks_mut(PAR_CHUNK))
+            .for_each(|((p, g), b)| {
+                for ((pv, gv), bv) in p.iter_mut().zip(g).zip(b.iter_mut()) {
+                    let u = scale * (*gv as f64 + wd * *pv as f64);
+                    let nb = c.momentum * *bv as f64 + u;
+                    *bv = nb as f32;
+                    *pv = (*pv as f64 - nb) as f32;
+                }
+            });
     }
+}
+
+/// Elements per parallel task of the optimizer's passes, and per partial sum of the norms: fixed,
+/// so a norm is the same sum in the same order on any number of threads.
+const PAR_CHUNK: usize = 1 << 14;
+
+/// The sum of squares in f64: per-chunk partials added in chunk order.
+fn sum_sq(v: &[f32]) -> f64 {
+    let parts: Vec<f64> = v
+        .par_chunks(PAR_CHUNK)
+        .map(|c| c.iter().map(|x| (*x as f64).powi(2)).sum::<f64>())
+        .collect();
+    parts.iter().sum()
 }
 
 /// Plain SGD with momentum, as PyTorch's `torch.optim.SGD` (dampening 0, no Nesterov): the
@@ -172,9 +190,14 @@ pub fn ema_update(target: &mut [f32], online: &[f32], m: f64) {
         target.len(),
         online.len()
     );
-    for (t, o) in target.iter_mut().zip(online) {
-        *t = (m * *t as f64 + (1.0 - m) * *o as f64) as f32;
-    }
+    target
+        .par_chunks_mut(PAR_CHUNK)
+        .zip(online.par_chunks(PAR_CHUNK))
+        .for_each(|(t, o)| {
+            for (t, o) in t.iter_mut().zip(o) {
+                *t = (m * *t as f64 + (1.0 - m) * *o as f64) as f32;
+            }
+        });
 }
 
 // ---- CUDA launchers (kernels/optim.cu)

@@ -218,6 +218,31 @@ pub fn forward_train_cpu<T: Real>(
     p: &BnParams,
     sync: Option<&HostSync>,
 ) -> crate::Result<()> {
+    let post = (None, false);
+    forward_train_fused_cpu(
+        x,
+        (gamma, beta),
+        y,
+        (mean, rstd),
+        (running_mean, running_var),
+        p,
+        sync,
+        post,
+    )
+}
+
+/// The train-mode forward with the residual add and the ReLU (`post`) in its last pass.
+#[allow(clippy::too_many_arguments)]
+fn forward_train_fused_cpu<T: Real>(
+    x: &[T],
+    (gamma, beta): (&[T], &[T]),
+    y: &mut [T],
+    (mean, rstd): (&mut [T], &mut [T]),
+    (running_mean, running_var): (&mut [T], &mut [T]),
+    p: &BnParams,
+    sync: Option<&HostSync>,
+    post: (Option<&[T]>, bool),
+) -> crate::Result<()> {
     p.check(
         "batchnorm_forward_train",
         x.len(),
@@ -276,7 +301,8 @@ pub fn forward_train_cpu<T: Real>(
             (running_mean, running_var),
         );
     }
-    apply_cpu(x, (mean, rstd), gamma, beta, y, p);
+    let cm = (p.c as usize, p.group_rows as usize);
+    apply_fused_cpu(x, (mean, rstd), (gamma, beta), post, y, cm);
     Ok(())
 }
 
@@ -333,14 +359,71 @@ pub fn apply_cpu<T: Real>(
     y: &mut [T],
     p: &BnParams,
 ) {
-    let (c, m) = (p.c as usize, p.group_rows as usize);
-    y.par_chunks_mut(c).enumerate().for_each(|(r, y_r)| {
-        let g = r / m;
-        let (mu, rs) = (&mean[g * c..][..c], &rstd[g * c..][..c]);
-        for ch in 0..c {
-            y_r[ch] = (x[r * c + ch] - mu[ch]) * rs[ch] * gamma[ch] + beta[ch];
+    let cm = (p.c as usize, p.group_rows as usize);
+    apply_fused_cpu(x, (mean, rstd), (gamma, beta), (None, false), y, cm);
+}
+
+/// Rows per parallel task of the element-wise passes.
+const ROW_BLOCK: usize = 64;
+
+/// Step 4 with the residual add and the ReLU in the same pass, y = relu?((x - mean) * rstd *
+/// gamma + beta + res?), rounded exactly as the three passes one after the other (`ops::add`,
+/// `ops::relu`) round it. `c` channels, `m` rows per group of statistics.
+fn apply_fused_cpu<T: Real>(
+    x: &[T],
+    (mean, rstd): (&[T], &[T]),
+    (gamma, beta): (&[T], &[T]),
+    (res, relu): (Option<&[T]>, bool),
+    y: &mut [T],
+    (c, m): (usize, usize),
+) {
+    y.par_chunks_mut(ROW_BLOCK * c)
+        .enumerate()
+        .for_each(|(b, y_b)| {
+            for (i, y_r) in y_b.chunks_mut(c).enumerate() {
+                let r = b * ROW_BLOCK + i;
+                let g = r / m;
+                let (mu, rs) = (&mean[g * c..][..c], &rstd[g * c..][..c]);
+                let x_r = &x[r * c..][..c];
+                for ch in 0..c {
+                    y_r[ch] = (x_r[ch] - mu[ch]) * rs[ch] * gamma[ch] + beta[ch];
+                }
+                if let Some(res) = res {
+                    for (o, &v) in y_r.iter_mut().zip(&res[r * c..][..c]) {
+                        *o = *o + v;
+                    }
+                }
+                if relu {
+                    for o in y_r.iter_mut() {
+                        *o = if *o > T::zero() { *o } else { T::zero() };
+                    }
+                }
+            }
+        });
+}
+
+/// Calls `f(x, d, lane)` for each channel of one row, where d is the gradient reaching the BN
+/// output through the ReLU that followed it (`y`, its output): dy where y > 0, else 0, as
+/// `ops::relu::backward_cpu` gives it; dy itself without a ReLU. Two plain loops, so that each
+/// vectorizes.
+#[inline(always)]
+fn each_channel<T: Real, L>(
+    (x, dy, y): (&[T], &[T], Option<&[T]>),
+    lanes: impl Iterator<Item = L>,
+    mut f: impl FnMut(T, T, L),
+) {
+    match y {
+        Some(y) => {
+            for (((&xv, &g), &yv), l) in x.iter().zip(dy).zip(y).zip(lanes) {
+                f(xv, if yv > T::zero() { g } else { T::zero() }, l);
+            }
         }
-    });
+        None => {
+            for ((&xv, &g), l) in x.iter().zip(dy).zip(lanes) {
+                f(xv, g, l);
+            }
+        }
+    }
 }
 
 /// Train-mode backward. dx (R, C) +=; dgamma, dbeta (C) += (this rank's sums, under SyncBN too).
@@ -357,6 +440,32 @@ pub fn backward_train_cpu<T: Real>(
     p: &BnParams,
     sync: Option<&HostSync>,
 ) -> crate::Result<()> {
+    backward_train_fused_cpu(
+        (x, dy, None),
+        gamma,
+        (mean, rstd),
+        (dx, None),
+        (dgamma, dbeta),
+        p,
+        sync,
+    )
+}
+
+/// Train-mode backward through the ReLU that followed the BN (`y`, its output, when there was
+/// one) and into the residual branch's gradient (`dres` += the gradient after the ReLU), in two
+/// passes over the rows: the channel sums (fixed chunks, combined in order), then dx and dres.
+/// The same values as the ReLU's backward into a temporary, the residual add and the plain
+/// backward one after the other.
+#[allow(clippy::too_many_arguments)]
+fn backward_train_fused_cpu<T: Real>(
+    (x, dy, y): (&[T], &[T], Option<&[T]>),
+    gamma: &[T],
+    (mean, rstd): (&[T], &[T]),
+    (dx, dres): (&mut [T], Option<&mut [T]>),
+    (dgamma, dbeta): (&mut [T], &mut [T]),
+    p: &BnParams,
+    sync: Option<&HostSync>,
+) -> crate::Result<()> {
     p.check(
         "batchnorm_backward_train",
         x.len(),
@@ -365,22 +474,29 @@ pub fn backward_train_cpu<T: Real>(
         dbeta.len(),
     );
     assert!(
-        dx.len() == x.len() && dgamma.len() == gamma.len(),
+        dx.len() == x.len()
+            && dgamma.len() == gamma.len()
+            && y.is_none_or(|y| y.len() == x.len())
+            && dres.as_ref().is_none_or(|d| d.len() == x.len()),
         "batchnorm_backward_train: grad lengths"
     );
     let (c, m) = (p.c as usize, p.group_rows as usize);
     let sync = check_sync(p, sync);
     let n = p.count() as f64;
-    let mut coef = vec![(0.0f64, 0.0f64); p.groups() * c]; // (mean(dy), mean(dy * xhat)) per group
+    let mut coef = vec![(T::zero(), T::zero()); p.groups() * c]; // (mean(dy), mean(dy * xhat))
     for g in 0..p.groups() {
         let (mu, rs) = (&mean[g * c..][..c], &rstd[g * c..][..c]);
         let mut sums = channel_sums(g * m, (g + 1) * m, 2 * c, |r, acc| {
-            for ch in 0..c {
-                let d = dy[r * c + ch].as_f64();
-                let xh = ((x[r * c + ch] - mu[ch]) * rs[ch]).as_f64();
-                acc[ch] += d;
-                acc[c + ch] += d * xh;
-            }
+            let (s0, s1) = acc.split_at_mut(c);
+            let (x_r, dy_r) = (&x[r * c..][..c], &dy[r * c..][..c]);
+            let y_r = y.map(|y| &y[r * c..][..c]);
+            let row = (x_r, dy_r, y_r);
+            let lanes = s0.iter_mut().zip(s1.iter_mut()).zip(mu.iter().zip(rs));
+            each_channel(row, lanes, |xv, d, ((a0, a1), (&mu, &rs))| {
+                let d = d.as_f64();
+                *a0 += d;
+                *a1 += d * ((xv - mu) * rs).as_f64();
+            });
         });
         for ch in 0..c {
             dbeta[ch] = dbeta[ch] + T::from_f64(sums[ch]);
@@ -390,19 +506,45 @@ pub fn backward_train_cpu<T: Real>(
             s.sum(&mut sums)?;
         }
         for ch in 0..c {
-            coef[g * c + ch] = (sums[ch] / n, sums[c + ch] / n);
+            coef[g * c + ch] = (T::from_f64(sums[ch] / n), T::from_f64(sums[c + ch] / n));
         }
     }
-    dx.par_chunks_mut(c).enumerate().for_each(|(r, dx_r)| {
-        let g = r / m;
-        for ch in 0..c {
-            let (mu, rs) = (mean[g * c + ch], rstd[g * c + ch]);
-            let (mdy, mdyx) = coef[g * c + ch];
-            let xh = (x[r * c + ch] - mu) * rs;
-            let v = dy[r * c + ch] - T::from_f64(mdy) - xh * T::from_f64(mdyx);
-            dx_r[ch] = dx_r[ch] + gamma[ch] * rs * v;
+    let rows = |b: usize, dx_b: &mut [T], mut dres_b: Option<&mut [T]>| {
+        for (i, dx_r) in dx_b.chunks_mut(c).enumerate() {
+            let r = b * ROW_BLOCK + i;
+            let g = r / m;
+            let (x_r, dy_r) = (&x[r * c..][..c], &dy[r * c..][..c]);
+            let row = (x_r, dy_r, y.map(|y| &y[r * c..][..c]));
+            let stats = mean[g * c..][..c].iter().zip(&rstd[g * c..][..c]);
+            let lanes = dx_r
+                .iter_mut()
+                .zip(stats.zip(&coef[g * c..][..c]))
+                .zip(gamma);
+            each_channel(
+                row,
+                lanes,
+                |xv, d, ((o, ((&mu, &rs), &(mdy, mdyx))), &ga)| {
+                    let xh = (xv - mu) * rs;
+                    *o = *o + ga * rs * (d - mdy - xh * mdyx);
+                },
+            );
+            if let Some(dr) = dres_b.as_deref_mut() {
+                let dr = &mut dr[i * c..][..c];
+                each_channel(row, dr.iter_mut(), |_, d, o| *o = *o + d);
+            }
         }
-    });
+    };
+    match dres {
+        Some(dres) => dx
+            .par_chunks_mut(ROW_BLOCK * c)
+            .zip(dres.par_chunks_mut(ROW_BLOCK * c))
+            .enumerate()
+            .for_each(|(b, (dx_b, dr_b))| rows(b, dx_b, Some(dr_b))),
+        None => dx
+            .par_chunks_mut(ROW_BLOCK * c)
+            .enumerate()
+            .for_each(|(b, dx_b)| rows(b, dx_b, None)),
+    }
     Ok(())
 }
 
@@ -416,6 +558,28 @@ pub fn forward_eval_cpu<T: Real>(
     y: &mut [T],
     p: &BnParams,
 ) {
+    forward_eval_fused_cpu(
+        x,
+        (gamma, beta),
+        (running_mean, running_var),
+        None,
+        false,
+        y,
+        p,
+    );
+}
+
+/// Eval-mode forward with the residual add and the ReLU in the same pass (rounded as the separate
+/// passes round it).
+fn forward_eval_fused_cpu<T: Real>(
+    x: &[T],
+    (gamma, beta): (&[T], &[T]),
+    (running_mean, running_var): (&[T], &[T]),
+    res: Option<&[T]>,
+    relu: bool,
+    y: &mut [T],
+    p: &BnParams,
+) {
     p.check(
         "batchnorm_forward_eval",
         x.len(),
@@ -425,12 +589,13 @@ pub fn forward_eval_cpu<T: Real>(
     );
     let c = p.c as usize;
     let eps = T::from_f64(p.eps as f64);
-    y.par_chunks_mut(c).enumerate().for_each(|(r, y_r)| {
-        for ch in 0..c {
-            let rs = T::one() / (running_var[ch] + eps).sqrt();
-            y_r[ch] = (x[r * c + ch] - running_mean[ch]) * rs * gamma[ch] + beta[ch];
-        }
-    });
+    let rstd: Vec<T> = running_var
+        .iter()
+        .map(|&v| T::one() / (v + eps).sqrt())
+        .collect();
+    // One group over all rows, the running statistics as its mean and 1/std.
+    let stats = (running_mean, &rstd[..]);
+    apply_fused_cpu(x, stats, (gamma, beta), (res, relu), y, (c, usize::MAX));
 }
 
 /// Eval-mode backward: statistics are constants. dx (R, C) +=; dgamma, dbeta (C) +=.
@@ -875,17 +1040,6 @@ pub trait BnKernels: Backend {
     ) -> crate::Result<()>;
 }
 
-/// y = relu?(y + res?) in place, as `add::forward_cpu` and `relu::forward_cpu` compute it.
-fn residual_relu_cpu<T: Real>(y: &mut [T], res: Option<&[T]>, relu: bool) {
-    if let Some(r) = res {
-        y.par_iter_mut().zip(r).for_each(|(o, &b)| *o = *o + b);
-    }
-    if relu {
-        y.par_iter_mut()
-            .for_each(|o| *o = if *o > T::zero() { *o } else { T::zero() });
-    }
-}
-
 impl<T: Real + Elem> BnKernels for Cpu<T> {
     type Sync = HostSync;
     fn bn_forward_train(
@@ -902,9 +1056,8 @@ impl<T: Real + Elem> BnKernels for Cpu<T> {
     ) -> crate::Result<()> {
         let (rm, rv) = running.split_at_mut(p.c as usize);
         let (mean, rstd) = saved.split_at_mut(saved.len() / 2);
-        forward_train_cpu(x, gamma, beta, y, mean, rstd, rm, rv, p, sync)?;
-        residual_relu_cpu(y, res, relu);
-        Ok(())
+        let post = (res, relu);
+        forward_train_fused_cpu(x, (gamma, beta), y, (mean, rstd), (rm, rv), p, sync, post)
     }
     fn bn_forward_eval(
         &self,
@@ -917,8 +1070,7 @@ impl<T: Real + Elem> BnKernels for Cpu<T> {
         y: &mut &mut [T],
         _saved: &mut &mut [T],
     ) -> crate::Result<()> {
-        forward_eval_cpu(x, gamma, beta, rm, rv, y, p);
-        residual_relu_cpu(y, res, relu);
+        forward_eval_fused_cpu(x, (gamma, beta), (rm, rv), res, relu, y, p);
         Ok(())
     }
     fn bn_backward(
@@ -936,16 +1088,17 @@ impl<T: Real + Elem> BnKernels for Cpu<T> {
         sync: Option<&HostSync>,
     ) -> crate::Result<()> {
         let (dg, db) = dgb.split_at_mut(p.c as usize);
+        if train {
+            // The ReLU's and the residual add's backward inside the BN's own two passes.
+            let (grads, stats) = ((&mut **dx, dres), (*mean, *rstd));
+            return backward_train_fused_cpu((x, dy, y), gamma, stats, grads, (dg, db), p, sync);
+        }
         let rest = |dy: &[T]| {
             if let Some(dr) = dres {
                 crate::ops::add::backward_cpu(dy, dr);
             }
-            if train {
-                backward_train_cpu(x, dy, gamma, mean, rstd, dx, dg, db, p, sync)
-            } else {
-                backward_eval_cpu(x, dy, gamma, rm, rv, dx, dg, db, p);
-                Ok(())
-            }
+            backward_eval_cpu(x, dy, gamma, rm, rv, dx, dg, db, p);
+            Ok(())
         };
         match y {
             // The ReLU's backward first, into a zeroed temporary.
@@ -1026,6 +1179,116 @@ where
 mod tests {
     use super::*;
     use crate::gradcheck::{assert_ok, check, uniform};
+
+    #[test]
+    fn fused_residual_relu_passes_equal_the_separate_ops() {
+        // Train (two groups: ghost BN) and eval forward with residual and ReLU, and the train
+        // backward through the ReLU into the residual's gradient, against the ops one by one.
+        let f = |seed, len, lo, hi| -> Vec<f32> {
+            uniform(seed, len, lo, hi)
+                .iter()
+                .map(|&v| v as f32)
+                .collect()
+        };
+        for p in [BnParams::new(300, 24), BnParams::new(256, 8).ghost(128)] {
+            let (r, c, g) = (p.rows as usize, p.c as usize, p.groups());
+            let (x, res, dy) = (
+                f(1, r * c, -2.0, 2.0),
+                f(2, r * c, -1.0, 1.0),
+                f(3, r * c, -1.0, 1.0),
+            );
+            let (gamma, beta) = (f(4, c, 0.5, 1.5), f(5, c, -0.5, 0.5));
+            let (rm0, rv0) = (f(6, c, -0.2, 0.2), f(7, c, 0.5, 1.5));
+            // Separate: BN, add, ReLU.
+            let (mut mu, mut rs) = (vec![0.0f32; g * c], vec![0.0f32; g * c]);
+            let (mut rm, mut rv) = (rm0.clone(), rv0.clone());
+            let mut bn = vec![0.0f32; r * c];
+            forward_train_cpu(
+                &x, &gamma, &beta, &mut bn, &mut mu, &mut rs, &mut rm, &mut rv, &p, None,
+            )
+            .unwrap();
+            let mut sum = vec![0.0f32; r * c];
+            crate::ops::add::forward_cpu(&bn, &res, &mut sum);
+            let mut want = vec![0.0f32; r * c];
+            crate::ops::relu::forward_cpu(&sum, &mut want);
+            // Fused.
+            let (mut mu2, mut rs2) = (vec![0.0f32; g * c], vec![0.0f32; g * c]);
+            let (mut rm2, mut rv2) = (rm0.clone(), rv0.clone());
+            let mut got = vec![0.0f32; r * c];
+            forward_train_fused_cpu(
+                &x,
+                (&gamma, &beta),
+                &mut got,
+                (&mut mu2, &mut rs2),
+                (&mut rm2, &mut rv2),
+                &p,
+                None,
+                (Some(&res), true),
+            )
+            .unwrap();
+            assert_eq!(got, want, "train forward");
+            assert_eq!(
+                (mu2.clone(), rs2.clone(), rm2, rv2),
+                (mu.clone(), rs.clone(), rm, rv)
+            );
+            assert!(got.contains(&0.0) && got.iter().any(|&v| v > 0.0));
+            // Eval forward.
+            let mut bn = vec![0.0f32; r * c];
+            forward_eval_cpu(&x, &gamma, &beta, &rm0, &rv0, &mut bn, &p);
+            crate::ops::add::forward_cpu(&bn, &res, &mut sum);
+            crate::ops::relu::forward_cpu(&sum, &mut want);
+            forward_eval_fused_cpu(
+                &x,
+                (&gamma, &beta),
+                (&rm0, &rv0),
+                Some(&res),
+                true,
+                &mut got,
+                &p,
+            );
+            assert_eq!(got, want, "eval forward");
+            // Train backward: separate ReLU backward, residual add, BN backward...
+            let y = want_train(&x, &res, &gamma, &beta, &p);
+            let mut through = vec![0.0f32; r * c];
+            crate::ops::relu::backward_cpu(&y, &dy, &mut through);
+            let dres0 = f(8, r * c, -1.0, 1.0);
+            let mut dres = dres0.clone();
+            crate::ops::add::backward_cpu(&through, &mut dres);
+            let dx0 = f(9, r * c, -1.0, 1.0);
+            let (mut dx, mut dg, mut db) = (dx0.clone(), vec![0.1f32; c], vec![0.2f32; c]);
+            backward_train_cpu(
+                &x, &through, &gamma, &mu, &rs, &mut dx, &mut dg, &mut db, &p, None,
+            )
+            .unwrap();
+            // ... against one fused backward.
+            let (mut dx2, mut dres2) = (dx0.clone(), dres0.clone());
+            let (mut dg2, mut db2) = (vec![0.1f32; c], vec![0.2f32; c]);
+            backward_train_fused_cpu(
+                (&x, &dy, Some(&y)),
+                &gamma,
+                (&mu, &rs),
+                (&mut dx2, Some(&mut dres2)),
+                (&mut dg2, &mut db2),
+                &p,
+                None,
+            )
+            .unwrap();
+            assert_eq!((dx2, dres2, dg2, db2), (dx, dres, dg, db), "train backward");
+        }
+    }
+
+    /// The train-mode output of BN + residual + ReLU (fused form) for the backward test.
+    fn want_train(x: &[f32], res: &[f32], gamma: &[f32], beta: &[f32], p: &BnParams) -> Vec<f32> {
+        let (r, c, g) = (p.rows as usize, p.c as usize, p.groups());
+        let (mut mu, mut rs) = (vec![0.0f32; g * c], vec![0.0f32; g * c]);
+        let (mut rm, mut rv) = (vec![0.0f32; c], vec![1.0f32; c]);
+        let mut y = vec![0.0f32; r * c];
+        let stats = (&mut mu[..], &mut rs[..]);
+        let run = (&mut rm[..], &mut rv[..]);
+        let post = (Some(res), true);
+        forward_train_fused_cpu(x, (gamma, beta), &mut y, stats, run, p, None, post).unwrap();
+        y
+    }
 
     fn gradcheck_train(p: BnParams) {
         let (r, c) = (p.rows as usize, p.c as usize);

@@ -5,11 +5,12 @@
 //!   grad input     dx_n += col2im( dy_n (Ho*Wo, O) * w (O, K) )
 //!   grad weight    dw (O, K)      += sum_n dy_n^T (O, Ho*Wo) * col_n (Ho*Wo, K)
 //! A 1x1 stride-1 unpadded conv uses x_n itself as col. Each GEMM covers a block of images (their
-//! col rows stacked), blocks run in parallel (rayon); the weight gradient sums per-group partials in
-//! a fixed order, so no result depends on the thread count.
+//! col rows stacked; blocks sized by the shape alone) and is tiled over the threads (ops::par_gemm,
+//! every output one sum in a fixed order), so no result depends on the thread count. Column buffers
+//! are reused between calls (ops::with_scratch).
 //! Saved for backward: nothing but the input x. Backward: += into dx and dw.
 
-use super::{gemm, Mat, Real};
+use super::{par_gemm, with_scratch, Mat, Real};
 use rayon::prelude::*;
 
 // ----------------------------------------------------------------------------
@@ -31,10 +32,6 @@ pub struct ConvParams {
     pub h_out: i32,
     pub w_out: i32,
 }
-
-/// Images whose weight-gradient partials are summed separately, at most. Fixed, so the summation
-/// order depends only on the batch size.
-const WGRAD_GROUPS: usize = 16;
 
 impl ConvParams {
     /// A square k x k convolution; output size as PyTorch: floor((h + 2 pad - k) / stride) + 1.
@@ -187,33 +184,33 @@ fn col_len(p: &ConvParams) -> usize {
 /// Column-buffer elements one GEMM block may use (8 MiB of f32). Blocks never split an image.
 const COL_BLOCK_ELEMS: usize = 1 << 21;
 
-/// Images per GEMM in the forward and data-gradient passes: the batch split evenly over the
-/// threads, fewer where the block's column buffer would pass `COL_BLOCK_ELEMS`. One GEMM over a
-/// block instead of one per image packs the weights once per block, which is most of the cost at
-/// small spatial sizes. Splitting a GEMM's rows leaves every output element's sum as it is, so the
-/// result does not depend on the block size or the thread count (a test holds this).
-fn block_images(p: &ConvParams) -> usize {
-    let per_thread = (p.n as usize).div_ceil(rayon::current_num_threads().max(1));
-    per_thread.min(block_cap(p)).max(1)
-}
-
-/// Images whose im2col columns fit in `COL_BLOCK_ELEMS` (at least one; any number for a
-/// pointwise conv, which has no columns).
+/// Images per GEMM: as many as the batch has, fewer where their im2col columns would pass
+/// `COL_BLOCK_ELEMS` (at least one; the whole batch for a pointwise conv, which has no columns).
+/// It depends on the shape only. One GEMM over a block instead of one per image packs the weights
+/// once per block, which is most of the cost at small spatial sizes.
 fn block_cap(p: &ConvParams) -> usize {
     (COL_BLOCK_ELEMS / col_len(p).max(1)).max(1)
 }
 
-/// im2col of consecutive images (each `img_in` long in `x`) into consecutive row blocks of `col`.
-fn im2col_images<T: Real>(x: &[T], col: &mut Vec<T>, p: &ConvParams) {
+/// The blocks of images, in order: (first image, images).
+fn blocks(p: &ConvParams, cap: usize) -> impl Iterator<Item = (usize, usize)> {
+    let n = p.n as usize;
+    (0..n).step_by(cap.max(1)).map(move |s| (s, cap.min(n - s)))
+}
+
+/// im2col of consecutive images (each `img_in` long in `x`) into consecutive row blocks of `col`,
+/// the images in parallel.
+fn im2col_images<T: Real>(x: &[T], col: &mut [T], p: &ConvParams) {
     let img_in = (p.h_in * p.w_in * p.c_in) as usize;
     let per = col_len(p);
-    col.resize(x.len() / img_in * per, T::zero());
-    for (x_n, col_n) in x.chunks(img_in).zip(col.chunks_mut(per)) {
-        im2col(x_n, col_n, p);
-    }
+    col.par_chunks_mut(per)
+        .zip(x.par_chunks(img_in))
+        .for_each(|(col_n, x_n)| im2col(x_n, col_n, p));
 }
 
 /// y (N, Ho, Wo, O) = conv(x (N, H, W, C), w (O, kh, kw, C)); y is overwritten.
+/// Per block of images: im2col (the images in parallel), then one GEMM tiled over the threads
+/// (`par_gemm`: each output is one sum in a fixed order, whatever the thread count).
 pub fn forward_cpu<T: Real>(x: &[T], w: &[T], y: &mut [T], p: &ConvParams) {
     p.check("conv2d_forward", x.len(), w.len(), y.len());
     let img_in = (p.h_in * p.w_in * p.c_in) as usize;
@@ -222,19 +219,11 @@ pub fn forward_cpu<T: Real>(x: &[T], w: &[T], y: &mut [T], p: &ConvParams) {
     if img_out == 0 {
         return;
     }
-    let nb = block_images(p);
-    y.par_chunks_mut(nb * img_out)
-        .enumerate()
-        .for_each_init(Vec::new, |col, (b, y_b)| {
-            let imgs = y_b.len() / img_out;
-            let x_b = &x[b * nb * img_in..][..imgs * img_in];
-            let a: &[T] = if p.pointwise() {
-                x_b
-            } else {
-                im2col_images(x_b, col, p);
-                col
-            };
-            gemm(
+    for (start, imgs) in blocks(p, block_cap(p)) {
+        let x_b = &x[start * img_in..][..imgs * img_in];
+        let y_b = &mut y[start * img_out..][..imgs * img_out];
+        let gemm_b = |a: &[T], y_b: &mut [T]| {
+            par_gemm(
                 "conv2d_forward",
                 T::one(),
                 a,
@@ -244,11 +233,21 @@ pub fn forward_cpu<T: Real>(x: &[T], w: &[T], y: &mut [T], p: &ConvParams) {
                 T::zero(),
                 y_b,
                 Mat::rows(imgs * m, co, 0),
-            );
-        });
+            )
+        };
+        if p.pointwise() {
+            gemm_b(x_b, y_b);
+        } else {
+            with_scratch(imgs * col_len(p), |col: &mut [T]| {
+                im2col_images(x_b, col, p);
+                gemm_b(col, y_b);
+            });
+        }
+    }
 }
 
 /// dx (N, H, W, C) += conv2d input gradient of dy (N, Ho, Wo, O) through w (O, kh, kw, C).
+/// Per block: one tiled GEMM into columns, then col2im (the images in parallel).
 pub fn backward_data_cpu<T: Real>(dy: &[T], w: &[T], dx: &mut [T], p: &ConvParams) {
     p.check("conv2d_backward_data", dx.len(), w.len(), dy.len());
     let img_in = (p.h_in * p.w_in * p.c_in) as usize;
@@ -257,50 +256,48 @@ pub fn backward_data_cpu<T: Real>(dy: &[T], w: &[T], dx: &mut [T], p: &ConvParam
     if img_in == 0 {
         return;
     }
-    let nb = block_images(p);
-    dx.par_chunks_mut(nb * img_in)
-        .enumerate()
-        .for_each_init(Vec::new, |col, (b, dx_b)| {
-            let imgs = dx_b.len() / img_in;
-            let dy_b = &dy[b * nb * img_out..][..imgs * img_out];
-            let (vdy, vw) = (Mat::rows(imgs * m, co, 0), Mat::rows(co, kdim, 0));
-            let vcol = Mat::rows(imgs * m, kdim, 0);
-            if p.pointwise() {
-                gemm(
-                    "conv2d_backward_data",
-                    T::one(),
-                    dy_b,
-                    vdy,
-                    w,
-                    vw,
-                    T::one(),
-                    dx_b,
-                    vcol,
-                );
-            } else {
-                col.resize(imgs * m * kdim, T::zero());
-                gemm(
-                    "conv2d_backward_data",
-                    T::one(),
-                    dy_b,
-                    vdy,
-                    w,
-                    vw,
-                    T::zero(),
-                    col,
-                    vcol,
-                );
-                for (col_n, dx_n) in col.chunks(m * kdim).zip(dx_b.chunks_mut(img_in)) {
-                    col2im_add(col_n, dx_n, p);
-                }
-            }
+    for (start, imgs) in blocks(p, block_cap(p)) {
+        let dy_b = &dy[start * img_out..][..imgs * img_out];
+        let dx_b = &mut dx[start * img_in..][..imgs * img_in];
+        let (vdy, vw) = (Mat::rows(imgs * m, co, 0), Mat::rows(co, kdim, 0));
+        let vcol = Mat::rows(imgs * m, kdim, 0);
+        if p.pointwise() {
+            par_gemm(
+                "conv2d_backward_data",
+                T::one(),
+                dy_b,
+                vdy,
+                w,
+                vw,
+                T::one(),
+                dx_b,
+                vcol,
+            );
+            continue;
+        }
+        with_scratch(imgs * m * kdim, |col: &mut [T]| {
+            par_gemm(
+                "conv2d_backward_data",
+                T::one(),
+                dy_b,
+                vdy,
+                w,
+                vw,
+                T::zero(),
+                col,
+                vcol,
+            );
+            col.par_chunks(m * kdim)
+                .zip(dx_b.par_chunks_mut(img_in))
+                .for_each(|(col_n, dx_n)| col2im_add(col_n, dx_n, p));
         });
+    }
 }
 
 /// dw (O, kh, kw, C) += conv2d weight gradient from x (N, H, W, C) and dy (N, Ho, Wo, O).
-/// The batch is cut into at most `WGRAD_GROUPS` groups, each summed by one GEMM per block of
-/// images (blocks capped by `COL_BLOCK_ELEMS` alone), and the group partials are added in order:
-/// every boundary depends on the shape only, never on the thread count.
+/// One tiled GEMM per block of images (blocks capped by `COL_BLOCK_ELEMS`, so by the shape
+/// alone), each adding into dw in block order: no per-thread partials, and every boundary depends
+/// on the shape only, never on the thread count.
 pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvParams) {
     p.check("conv2d_backward_weight", x.len(), dw.len(), dy.len());
     backward_weight_blocks(x, dy, dw, p, block_cap(p));
@@ -308,47 +305,35 @@ pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvPar
 
 /// The weight gradient with at most `cap` images per GEMM.
 fn backward_weight_blocks<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &ConvParams, cap: usize) {
-    let n = p.n as usize;
     let img_in = (p.h_in * p.w_in * p.c_in) as usize;
     let img_out = (p.h_out * p.w_out * p.c_out) as usize;
     let (m, kdim, co) = ((p.h_out * p.w_out) as usize, p.k_dim(), p.c_out as usize);
-    let groups = n.min(WGRAD_GROUPS);
-    if groups == 0 {
+    if img_out == 0 || kdim == 0 {
         return;
     }
-    let partials: Vec<Vec<T>> = (0..groups)
-        .into_par_iter()
-        .map(|g| {
-            let mut acc = vec![T::zero(); co * kdim];
-            let mut col = Vec::new();
-            let (first, end) = (g * n / groups, (g + 1) * n / groups);
-            for start in (first..end).step_by(cap) {
-                let imgs = cap.min(end - start);
-                let x_b = &x[start * img_in..][..imgs * img_in];
-                let a: &[T] = if p.pointwise() {
-                    x_b
-                } else {
-                    im2col_images(x_b, &mut col, p);
-                    &col
-                };
-                gemm(
-                    "conv2d_backward_weight",
-                    T::one(),
-                    &dy[start * img_out..][..imgs * img_out],
-                    Mat::rows(imgs * m, co, 0).t(),
-                    a,
-                    Mat::rows(imgs * m, kdim, 0),
-                    T::one(),
-                    &mut acc,
-                    Mat::rows(co, kdim, 0),
-                );
-            }
-            acc
-        })
-        .collect();
-    for part in &partials {
-        for (d, v) in dw.iter_mut().zip(part) {
-            *d = *d + *v;
+    for (start, imgs) in blocks(p, cap) {
+        let x_b = &x[start * img_in..][..imgs * img_in];
+        let dy_b = &dy[start * img_out..][..imgs * img_out];
+        let gemm_b = |a: &[T], dw: &mut [T]| {
+            par_gemm(
+                "conv2d_backward_weight",
+                T::one(),
+                dy_b,
+                Mat::rows(imgs * m, co, 0).t(),
+                a,
+                Mat::rows(imgs * m, kdim, 0),
+                T::one(),
+                dw,
+                Mat::rows(co, kdim, 0),
+            )
+        };
+        if p.pointwise() {
+            gemm_b(x_b, dw);
+        } else {
+            with_scratch(imgs * col_len(p), |col: &mut [T]| {
+                im2col_images(x_b, col, p);
+                gemm_b(col, dw);
+            });
         }
     }
 }
@@ -984,6 +969,9 @@ mod tests {
             ConvParams::new(20, 6, 6, 8, 8, 3, 1, 1),
             ConvParams::new(7, 5, 5, 6, 4, 1, 1, 0),
             ConvParams::new(9, 7, 7, 3, 5, 7, 2, 3),
+            // Large enough for par_gemm to tile: (4*256 rows) x 288 -> 64, 1x1 likewise.
+            ConvParams::new(4, 16, 16, 32, 64, 3, 1, 1),
+            ConvParams::new(4, 16, 16, 64, 256, 1, 1, 0),
         ];
         for p in shapes {
             let f = |seed, len| -> Vec<f32> {

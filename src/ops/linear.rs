@@ -2,11 +2,11 @@
 //!   y (R, O) = x (R, I) * w^T,  w (O, I)  (the [out, in, 1] Conv1d weight without its last axis)
 //!   dx (R, I) += dy (R, O) * w (O, I)
 //!   dw (O, I) += dy^T (O, R) * x (R, I)
-//! Rows run in parallel in fixed blocks; the weight gradient sums per-block partials in order, so the
-//! result does not depend on thread count. Saved for backward: the input x.
+//! Each product is one GEMM whose output is tiled over the threads (ops::par_gemm): every element is
+//! one sum over the whole of k, so the result does not depend on the thread count.
+//! Saved for backward: the input x.
 
-use super::{gemm, Mat, Real};
-use rayon::prelude::*;
+use super::{par_gemm, Mat, Real};
 
 // ----------------------------------------------------------------------------
 // Params
@@ -19,9 +19,6 @@ pub struct LinearParams {
     pub c_in: i32,
     pub c_out: i32,
 }
-
-/// Rows per parallel block.
-const BLOCK: usize = 64;
 
 impl LinearParams {
     pub fn new(rows: usize, c_in: usize, c_out: usize) -> LinearParams {
@@ -52,81 +49,53 @@ impl LinearParams {
 /// y (R, O) = x (R, I) w^T; y is overwritten.
 pub fn forward_cpu<T: Real>(x: &[T], w: &[T], y: &mut [T], p: &LinearParams) {
     p.check("linear_forward", x.len(), w.len(), y.len());
-    let (_, ci, co) = p.dims();
-    y.par_chunks_mut(BLOCK * co)
-        .enumerate()
-        .for_each(|(b, y_b)| {
-            let rows = y_b.len() / co;
-            let vw = Mat::rows(co, ci, 0).t();
-            gemm(
-                "linear_forward",
-                T::one(),
-                x,
-                Mat::rows(rows, ci, b * BLOCK * ci),
-                w,
-                vw,
-                T::zero(),
-                y_b,
-                Mat::rows(rows, co, 0),
-            );
-        });
+    let (r, ci, co) = p.dims();
+    par_gemm(
+        "linear_forward",
+        T::one(),
+        x,
+        Mat::rows(r, ci, 0),
+        w,
+        Mat::rows(co, ci, 0).t(),
+        T::zero(),
+        y,
+        Mat::rows(r, co, 0),
+    );
 }
 
 /// dx (R, I) += dy (R, O) w.
 pub fn backward_data_cpu<T: Real>(dy: &[T], w: &[T], dx: &mut [T], p: &LinearParams) {
     p.check("linear_backward_data", dx.len(), w.len(), dy.len());
-    let (_, ci, co) = p.dims();
-    dx.par_chunks_mut(BLOCK * ci)
-        .enumerate()
-        .for_each(|(b, dx_b)| {
-            let rows = dx_b.len() / ci;
-            let vdy = Mat::rows(rows, co, b * BLOCK * co);
-            gemm(
-                "linear_backward_data",
-                T::one(),
-                dy,
-                vdy,
-                w,
-                Mat::rows(co, ci, 0),
-                T::one(),
-                dx_b,
-                Mat::rows(rows, ci, 0),
-            );
-        });
+    let (r, ci, co) = p.dims();
+    par_gemm(
+        "linear_backward_data",
+        T::one(),
+        dy,
+        Mat::rows(r, co, 0),
+        w,
+        Mat::rows(co, ci, 0),
+        T::one(),
+        dx,
+        Mat::rows(r, ci, 0),
+    );
 }
 
-/// dw (O, I) += dy^T x over all rows.
+/// dw (O, I) += dy^T x over all rows: one GEMM whose k is every row, so each element of dw is one
+/// sum in a fixed order.
 pub fn backward_weight_cpu<T: Real>(x: &[T], dy: &[T], dw: &mut [T], p: &LinearParams) {
     p.check("linear_backward_weight", x.len(), dw.len(), dy.len());
     let (r, ci, co) = p.dims();
-    // Blocks of whole BLOCKs: a fixed partition of the rows, whatever the thread count.
-    let per = BLOCK * (r.div_ceil(BLOCK)).div_ceil(16).max(1);
-    let starts: Vec<usize> = (0..r).step_by(per).collect();
-    let parts: Vec<Vec<T>> = starts
-        .par_iter()
-        .map(|&a| {
-            let rows = per.min(r - a);
-            let mut acc = vec![T::zero(); co * ci];
-            let vdy_t = Mat::rows(rows, co, a * co).t();
-            gemm(
-                "linear_backward_weight",
-                T::one(),
-                dy,
-                vdy_t,
-                x,
-                Mat::rows(rows, ci, a * ci),
-                T::zero(),
-                &mut acc,
-                Mat::rows(co, ci, 0),
-            );
-            acc
-        })
-        .collect();
-    for part in &parts {
-        for (d, v) in dw.iter_mut().zip(part) {
-            *d = *d + *v;
-        }
-    }
+    par_gemm(
+        "linear_backward_weight",
+        T::one(),
+        dy,
+        Mat::rows(r, co, 0).t(),
+        x,
+        Mat::rows(r, ci, 0),
+        T::one(),
+        dw,
+        Mat::rows(co, ci, 0),
+    );
 }
 
 // ----------------------------------------------------------------------------

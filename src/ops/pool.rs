@@ -101,28 +101,30 @@ pub fn maxpool_forward_cpu<T: Real>(x: &[T], y: &mut [T], argmax: &mut [T], p: &
             for oh in 0..ho {
                 for ow in 0..wo {
                     let out = (oh * wo + ow) * c;
-                    for ch in 0..c {
-                        let mut best = T::neg_infinity();
-                        let mut arg = 0usize;
-                        for ky in 0..p.k as isize {
-                            let ih = oh as isize * p.stride as isize - p.pad as isize + ky;
-                            if ih < 0 || ih >= h {
+                    let (best, arg) = (&mut y_n[out..][..c], &mut a_n[out..][..c]);
+                    best.fill(T::neg_infinity());
+                    arg.fill(T::zero());
+                    // Taps in row-major order, the channels innermost (contiguous in NHWC): per
+                    // channel the first maximum wins, and a NaN wins and stays, as before.
+                    for ky in 0..p.k as isize {
+                        let ih = oh as isize * p.stride as isize - p.pad as isize + ky;
+                        if ih < 0 || ih >= h {
+                            continue;
+                        }
+                        for kx in 0..p.k as isize {
+                            let iw = ow as isize * p.stride as isize - p.pad as isize + kx;
+                            if iw < 0 || iw >= w {
                                 continue;
                             }
-                            for kx in 0..p.k as isize {
-                                let iw = ow as isize * p.stride as isize - p.pad as isize + kx;
-                                if iw < 0 || iw >= w {
-                                    continue;
-                                }
-                                let v = x_n[(ih * w + iw) as usize * c + ch];
-                                if v > best || v.is_nan() {
-                                    best = v;
-                                    arg = (ky * p.k as isize + kx) as usize;
+                            let tap = T::from_f64((ky * p.k as isize + kx) as f64);
+                            let x_t = &x_n[(ih * w + iw) as usize * c..][..c];
+                            for ((b, a), &v) in best.iter_mut().zip(arg.iter_mut()).zip(x_t) {
+                                if v > *b || v.is_nan() {
+                                    *b = v;
+                                    *a = tap;
                                 }
                             }
                         }
-                        y_n[out + ch] = best;
-                        a_n[out + ch] = T::from_f64(arg as f64);
                     }
                 }
             }
