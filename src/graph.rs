@@ -32,6 +32,7 @@ use crate::ops::loss::LossParams;
 use crate::ops::pool::PoolParams;
 use crate::ops::softmax::AlignParams;
 use crate::ops::Real;
+use crate::profile::Cost;
 use crate::tensor::{Shape, Tensor};
 use cudarc::cublas::{CudaBlas, Gemm};
 use std::ffi::CStr;
@@ -258,6 +259,17 @@ impl Node {
         }
     }
 
+    /// The parameter that names the node's layer (a conv's or linear's weight, a batch norm's
+    /// gamma, a classifier's bias), where it has one.
+    pub fn param(&self) -> Option<ParamId> {
+        match *self {
+            Node::Conv { w, .. } | Node::Linear { w, .. } => Some(w),
+            Node::Bn { bn, .. } => Some(bn.gamma),
+            Node::Xent { bias, .. } => Some(bias),
+            _ => None,
+        }
+    }
+
     /// The parameters whose gradients its backward writes.
     fn grad_params(&self) -> [Option<ParamId>; 2] {
         match *self {
@@ -438,6 +450,12 @@ pub struct NodeTime {
     /// The node's place in its forward pass since the last [`Graph::reset`] (its tape index where
     /// the graph records); a backward has its node's index.
     pub index: usize,
+    /// Whether this is the node's backward.
+    pub backward: bool,
+    /// The parameter naming the node's layer ([`Node::param`]), in the graph's store.
+    pub param: Option<ParamId>,
+    /// FLOPs and bytes of this pass, from the shapes ([`crate::profile::node_cost`]).
+    pub cost: Cost,
     pub start: std::time::Instant,
     pub dur: std::time::Duration,
 }
@@ -545,17 +563,43 @@ impl<B: Kernels> Graph<B> {
         Ok(std::time::Instant::now())
     }
 
-    /// Closes the profiled span that began at `start`.
-    fn profile_push(&mut self, name: &'static CStr, index: usize, start: std::time::Instant) {
+    /// Closes the profiled span of `n`'s forward or backward that began at `start`.
+    fn profile_push(&mut self, n: &Node, backward: bool, index: usize, start: std::time::Instant) {
         let end = std::time::Instant::now();
+        if self.profile.is_none() {
+            return;
+        }
+        let cost = self.node_cost(n)[backward as usize];
+        let (fwd, bwd) = n.ranges();
         if let Some(p) = &mut self.profile {
             p.times.push(NodeTime {
-                name: name.to_str().unwrap_or("?"),
+                name: if backward { bwd } else { fwd }.to_str().unwrap_or("?"),
                 index,
+                backward,
+                param: n.param(),
+                cost,
                 start,
                 dur: end - start,
             });
         }
+    }
+
+    /// FLOPs and bytes of `n`'s [forward, backward] on this graph's element types
+    /// ([`crate::profile::node_cost`]). `n` must be of the current step (since the last
+    /// [`Self::reset`]): what its tensors hold and which take gradients is read off the arena.
+    pub fn node_cost(&self, n: &Node) -> [Cost; 2] {
+        let tensor = |t: Tensor| {
+            let m = self.meta[t.slot as usize];
+            (Self::elem_size(m.kind), m.needs_grad)
+        };
+        crate::profile::node_cost(
+            n,
+            &crate::profile::Sizes {
+                weight: std::mem::size_of::<B::E>(),
+                f: std::mem::size_of::<B::F>(),
+                tensor: &tensor,
+            },
+        )
     }
 
     /// With recording off, ops compute without taping and their outputs take no gradient.
@@ -650,7 +694,7 @@ impl<B: Kernels> Graph<B> {
             p.next += 1;
             let r = self.dev.sync();
             if let Some(start) = start {
-                self.profile_push(n.ranges().0, index, start);
+                self.profile_push(&n, false, index, start);
             }
             self.fail(r);
         }
@@ -1267,7 +1311,7 @@ impl<B: Kernels> Graph<B> {
                 r?;
                 if let Some(t0) = t0 {
                     self.dev.sync()?;
-                    self.profile_push(node.ranges().1, j, t0);
+                    self.profile_push(node, true, j, t0);
                 }
                 if self.dev.sync_launch() {
                     self.dev.sync().map_err(|e| {

@@ -595,6 +595,16 @@ fn profile_bad_input_is_one_line_and_a_small_run_works() {
         out.contains("% of the measured step") && out.contains("conv backward"),
         "{out}"
     );
+    // The device's peaks in the header; work, bound and roofline columns; layer names.
+    assert!(
+        out.contains("peak: ") && out.contains("GFLOP/s (sgemm ") && out.contains("GB/s (copy "),
+        "{out}"
+    );
+    assert!(
+        out.contains("GFLOP/step") && out.contains("bound") && out.contains("roof%"),
+        "{out}"
+    );
+    assert!(out.contains("online_net.backbone."), "{out}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
     assert!(v["traceEvents"].as_array().unwrap().len() > 50);
 }

@@ -1261,6 +1261,15 @@ fn profile_runs_on_the_software_gpu() {
         assert!(o.contains(kind), "{kind} missing: {o}");
     }
     assert!(o.contains("% of the measured step"), "{o}");
+    // The device's peaks through cuBLAS and a device copy, and each row's roofline.
+    assert!(
+        o.contains("peak: ") && o.contains("(cuBLAS bf16 GEMM ") && o.contains("GB/s (copy "),
+        "{o}"
+    );
+    assert!(
+        o.contains("roof%") && o.contains("online_net.backbone."),
+        "{o}"
+    );
 }
 
 /// `lewel bench` on the software GPU: one step of the tiny model runs and reports its figures; a
