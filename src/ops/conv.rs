@@ -10,7 +10,7 @@
 //! are reused between calls (ops::with_scratch).
 //! Saved for backward: nothing but the input x. Backward: += into dx and dw.
 
-use super::{par_gemm, with_scratch, Mat, Real};
+use super::{gemm, par_gemm, with_scratch, Mat, Real};
 use rayon::prelude::*;
 
 // ----------------------------------------------------------------------------
@@ -120,27 +120,33 @@ fn tap_run(ow: isize, p: &ConvParams) -> (usize, usize) {
 /// is copied as one run of contiguous input (a 7x7 stem with C = 3 copies 21 values at once, not
 /// 3 per tap).
 fn im2col<T: Real>(x_n: &[T], col: &mut [T], p: &ConvParams) {
+    let kdim = p.k_dim();
+    for oh in 0..p.h_out as usize {
+        for ow in 0..p.w_out as usize {
+            let row = &mut col[(oh * p.w_out as usize + ow) * kdim..][..kdim];
+            im2col_row(x_n, row, oh, ow, p);
+        }
+    }
+}
+
+/// One row of im2col: the taps of output pixel (oh, ow) of image x_n (H, W, C).
+fn im2col_row<T: Real>(x_n: &[T], row: &mut [T], oh: usize, ow: usize, p: &ConvParams) {
     let (h, w, c) = (p.h_in as isize, p.w_in as isize, p.c_in as usize);
     let kw = p.kw as usize;
     let (s, pad) = (p.stride as isize, p.pad as isize);
-    let kdim = p.k_dim();
-    for oh in 0..p.h_out as isize {
-        for ow in 0..p.w_out as isize {
-            let row = &mut col[(oh * p.w_out as isize + ow) as usize * kdim..][..kdim];
-            let (lo, hi) = tap_run(ow, p);
-            let iw_lo = ow * s - pad + lo as isize;
-            for (ky, dst) in row.chunks_exact_mut(kw * c).enumerate() {
-                let ih = oh * s - pad + ky as isize;
-                if ih < 0 || ih >= h || lo == hi {
-                    dst.fill(T::zero());
-                    continue;
-                }
-                dst[..lo * c].fill(T::zero());
-                dst[lo * c..hi * c]
-                    .copy_from_slice(&x_n[((ih * w + iw_lo) as usize) * c..][..(hi - lo) * c]);
-                dst[hi * c..].fill(T::zero());
-            }
+    let (oh, ow) = (oh as isize, ow as isize);
+    let (lo, hi) = tap_run(ow, p);
+    let iw_lo = ow * s - pad + lo as isize;
+    for (ky, dst) in row.chunks_exact_mut(kw * c).enumerate() {
+        let ih = oh * s - pad + ky as isize;
+        if ih < 0 || ih >= h || lo == hi {
+            dst.fill(T::zero());
+            continue;
         }
+        dst[..lo * c].fill(T::zero());
+        dst[lo * c..hi * c]
+            .copy_from_slice(&x_n[((ih * w + iw_lo) as usize) * c..][..(hi - lo) * c]);
+        dst[hi * c..].fill(T::zero());
     }
 }
 
@@ -181,6 +187,21 @@ fn col_len(p: &ConvParams) -> usize {
     }
 }
 
+/// Weights (O x K elements) below which an im2col conv runs its forward in blocks of `ROW_TILE`
+/// output rows, each with its own GEMM (the weights packed again for each: cheap when they are
+/// small, as in the stem and the narrow layers), so that the columns stay in cache instead of
+/// going out to memory and back. (The data gradient image by image the same way measured slower:
+/// its per-image GEMMs are too small.)
+const SMALL_W: usize = 1 << 16;
+
+/// Output rows per block of the small-weights forward.
+const ROW_TILE: usize = 256;
+
+/// Whether `p` takes the small-weights paths (an im2col conv: not pointwise).
+fn small_weights(p: &ConvParams) -> bool {
+    !p.pointwise() && p.w_len() <= SMALL_W
+}
+
 /// Column-buffer elements one GEMM block may use (8 MiB of f32). Blocks never split an image.
 const COL_BLOCK_ELEMS: usize = 1 << 21;
 
@@ -217,6 +238,28 @@ pub fn forward_cpu<T: Real>(x: &[T], w: &[T], y: &mut [T], p: &ConvParams) {
     let img_out = (p.h_out * p.w_out * p.c_out) as usize;
     let (m, kdim, co) = ((p.h_out * p.w_out) as usize, p.k_dim(), p.c_out as usize);
     if img_out == 0 {
+        return;
+    }
+    if small_weights(p) {
+        // Blocks of output rows (across images), each im2col'd into a per-thread buffer that stays
+        // in cache and multiplied at once: the columns never go out to memory. Every output is
+        // the same sum as in the one large GEMM (a row split), bit for bit.
+        y.par_chunks_mut(ROW_TILE * co)
+            .enumerate()
+            .for_each(|(b, y_b)| {
+                let rows = y_b.len() / co;
+                with_scratch(rows * kdim, |col: &mut [T]| {
+                    for (i, row) in col.chunks_exact_mut(kdim).enumerate() {
+                        let r = b * ROW_TILE + i;
+                        let (img, pix) = (r / m, r % m);
+                        let (oh, ow) = (pix / p.w_out as usize, pix % p.w_out as usize);
+                        im2col_row(&x[img * img_in..][..img_in], row, oh, ow, p);
+                    }
+                    let (va, vw) = (Mat::rows(rows, kdim, 0), Mat::rows(co, kdim, 0).t());
+                    let (one, zero, vy) = (T::one(), T::zero(), Mat::rows(rows, co, 0));
+                    gemm("conv2d_forward", one, col, va, w, vw, zero, y_b, vy);
+                });
+            });
         return;
     }
     for (start, imgs) in blocks(p, block_cap(p)) {
@@ -960,6 +1003,83 @@ mod tests {
         backward_weight_blocks(&x, &dy, &mut all, &p, 5);
         for (a, b) in one.iter().zip(&all) {
             assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn small_weight_paths_are_the_block_gemm_bit_for_bit() {
+        // The stem-like and 3x3 shapes below take the small-weights forward (row tiles); it and
+        // the data gradient must equal one GEMM over the whole batch's columns exactly.
+        for p in [
+            ConvParams::new(3, 20, 20, 3, 8, 7, 2, 3),
+            ConvParams::new(2, 12, 12, 16, 8, 3, 1, 1),
+            ConvParams::new(2, 9, 9, 8, 12, 1, 2, 0),
+        ] {
+            assert!(small_weights(&p));
+            let f = |seed, len| -> Vec<f32> {
+                uniform(seed, len, -1.0, 1.0)
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect()
+            };
+            let (x, w, dy) = (f(1, p.x_len()), f(2, p.w_len()), f(3, p.y_len()));
+            let (n, m, kdim, co) = (
+                p.n as usize,
+                (p.h_out * p.w_out) as usize,
+                p.k_dim(),
+                p.c_out as usize,
+            );
+            let img_in = (p.h_in * p.w_in * p.c_in) as usize;
+            let mut col = vec![0.0f32; n * m * kdim];
+            for (x_n, c_n) in x.chunks(img_in).zip(col.chunks_mut(m * kdim)) {
+                im2col(x_n, c_n, &p);
+            }
+            let (va, vw) = (Mat::rows(n * m, kdim, 0), Mat::rows(co, kdim, 0));
+            let mut want = vec![0.0f32; p.y_len()];
+            gemm(
+                "t",
+                1.0,
+                &col,
+                va,
+                &w,
+                vw.t(),
+                0.0,
+                &mut want,
+                Mat::rows(n * m, co, 0),
+            );
+            let mut got = vec![0.0f32; p.y_len()];
+            forward_cpu(&x, &w, &mut got, &p);
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{p:?} forward"
+            );
+            let mut dcol = vec![0.0f32; n * m * kdim];
+            gemm(
+                "t",
+                1.0,
+                &dy,
+                Mat::rows(n * m, co, 0),
+                &w,
+                vw,
+                0.0,
+                &mut dcol,
+                va,
+            );
+            let dx0 = f(4, p.x_len());
+            let mut want = dx0.clone();
+            for (c_n, dx_n) in dcol.chunks(m * kdim).zip(want.chunks_mut(img_in)) {
+                col2im_add(c_n, dx_n, &p);
+            }
+            let mut got = dx0.clone();
+            backward_data_cpu(&dy, &w, &mut got, &p);
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{p:?} data grad"
+            );
         }
     }
 
