@@ -44,6 +44,14 @@ pub trait Backend: Sized {
     type ViewMut<'a, T: Elem>;
     /// The weights where they are not the store's host vectors.
     type Weights;
+    /// A point on the device's timeline: an instant on the CPU, a CUDA event on a GPU (step
+    /// times, and the profiler's node times without synchronizing).
+    type Mark;
+
+    /// A point now, in the device's order of work (reusing `reuse` where it can).
+    fn mark(&self, reuse: Option<Self::Mark>) -> Result<Self::Mark>;
+    /// Milliseconds from one point to a later one (both passed on a GPU: after a sync).
+    fn elapsed_ms(&self, from: &Self::Mark, to: &Self::Mark) -> Result<f64>;
 
     fn alloc<T: Elem>(&self, n: usize) -> Result<Self::Buf<T>>;
     fn len<T: Elem>(b: &Self::Buf<T>) -> usize;
@@ -163,6 +171,14 @@ impl<T: Float + Elem> Backend for Cpu<T> {
     type View<'a, U: Elem> = &'a [U];
     type ViewMut<'a, U: Elem> = &'a mut [U];
     type Weights = ();
+    type Mark = std::time::Instant;
+
+    fn mark(&self, _reuse: Option<std::time::Instant>) -> Result<std::time::Instant> {
+        Ok(std::time::Instant::now())
+    }
+    fn elapsed_ms(&self, from: &std::time::Instant, to: &std::time::Instant) -> Result<f64> {
+        Ok(to.duration_since(*from).as_secs_f64() * 1e3)
+    }
 
     fn alloc<U: Elem>(&self, n: usize) -> Result<Vec<U>> {
         Ok(vec![U::default(); n])
@@ -300,6 +316,30 @@ where
     type View<'a, U: Elem> = CudaView<'a, U>;
     type ViewMut<'a, U: Elem> = CudaViewMut<'a, U>;
     type Weights = DevWeights<E>;
+    type Mark = cudarc::driver::CudaEvent;
+
+    fn mark(&self, reuse: Option<cudarc::driver::CudaEvent>) -> Result<cudarc::driver::CudaEvent> {
+        let g = &self.gpu;
+        let e = |e| g.err("a timing event", e);
+        let ev = match reuse {
+            Some(ev) => ev,
+            None => g
+                .ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(e)?,
+        };
+        ev.record(&g.stream).map_err(e)?;
+        Ok(ev)
+    }
+    fn elapsed_ms(
+        &self,
+        from: &cudarc::driver::CudaEvent,
+        to: &cudarc::driver::CudaEvent,
+    ) -> Result<f64> {
+        from.elapsed_ms(to)
+            .map(|ms| ms as f64)
+            .map_err(|e| self.gpu.err("reading a time between events", e))
+    }
 
     fn alloc<U: Elem>(&self, n: usize) -> Result<CudaSlice<U>> {
         self.gpu.zeros(n)

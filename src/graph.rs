@@ -439,10 +439,11 @@ pub struct Graph<B: Kernels> {
     /// Its bucket plan, reused.
     buckets: BucketPlan,
     /// Per-node times, where profiling is on ([`Graph::set_profile`]).
-    profile: Option<Profile>,
+    profile: Option<Profile<B::Mark>>,
 }
 
-/// One node's forward or backward on the host's monotonic clock ([`Graph::set_profile`]).
+/// One node's forward or backward ([`Graph::set_profile`]): on the device's timeline (the host's
+/// monotonic clock on the CPU, CUDA events on a GPU), placed on the host's clock.
 #[derive(Clone, Copy, Debug)]
 pub struct NodeTime {
     /// The op's range name: `conv`, `batchnorm`, ..., `conv backward`, ...
@@ -460,12 +461,37 @@ pub struct NodeTime {
     pub dur: std::time::Duration,
 }
 
-/// The profiler's state: the times so far, the open forward's start, the next forward's index.
-#[derive(Default)]
-struct Profile {
-    times: Vec<NodeTime>,
-    open: Option<std::time::Instant>,
+/// A profiled pass whose times are not read yet: its two points on the device's timeline.
+struct PendingTime<M> {
+    name: &'static str,
+    index: usize,
+    backward: bool,
+    param: Option<ParamId>,
+    cost: Cost,
+    start: M,
+    end: M,
+}
+
+/// The profiler's state: the passes so far, the open forward's start, the next forward's index,
+/// the point (with the host's clock then) this step's times count from, and marks to reuse.
+struct Profile<M> {
+    times: Vec<PendingTime<M>>,
+    open: Option<M>,
     next: usize,
+    origin: Option<(M, std::time::Instant)>,
+    spare: Vec<M>,
+}
+
+impl<M> Default for Profile<M> {
+    fn default() -> Self {
+        Profile {
+            times: Vec::new(),
+            open: None,
+            next: 0,
+            origin: None,
+            spare: Vec::new(),
+        }
+    }
 }
 
 impl<T: Real + Elem> Graph<Cpu<T>> {
@@ -537,10 +563,11 @@ impl<B: Kernels> Graph<B> {
         }
     }
 
-    /// With profiling on, every node's forward (launch to record) and backward is timed on the
-    /// host's monotonic clock into a list [`Self::take_profile`] empties. On a GPU the device is
-    /// synchronized at both ends of every node, so a node's time is its own work, without the
-    /// overlap of asynchronous launches. Off (the default), it costs one branch per node.
+    /// With profiling on, every node's forward (launch to record) and backward is timed between two
+    /// points on the device's timeline ([`Backend::mark`]: the host's monotonic clock on the CPU,
+    /// CUDA events recorded on the stream around the node's launches on a GPU, so the step runs as
+    /// in training, without synchronizing) into a list [`Self::take_profile`] reads and empties.
+    /// Off (the default), it costs one branch per node.
     pub fn set_profile(&mut self, on: bool) {
         match (on, &self.profile) {
             (true, None) => self.profile = Some(Profile::default()),
@@ -549,39 +576,83 @@ impl<B: Kernels> Graph<B> {
         }
     }
 
-    /// The node times recorded since the last call (empty with profiling off).
-    pub fn take_profile(&mut self) -> Vec<NodeTime> {
-        self.profile
-            .as_mut()
-            .map(|p| std::mem::take(&mut p.times))
-            .unwrap_or_default()
+    /// The node times recorded since the last call (empty with profiling off). Waits for the
+    /// device to finish what was launched; each time is placed on the host's clock from the
+    /// first node's point, taken after a synchronization.
+    pub fn take_profile(&mut self) -> Result<Vec<NodeTime>> {
+        let Some(mut p) = self.profile.take() else {
+            return Ok(Vec::new());
+        };
+        let r = self.resolve(&mut p);
+        self.profile = Some(p);
+        r
     }
 
-    /// The profiler's clock: now, once the device has finished what was launched.
-    fn profile_clock(&self) -> Result<std::time::Instant> {
+    fn resolve(&self, p: &mut Profile<B::Mark>) -> Result<Vec<NodeTime>> {
         self.dev.sync()?;
-        Ok(std::time::Instant::now())
+        let mut out = Vec::with_capacity(p.times.len());
+        let Some((origin, host)) = p.origin.take() else {
+            return Ok(out);
+        };
+        let secs = |ms: f64| std::time::Duration::from_secs_f64(ms.max(0.0) / 1e3);
+        for t in std::mem::take(&mut p.times) {
+            out.push(NodeTime {
+                name: t.name,
+                index: t.index,
+                backward: t.backward,
+                param: t.param,
+                cost: t.cost,
+                start: host + secs(self.dev.elapsed_ms(&origin, &t.start)?),
+                dur: secs(self.dev.elapsed_ms(&t.start, &t.end)?),
+            });
+            p.spare.extend([t.start, t.end]);
+        }
+        p.spare.push(origin);
+        Ok(out)
+    }
+
+    /// A point on the device's timeline now, for the profiler (reusing a spare one); the first
+    /// of a step also fixes the step's origin, after a synchronization.
+    fn profile_mark(&mut self) -> Result<B::Mark> {
+        let Some(p) = &mut self.profile else {
+            return Err(Error::Other("profile_mark without a profile".into()));
+        };
+        if p.origin.is_none() {
+            let reuse = p.spare.pop();
+            self.dev.sync()?;
+            let o = self.dev.mark(reuse)?;
+            let host = std::time::Instant::now();
+            if let Some(p) = &mut self.profile {
+                p.origin = Some((o, host));
+            }
+        }
+        let reuse = self.profile.as_mut().and_then(|p| p.spare.pop());
+        self.dev.mark(reuse)
     }
 
     /// Closes the profiled span of `n`'s forward or backward that began at `start`.
-    fn profile_push(&mut self, n: &Node, backward: bool, index: usize, start: std::time::Instant) {
-        let end = std::time::Instant::now();
-        if self.profile.is_none() {
-            return;
-        }
+    fn profile_push(
+        &mut self,
+        n: &Node,
+        backward: bool,
+        index: usize,
+        start: B::Mark,
+    ) -> Result<()> {
+        let end = self.profile_mark()?;
         let cost = self.node_cost(n)[backward as usize];
         let (fwd, bwd) = n.ranges();
         if let Some(p) = &mut self.profile {
-            p.times.push(NodeTime {
+            p.times.push(PendingTime {
                 name: if backward { bwd } else { fwd }.to_str().unwrap_or("?"),
                 index,
                 backward,
                 param: n.param(),
                 cost,
                 start,
-                dur: end - start,
+                end,
             });
         }
+        Ok(())
     }
 
     /// FLOPs and bytes of `n`'s [forward, backward] on this graph's element types
@@ -679,11 +750,15 @@ impl<B: Kernels> Graph<B> {
     fn begin(&mut self, op: &'static CStr) {
         self.open = Some(op);
         if self.profile.is_some() {
-            let r = self.profile_clock();
-            if let (Ok(t), Some(p)) = (&r, &mut self.profile) {
-                p.open = Some(*t);
-            }
-            self.fail(r.map(|_| ()));
+            let r = self.profile_mark();
+            let r = match (r, &mut self.profile) {
+                (Ok(t), Some(p)) => {
+                    p.open = Some(t);
+                    Ok(())
+                }
+                (r, _) => r.map(|_| ()),
+            };
+            self.fail(r);
         }
         self.dev.range_push(op);
     }
@@ -692,11 +767,10 @@ impl<B: Kernels> Graph<B> {
         if let Some(p) = &mut self.profile {
             let (start, index) = (p.open.take(), p.next);
             p.next += 1;
-            let r = self.dev.sync();
             if let Some(start) = start {
-                self.profile_push(&n, false, index, start);
+                let r = self.profile_push(&n, false, index, start);
+                self.fail(r);
             }
-            self.fail(r);
         }
         self.dev.range_pop();
         let open = self.open.take();
@@ -1302,7 +1376,7 @@ impl<B: Kernels> Graph<B> {
                     }
                 }
                 let t0 = match self.profile {
-                    Some(_) => Some(self.profile_clock()?),
+                    Some(_) => Some(self.profile_mark()?),
                     None => None,
                 };
                 self.dev.range_push(node.ranges().1);
@@ -1310,8 +1384,7 @@ impl<B: Kernels> Graph<B> {
                 self.dev.range_pop();
                 r?;
                 if let Some(t0) = t0 {
-                    self.dev.sync()?;
-                    self.profile_push(node, true, j, t0);
+                    self.profile_push(node, true, j, t0)?;
                 }
                 if self.dev.sync_launch() {
                     self.dev.sync().map_err(|e| {

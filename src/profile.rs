@@ -3,12 +3,13 @@
 //!
 //! Runs whole steps (online and target forward, the loss, backward, LARS and the EMA) on random
 //! views after a warm-up, with the graphs' profilers on ([`Graph::set_profile`]): every node's
-//! forward and backward on the host's monotonic clock, plus the optimizer (LARS + EMA) and the
-//! whole step. Tables per node kind (`conv`, `conv backward`, ...) and per node (the graph, the
+//! forward and backward between two points on the device's timeline (the host's monotonic clock
+//! on the CPU; on a GPU CUDA events recorded on the stream around the node's launches, so the step
+//! runs as in training, without a synchronization per node), plus the optimizer (LARS + EMA) and
+//! the whole step. Tables per node kind (`conv`, `conv backward`, ...) and per node (the graph, the
 //! node's index in its forward pass, its kind and its layer), and a line putting the sum of the
-//! parts against the measured step. On a GPU the device is synchronized at both ends of every
-//! node, which removes the overlap of asynchronous launches: the step is slower than in training,
-//! and each node's time is its own work.
+//! parts against the measured step. The GPU's timeline also carries an NVTX range per node
+//! (`nsys profile lewel profile ...`).
 //!
 //! Work and roofline: every node's FLOPs and bytes moved, forward and backward apart, come from
 //! its shapes ([`node_cost`], the one place that counts them). Before the steps the device's own
@@ -124,8 +125,8 @@ pub struct Span {
 pub struct Profile {
     /// The device in words (`cpu`, or the GPU with its precision).
     pub device: String,
-    /// Whether the device was synchronized around every node (a GPU).
-    pub synced: bool,
+    /// Whether node times are CUDA events (a GPU) rather than the host's clock.
+    pub events: bool,
     pub cfg: ProfileConfig,
     /// The device's peaks, measured before the steps.
     pub peak: Peak,
@@ -224,7 +225,7 @@ fn profile<B: TrainBackend<F = f32>>(
     peak: Peak,
     cfg: &ProfileConfig,
 ) -> Result<Profile> {
-    let synced = m.g.dev.has_device_memory();
+    let events = m.g.dev.has_device_memory();
     let shape = Shape::new(&[cfg.batch_size, cfg.image_size, cfg.image_size, 3]);
     let mut r = Rng::keyed(&[cfg.seed, 0x9f0f]);
     let mut views = || -> Vec<f32> { (0..shape.numel()).map(|_| r.normal() as f32).collect() };
@@ -258,8 +259,8 @@ fn profile<B: TrainBackend<F = f32>>(
             cost: None,
         });
         for (lane, times, store) in [
-            (Lane::Online, m.g.take_profile(), &m.g.store),
-            (Lane::Target, m.tg.take_profile(), &m.tg.store),
+            (Lane::Online, m.g.take_profile()?, &m.g.store),
+            (Lane::Target, m.tg.take_profile()?, &m.tg.store),
         ] {
             for (i, name) in layer_names(&times, store) {
                 layers.entry((lane, i)).or_insert(name);
@@ -288,7 +289,7 @@ fn profile<B: TrainBackend<F = f32>>(
     m.tg.set_profile(false);
     Ok(Profile {
         device,
-        synced,
+        events,
         cfg: cfg.clone(),
         peak,
         spans,
@@ -839,10 +840,10 @@ impl Profile {
         let mut o = String::new();
         let _ = writeln!(o, "{}", self.header());
         let _ = writeln!(o, "{}", self.peak.words());
-        if self.synced {
+        if self.events {
             let _ = writeln!(
                 o,
-                "GPU times: the device is synchronized before and after every node (no overlap of launches), so steps run slower than in training"
+                "GPU times: CUDA events recorded on the stream around every node (no synchronization inside a step but one per graph at its first node)"
             );
         }
         let _ = writeln!(
@@ -976,7 +977,7 @@ impl Profile {
         let (fwd, bwd) = self.work();
         json!({
             "device": self.device,
-            "synchronized_per_node": self.synced,
+            "gpu_events": self.events,
             "arch": c.arch.name(),
             "method": c.method.name(),
             "batch_size": c.batch_size,

@@ -1,5 +1,4 @@
-//! The trainer's device hooks on a GPU ([`TrainBackend`] for [`Cuda`]): step times by CUDA events,
-//! losses copied into page-locked memory and read a step later, the photometric augmentation on
+//! The trainer's device hooks on a GPU ([`TrainBackend`] for [`Cuda`]): losses copied into page-locked memory and read a step later, the photometric augmentation on
 //! the device.
 
 use crate::backend::Cuda;
@@ -12,36 +11,14 @@ use crate::graph::Graph;
 use crate::tensor::{Shape, Tensor};
 use crate::train::TrainBackend;
 use cudarc::cublas::{CudaBlas, Gemm};
-use cudarc::driver::CudaEvent;
 
 impl<E: GpuFloat> TrainBackend for Cuda<E>
 where
     CudaBlas: Gemm<E>,
 {
-    type Mark = CudaEvent;
     type Pending = PinnedBuf;
     /// The augmentation's buffers, for (batch, size).
     type Aug = Option<(usize, usize, AugBuffers)>;
-
-    fn mark(&self, reuse: Option<CudaEvent>) -> Result<CudaEvent> {
-        let g = &self.gpu;
-        let e = |e| g.err("a timing event", e);
-        let ev = match reuse {
-            Some(ev) => ev,
-            None => g
-                .ctx
-                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(e)?,
-        };
-        ev.record(&g.stream).map_err(e)?;
-        Ok(ev)
-    }
-
-    fn elapsed_ms(&self, from: &CudaEvent, to: &CudaEvent) -> Result<f64> {
-        from.elapsed_ms(to)
-            .map(|ms| ms as f64)
-            .map_err(|e| self.gpu.err("reading a step's time", e))
-    }
 
     fn queue_loss(g: &Graph<Self>, t: Tensor, reuse: Option<PinnedBuf>) -> Result<PinnedBuf> {
         let gpu = &g.dev.gpu;

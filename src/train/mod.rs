@@ -22,7 +22,6 @@ use crate::optim::{self, ExcludeRule, LarsConfig, OptimKernels};
 use crate::rng::Rng;
 use crate::tensor::{Shape, Tensor};
 use std::collections::VecDeque;
-use std::time::Instant;
 
 /// The LEWEL variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,19 +101,14 @@ impl StepConfig {
     }
 }
 
-/// What a training loop needs of its device beyond the graph's kernels and the optimizer's: points
-/// on its timeline, a loss on its way to the host, and the inputs it makes itself. Implemented by
-/// the CPU here and by CUDA in `cuda.rs`.
+/// What a training loop needs of its device beyond the graph's kernels, the optimizer's and the
+/// points on its timeline every [`crate::backend::Backend`] has: a loss on its way to the host, and
+/// the inputs it makes itself. Implemented by the CPU here and by CUDA in `cuda.rs`.
 pub trait TrainBackend: Kernels + OptimKernels + Clone {
-    /// A point on the device's timeline: an instant on the CPU, a CUDA event on a GPU.
-    type Mark;
     /// A step's loss on its way to the host.
     type Pending;
     /// Buffers of the photometric augmentation where the device runs it.
     type Aug: Default;
-    /// A point now (reusing `reuse` where it can).
-    fn mark(&self, reuse: Option<Self::Mark>) -> Result<Self::Mark>;
-    fn elapsed_ms(&self, from: &Self::Mark, to: &Self::Mark) -> Result<f64>;
     /// Queues the copy of a loss to the host without waiting (into `reuse` where it can).
     fn queue_loss(
         g: &Graph<Self>,
@@ -143,15 +137,8 @@ pub trait TrainBackend: Kernels + OptimKernels + Clone {
 }
 
 impl TrainBackend for Cpu<f32> {
-    type Mark = Instant;
     type Pending = f32;
     type Aug = ();
-    fn mark(&self, _reuse: Option<Instant>) -> Result<Instant> {
-        Ok(Instant::now())
-    }
-    fn elapsed_ms(&self, from: &Instant, to: &Instant) -> Result<f64> {
-        Ok(to.duration_since(*from).as_secs_f64() * 1e3)
-    }
     fn queue_loss(g: &Graph<Self>, t: Tensor, _reuse: Option<f32>) -> Result<f32> {
         Ok(g.value(t)[0])
     }
