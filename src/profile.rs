@@ -172,20 +172,23 @@ fn run_with(cfg: &ProfileConfig, peak: Option<Peak>) -> Result<(Profile, Option<
         (crate::run::Target::Gpu(g, bf16), _) => (g, bf16),
     };
     let name = gpu_words(&gpu, bf16);
+    // Out of GPU memory (the model's buffers or a step's activations): one line naming the batch
+    // tried and the memory free.
+    let oom = |e| crate::run::oom(e, cfg.batch_size);
     let p = if bf16 {
         let dev = Cuda::<half::bf16>::new(gpu);
         let peak = match peak {
             Some(p) => p,
             None => gpu_peak(&dev, "bf16")?,
         };
-        profile(m.to_device(dev)?, name, peak, cfg)?
+        profile(m.to_device(dev).map_err(oom)?, name, peak, cfg).map_err(oom)?
     } else {
         let dev = Cuda::<f32>::new(gpu);
         let peak = match peak {
             Some(p) => p,
             None => gpu_peak(&dev, "f32")?,
         };
-        profile(m.to_device(dev)?, name, peak, cfg)?
+        profile(m.to_device(dev).map_err(oom)?, name, peak, cfg).map_err(oom)?
     };
     Ok((p, None))
 }
@@ -609,6 +612,8 @@ const GEMM_MAX_CPU: usize = 1024;
 const GEMM_MAX_GPU: usize = 8192;
 /// Bytes of the copy's source (as many again written).
 const COPY_BYTES: usize = 256 << 20;
+/// The smallest copy the bandwidth peak is measured with.
+const MIN_COPY_BYTES: usize = 8 << 20;
 
 /// Seconds of `f`, best of 3, from a synchronized device to a synchronized device (the device's
 /// own clock: CUDA events on a GPU).
@@ -668,8 +673,19 @@ fn measure_peak<B: TrainBackend>(
         n *= 2;
     }
     let (n, flops) = best.expect("one size measured");
-    let len = COPY_BYTES / std::mem::size_of::<B::E>();
-    let (mut src, mut dst) = (dev.alloc::<B::E>(len)?, dev.alloc::<B::E>(len)?);
+    // The copy at COPY_BYTES, halved while the device cannot hold two such buffers (a small GPU
+    // still gets its peaks; the model's own allocation then says whether the batch fits).
+    let mut bytes = COPY_BYTES;
+    let (src, dst) = loop {
+        let len = bytes / std::mem::size_of::<B::E>();
+        match (dev.alloc::<B::E>(len), dev.alloc::<B::E>(len)) {
+            (Ok(s), Ok(d)) => break (s, d),
+            (Err(e), _) | (_, Err(e)) if bytes <= MIN_COPY_BYTES => return Err(e),
+            _ => bytes /= 2,
+        }
+    };
+    let (mut src, mut dst) = (src, dst);
+    let len = bytes / std::mem::size_of::<B::E>();
     // Written once first: untouched host pages would read as the shared zero page.
     dev.zero(&mut src, len)?;
     dev.zero(&mut dst, len)?;
@@ -677,8 +693,8 @@ fn measure_peak<B: TrainBackend>(
     Ok(Peak {
         flops,
         gemm: format!("{gemm} {n}^3"),
-        bw: 2.0 * COPY_BYTES as f64 / s,
-        copy: format!("copy {} MiB", COPY_BYTES >> 20),
+        bw: 2.0 * bytes as f64 / s,
+        copy: format!("copy {} MiB", bytes >> 20),
     })
 }
 

@@ -1267,7 +1267,10 @@ fn profile_runs_on_the_software_gpu() {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no share of the measured step: {o}"));
-    assert!((80.0..=110.0).contains(&share), "per-node sum {share}% of the step: {o}");
+    assert!(
+        (80.0..=110.0).contains(&share),
+        "per-node sum {share}% of the step: {o}"
+    );
     // The device's peaks through cuBLAS and a device copy, and each row's roofline.
     assert!(
         o.contains("peak: ") && o.contains("(cuBLAS bf16 GEMM ") && o.contains("GB/s (copy "),
@@ -1276,6 +1279,37 @@ fn profile_runs_on_the_software_gpu() {
     assert!(
         o.contains("roof%") && o.contains("online_net.backbone."),
         "{o}"
+    );
+    // A batch that does not fit the stand-in's 60 MiB: one line naming the batch and the memory
+    // free, exit code 2, as lewel bench and pretrain say it.
+    let args = [
+        "profile",
+        "--device",
+        "cuda",
+        "--arch",
+        "tiny",
+        "--batch-size",
+        "64",
+        "--image-size",
+        "48",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ];
+    let out = emu_output(&args, &[("SWGPU_MEMORY_MIB", "60")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("scripts/emu-env.sh"))
+        .collect();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("lewel: error: out of GPU memory: ")
+            && lines[0].contains("MiB free of")
+            && lines[0].contains("batch size 64"),
+        "{err}"
     );
 }
 
