@@ -312,35 +312,11 @@ fn real_images_through_pinned_buffers_on_the_software_gpu() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-/// Out of GPU memory (the stand-in's device limited to 60 MiB by SWGPU_MEMORY_MIB): one line
-/// saying so, what was asked and what to change, exit code 2, no panic.
-#[test]
-fn out_of_gpu_memory_is_one_clear_line() {
-    if !available("out_of_gpu_memory_is_one_clear_line") {
-        return;
-    }
-    let d = tmp("oom");
-    let run = d.join("run");
-    let out = emu_output(
-        &[
-            "pretrain",
-            "--device",
-            "cuda",
-            "--precision",
-            "f32",
-            "--train-len",
-            "64",
-            "--batch-size",
-            "64",
-            "--epochs",
-            "2",
-            "--warmup-epochs",
-            "1",
-            "--out",
-            run.to_str().unwrap(),
-        ],
-        &[("SWGPU_MEMORY_MIB", "60")],
-    );
+/// Runs `args` on the stand-in's device limited to 60 MiB (SWGPU_MEMORY_MIB) and checks the
+/// out-of-memory error: exit code 2, one line, naming the memory free and the batch (64) tried.
+/// The line is returned for more checks.
+fn out_of_memory_line(args: &[&str]) -> String {
+    let out = emu_output(args, &[("SWGPU_MEMORY_MIB", "60")]);
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err
         .lines()
@@ -350,9 +326,42 @@ fn out_of_gpu_memory_is_one_clear_line() {
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
         lines[0].starts_with("lewel: error: out of GPU memory: ")
-            && lines[0].contains("try a smaller --batch-size")
-            && !lines[0].contains("CUDA: CUDA:"),
+            && lines[0].contains("MiB free of")
+            && lines[0].contains("batch size 64"),
         "{err}"
+    );
+    lines[0].to_string()
+}
+
+/// Out of GPU memory (the stand-in's device limited to 60 MiB by SWGPU_MEMORY_MIB): one line
+/// saying so, what was asked and what to change, exit code 2, no panic.
+#[test]
+fn out_of_gpu_memory_is_one_clear_line() {
+    if !available("out_of_gpu_memory_is_one_clear_line") {
+        return;
+    }
+    let d = tmp("oom");
+    let run = d.join("run");
+    let line = out_of_memory_line(&[
+        "pretrain",
+        "--device",
+        "cuda",
+        "--precision",
+        "f32",
+        "--train-len",
+        "64",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(
+        line.contains("try a smaller --batch-size") && !line.contains("CUDA: CUDA:"),
+        "{line}"
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
@@ -1297,20 +1306,7 @@ fn profile_runs_on_the_software_gpu() {
         "--warmup",
         "0",
     ];
-    let out = emu_output(&args, &[("SWGPU_MEMORY_MIB", "60")]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = err
-        .lines()
-        .filter(|l| !l.starts_with("scripts/emu-env.sh"))
-        .collect();
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(
-        lines[0].starts_with("lewel: error: out of GPU memory: ")
-            && lines[0].contains("MiB free of")
-            && lines[0].contains("batch size 64"),
-        "{err}"
-    );
+    out_of_memory_line(&args);
 }
 
 /// `lewel bench` on the software GPU: one step of the tiny model runs and reports its figures; a
@@ -1347,35 +1343,19 @@ fn bench_runs_on_the_software_gpu() {
     assert!(v["loss"].as_f64().unwrap().is_finite(), "{v}");
     // A batch that does not fit the stand-in's 60 MiB: one line naming the batch and the memory
     // free, exit code 2.
-    let out = emu_output(
-        &[
-            "bench",
-            "--device",
-            "cuda",
-            "--arch",
-            "tiny",
-            "--batch-size",
-            "64",
-            "--image-size",
-            "48",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-        ],
-        &[("SWGPU_MEMORY_MIB", "60")],
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = err
-        .lines()
-        .filter(|l| !l.starts_with("scripts/emu-env.sh"))
-        .collect();
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert_eq!(lines.len(), 1, "{err}");
-    assert!(
-        lines[0].starts_with("lewel: error: out of GPU memory: ")
-            && lines[0].contains("MiB free of")
-            && lines[0].contains("batch size 64"),
-        "{err}"
-    );
+    out_of_memory_line(&[
+        "bench",
+        "--device",
+        "cuda",
+        "--arch",
+        "tiny",
+        "--batch-size",
+        "64",
+        "--image-size",
+        "48",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]);
 }
