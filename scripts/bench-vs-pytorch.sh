@@ -8,6 +8,14 @@
 # round's median step of each engine and the ratio pytorch / lewel (above 1: lewel is faster), then
 # the median over the rounds. Both engines time random views prepared once (no data time).
 #
+# With OFFICIAL=DIR (a checkout of the official code, github.com/LayneH/LEWEL at 4ee47eb) each round
+# also runs tests/parity/bench_official.py, which imports that checkout's own modules (nothing of
+# it is copied here: it is CC-BY-NC-4.0) and times their training step as their main.py drives it
+# for LEWEL-B EMAN: their model class, parameter groups and LARS, DDP over a one-process group,
+# their train() loop with its EMAN target update. Its columns: official s/step and official / lewel.
+# A configuration their code cannot run (ARCH=tiny: no such backbone there) prints one line and
+# leaves the official columns out.
+#
 #   cargo build --release
 #   bash scripts/bench-vs-pytorch.sh                                  # ResNet-50, 64 px, batch 16, CPU
 #   ARCH=tiny BATCH=64 SIZE=48 ROUNDS=5 bash scripts/bench-vs-pytorch.sh
@@ -32,10 +40,11 @@
 #   OUT      --out FILE         append every run's JSON line to FILE
 #   BASE     --base PATH        a second lewel binary (an older build: before/after in one run);
 #                               it runs first in each round and gets its own columns
-#   OFFICIAL --official DIR     a checkout of the official LEWEL code (not timed yet: see below)
+#   OFFICIAL --official DIR     a checkout of the official LEWEL code: its own step gets columns too
 #
 # On cuda, lewel runs at `--precision auto` (bf16 from compute capability 8.0) and PyTorch in
-# autocast bf16 with channels_last. CI does not run this script (it needs torch).
+# autocast bf16 with channels_last; the official code takes its --amp path (autocast + GradScaler)
+# with autocast in bf16, and channels_last. CI does not run this script (it needs torch).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -104,7 +113,7 @@ command -v "$PYTHON" >/dev/null || die "no $PYTHON (PYTHON=path to a Python with
 # One key of a JSON object on stdin: jq where there is one, else python3.
 json_get() {
     if command -v jq >/dev/null; then
-        jq -r ".$1"
+        jq -cr ".$1"
     else
         python3 -c 'import json, sys; v = json.load(sys.stdin)[sys.argv[1]]; print(v if isinstance(v, str) else json.dumps(v))' "$1"
     fi
@@ -112,28 +121,40 @@ json_get() {
 
 lewel_cmd=("$LEWEL" bench --device "$DEVICE" --arch "$ARCH" --method "$METHOD"
     --batch-size "$BATCH" --image-size "$SIZE" --steps "$STEPS" --warmup "$WARMUP" --json)
-torch_cmd=("$PYTHON" tests/parity/bench_step.py --device "$DEVICE" --arch "$ARCH" --method "$METHOD"
+# The options of both PyTorch drivers (bench_step.py, bench_official.py).
+torch_args=(--device "$DEVICE" --arch "$ARCH" --method "$METHOD"
     --batch "$BATCH" --size "$SIZE" --steps "$STEPS" --warmup "$WARMUP" --json)
 if [ "$DEVICE" != cpu ]; then
-    torch_cmd+=(--bf16 --channels-last)
+    torch_args+=(--bf16 --channels-last)
 elif [ "$CHANNELS_LAST" = 1 ]; then
-    torch_cmd+=(--channels-last)
+    torch_args+=(--channels-last)
 fi
 lewel_env=()
 if [ "$THREADS" -gt 0 ]; then
-    torch_cmd+=(--threads "$THREADS")
+    torch_args+=(--threads "$THREADS")
     lewel_env=(RAYON_NUM_THREADS="$THREADS")
 fi
+torch_cmd=("$PYTHON" tests/parity/bench_step.py "${torch_args[@]}")
 
+# The official code's step (tests/parity/bench_official.py): the same options, precision as above.
+official_cmd=()
 if [ -n "$OFFICIAL" ]; then
     [ -d "$OFFICIAL" ] || die "OFFICIAL: no folder $OFFICIAL"
-    # Timing the official code needs its model and training step driven without its distributed
-    # launcher and ImageNet loader, from our side, without copying any of it: not written yet.
-    echo "OFFICIAL=$OFFICIAL: timing the official LEWEL code is not wired yet; only lewel and tests/parity/bench_step.py run" >&2
+    official_cmd=("$PYTHON" tests/parity/bench_official.py --official "$OFFICIAL" "${torch_args[@]}")
+    # Exit 2 and one line: this configuration cannot run there; the official columns are left out.
+    rc=0
+    check=$("${official_cmd[@]}" --check) || rc=$?
+    if [ "$rc" = 2 ]; then
+        printf '%s\n' "$check" | tail -n 1
+        official_cmd=()
+    elif [ "$rc" != 0 ]; then
+        die "failed: ${official_cmd[*]} --check"
+    fi
 fi
 
 echo "lewel:   ${lewel_env[*]} ${lewel_cmd[*]}"
 echo "pytorch: ${torch_cmd[*]}"
+[ ${#official_cmd[@]} -eq 0 ] || echo "official: ${official_cmd[*]}"
 
 # The JSON line of a run: the last line of its stdout (PyTorch may print warnings before it).
 run_json() {
@@ -153,18 +174,41 @@ fi
 lewel_s=()
 torch_s=()
 base_s=()
+official_s=()
 for r in $(seq 1 "$ROUNDS"); do
     bj=
     [ -n "$BASE" ] && bj=$(run_json env "${lewel_env[@]}" "${base_cmd[@]}")
     lj=$(run_json env "${lewel_env[@]}" "${lewel_cmd[@]}")
     tj=$(run_json "${torch_cmd[@]}")
+    oj=
+    if [ ${#official_cmd[@]} -gt 0 ]; then
+        rc=0
+        oj=$("${official_cmd[@]}") || rc=$?
+        oj=$(printf '%s\n' "$oj" | tail -n 1)
+        if [ "$rc" = 2 ] && [ "$r" = 1 ]; then
+            # It cannot run here after all (its one line says why): no official columns.
+            printf '%s\n' "$oj"
+            official_cmd=()
+            oj=
+        elif [ "$rc" != 0 ]; then
+            die "failed: ${official_cmd[*]}"
+        elif [ -n "$OUT" ]; then
+            printf '%s\n' "$oj" >>"$OUT"
+        fi
+    fi
     if [ "$r" = 1 ]; then
         echo "lewel:   $(json_get engine <<<"$lj") | $(json_get device <<<"$lj") | $(json_get threads <<<"$lj") threads"
         echo "pytorch: $(json_get engine <<<"$tj") | $(json_get device <<<"$tj") | $(json_get threads <<<"$tj") threads | channels_last $(json_get channels_last <<<"$tj") | bf16 $(json_get bf16 <<<"$tj")"
+        if [ -n "$oj" ]; then
+            echo "official: $(json_get engine <<<"$oj") | $(json_get device <<<"$oj") | $(json_get threads <<<"$oj") threads | channels_last $(json_get channels_last <<<"$oj") | amp $(json_get amp <<<"$oj") | ddp $(json_get ddp <<<"$oj")"
+            echo "official: parameters $(json_get params <<<"$oj")"
+            echo "official: forward passes of a step $(json_get forwards <<<"$oj")"
+        fi
         echo "$ARCH $METHOD | batch $BATCH x $SIZE px | $WARMUP warm-up + $STEPS measured steps per run (median) | $ROUNDS rounds, alternating"
         echo
         printf '%-6s %14s %14s %18s' round "lewel s/step" "pytorch s/step" "pytorch / lewel"
-        [ -n "$BASE" ] && printf ' %14s %18s' "base s/step" "pytorch / base"
+        [ -z "$oj" ] || printf ' %15s %19s' "official s/step" "official / lewel"
+        [ -z "$BASE" ] || printf ' %14s %18s' "base s/step" "pytorch / base"
         echo
     fi
     l=$(json_get median_s <<<"$lj")
@@ -172,6 +216,11 @@ for r in $(seq 1 "$ROUNDS"); do
     lewel_s+=("$l")
     torch_s+=("$t")
     awk -v r="$r" -v l="$l" -v t="$t" 'BEGIN { printf "%-6s %14.4f %14.4f %18.3f", r, l, t, t / l }'
+    if [ -n "$oj" ]; then
+        o=$(json_get median_s <<<"$oj")
+        official_s+=("$o")
+        awk -v o="$o" -v l="$l" 'BEGIN { printf " %15.4f %19.3f", o, o / l }'
+    fi
     if [ -n "$BASE" ]; then
         b=$(json_get median_s <<<"$bj")
         base_s+=("$b")
@@ -190,6 +239,15 @@ ml=$(printf '%s\n' "${lewel_s[@]}" | median)
 mt=$(printf '%s\n' "${torch_s[@]}" | median)
 mr=$(printf '%s\n' "${ratios[@]}" | median)
 awk -v l="$ml" -v t="$mt" -v r="$mr" 'BEGIN { printf "%-6s %14.4f %14.4f %18.3f", "median", l, t, r }'
+if [ ${#official_s[@]} -gt 0 ]; then
+    oratios=()
+    for i in "${!official_s[@]}"; do
+        oratios+=("$(awk -v l="${lewel_s[$i]}" -v o="${official_s[$i]}" 'BEGIN { printf "%.6f", o / l }')")
+    done
+    mo=$(printf '%s\n' "${official_s[@]}" | median)
+    mor=$(printf '%s\n' "${oratios[@]}" | median)
+    awk -v o="$mo" -v r="$mor" 'BEGIN { printf " %15.4f %19.3f", o, r }'
+fi
 if [ -n "$BASE" ]; then
     bratios=()
     for i in "${!base_s[@]}"; do
@@ -204,3 +262,8 @@ echo
 awk -v l="$ml" -v t="$mt" -v r="$mr" -v b="$BATCH" 'BEGIN {
     printf "\nlewel %.2f images/s, pytorch %.2f images/s (an image = one sample, its two views); median ratio pytorch/lewel %.3f (above 1: lewel faster)\n", b / l, b / t, r
 }'
+if [ ${#official_s[@]} -gt 0 ]; then
+    awk -v l="$ml" -v o="$mo" -v r="$mor" -v b="$BATCH" 'BEGIN {
+        printf "official %.2f images/s; median ratio official/lewel %.3f (above 1: lewel faster)\n", b / o, r
+    }'
+fi
