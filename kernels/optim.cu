@@ -10,6 +10,8 @@
 //                tau = eta |w| / (|g| + wd |w|) (0 when |w| = 0 or the denominator is 0)
 //   lars_update: u = scale * (g + wd' w); buf = m buf + u; w -= buf   (wd' = 0 when excluded)
 //   ema_update:  t = m t + (1 - m) o, over parameters (and BN running stats under EMAN)
+//   nonfinite:   a block per chunk: 1 if one of its weights is NaN or infinite, + 2 if one of its
+//                gradients is (the NaN guard reads these behind each step)
 //   sgd_update:  d = g + wd w; buf = m buf + d; w -= lr buf  (PyTorch's SGD: the linear probe and
 //                fine-tuning)
 #include "common.cuh"
@@ -31,6 +33,24 @@ extern "C" __global__ void lars_norms(const float* w, const float* g, const int*
         partial[2 * blockIdx.x] = a;
         partial[2 * blockIdx.x + 1] = b;
     }
+}
+
+// NaN or infinite: not within [-FLT_MAX, FLT_MAX] (comparisons with NaN are false).
+__device__ __forceinline__ float not_finite(float v) { return fabsf(v) <= 3.402823466e38f ? 0.0f : 1.0f; }
+
+extern "C" __global__ void nonfinite(const float* w, const float* g, const int* chunk_len, const u64* chunk_start,
+                                     float* flags) {
+    __shared__ float scratch[32];
+    u64 s = chunk_start[blockIdx.x];
+    int n = chunk_len[blockIdx.x];
+    float a = 0.0f, b = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        a = fmaxf(a, not_finite(w[s + i]));
+        b = fmaxf(b, not_finite(g[s + i]));
+    }
+    a = block_sum(a, scratch);
+    b = block_sum(b, scratch);
+    if (threadIdx.x == 0) flags[blockIdx.x] = (a > 0.0f ? 1.0f : 0.0f) + (b > 0.0f ? 2.0f : 0.0f);
 }
 
 extern "C" __global__ void lars_trust(const float* partial, const int* tensor_first_chunk, const int* tensor_chunks,

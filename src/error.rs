@@ -17,6 +17,8 @@ pub enum Error {
     Cuda(String),
     /// The GPU ran out of memory (the message says what was asked and, where known, what is free).
     OutOfMemory(String),
+    /// A loss, gradient or weight became NaN or infinite (the message names the first).
+    NonFinite(String),
     /// Any other failure, with the chain of contexts that led to it.
     Other(String),
 }
@@ -33,10 +35,12 @@ impl Error {
             source,
         }
     }
-    /// The process exit code for this error: 2 for the user's mistakes, 1 for everything else.
+    /// The process exit code for this error: 2 for the user's mistakes, 3 for values that
+    /// became NaN or infinite, 1 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::User(_) | Error::Io { .. } => 2,
+            Error::NonFinite(_) => 3,
             _ => 1,
         }
     }
@@ -49,6 +53,7 @@ impl Error {
             },
             Error::Cuda(m) => Error::Cuda(format!("{what}: {m}")),
             Error::OutOfMemory(m) => Error::OutOfMemory(format!("{what}: {m}")),
+            Error::NonFinite(m) => Error::NonFinite(format!("{what}: {m}")),
             Error::Other(m) => Error::Other(format!("{what}: {m}")),
         }
     }
@@ -61,18 +66,39 @@ impl Error {
             Error::Io { path, source } => Error::Other(format!("{path}: {source}")),
             Error::Cuda(m) => Error::Cuda(m.clone()),
             Error::OutOfMemory(m) => Error::OutOfMemory(m.clone()),
+            Error::NonFinite(m) => Error::NonFinite(m.clone()),
             Error::Other(m) => Error::Other(m.clone()),
         }
     }
 }
 
+/// `s` on one line: surrounding whitespace dropped and control characters written as escapes (a
+/// newline in a key or a file name quoted back from the input, a library's trailing newline).
+pub fn one_line(s: &str) -> String {
+    let s = s.trim();
+    if !s.contains(char::is_control) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::User(m) => write!(f, "{m}"),
-            Error::Io { path, source } => write!(f, "{path}: {source}"),
+            // A user's mistake is one line whatever the input quoted in it holds.
+            Error::User(m) => f.write_str(&one_line(m)),
+            Error::Io { path, source } => f.write_str(&one_line(&format!("{path}: {source}"))),
             Error::Cuda(m) => write!(f, "CUDA: {m}"),
             Error::OutOfMemory(m) => write!(f, "out of GPU memory: {m}"),
+            Error::NonFinite(m) => write!(f, "{m}"),
             Error::Other(m) => write!(f, "{m}"),
         }
     }
@@ -118,5 +144,33 @@ mod tests {
         assert_eq!(e.exit_code(), 2);
         let o: Result<()> = Err(Error::Other("boom".into()));
         assert_eq!(o.ctx("step").unwrap_err().exit_code(), 1);
+    }
+
+    /// Found by fuzzing (fuzz/seeds/manifest/bad-newline-key.json, config/bad-newline-key.toml): a
+    /// key holding a newline was quoted back by serde in the "unknown field" error, which then took
+    /// two lines. A user error is one line whatever it quotes.
+    #[test]
+    fn user_errors_quoting_the_input_stay_on_one_line() {
+        let e = crate::run::parse_manifest("{\"config\":{\"\\n\"", "checkpoint.json".as_ref())
+            .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.starts_with("checkpoint.json: not a lewel checkpoint manifest (unknown field `\\n`")
+                && !m.contains('\n'),
+            "{m}"
+        );
+        let e = crate::run::PretrainConfig::given_from_toml_str(
+            "\"batch\\nsize\" = 3\n",
+            "c.toml".as_ref(),
+        )
+        .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.starts_with("c.toml line 1: unknown field `batch\\nsize`") && !m.contains('\n'),
+            "{m}"
+        );
+        assert_eq!(Error::user(" a\tb\r\n").to_string(), "a\\tb");
+        let e = Error::io("x\ny", std::io::Error::other("gone"));
+        assert_eq!(e.to_string(), "x\\ny: gone");
     }
 }

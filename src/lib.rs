@@ -17,14 +17,19 @@ pub mod bench;
 pub mod check;
 pub mod checkpoint;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gradcheck;
 pub mod import;
 pub mod memory;
 pub mod ops;
 pub mod optim;
+pub mod plot;
 pub mod rng;
 pub mod run;
+pub mod signals;
 pub mod tensor;
+pub mod tensorboard;
 
 pub use error::{Context, Error, Result};
 pub mod data;

@@ -64,6 +64,38 @@ enum Cmd {
     /// Each LEWEL head's alignment map over a few images, as a PNG grid (and one line per map).
     #[command(name = "show-align")]
     ShowAlign(ShowAlignArgs),
+    /// Training curves of run folders as one PNG: loss (each step and epoch means), learning rate,
+    /// EMA momentum against steps, kNN accuracy against epochs; several runs overlaid.
+    Plot(PlotArgs),
+}
+
+#[derive(clap::Args)]
+struct PlotArgs {
+    /// Run folders (each holding its metrics.jsonl), one colour each.
+    #[arg(required = true, value_name = "RUN")]
+    runs: Vec<PathBuf>,
+    /// The PNG to write (atomically).
+    #[arg(long, default_value = "curves.png")]
+    out: PathBuf,
+}
+
+fn plot(a: PlotArgs) -> Result<()> {
+    let s = lewel::plot::plot(&a.runs, &a.out)?;
+    for name in &s.empty {
+        eprintln!("warning: {name}: no steps logged yet; left out of the plot");
+    }
+    let runs: Vec<String> = s
+        .runs
+        .iter()
+        .map(|(name, steps, epochs)| format!("{name}: {steps} steps, {epochs} epochs"))
+        .collect();
+    let (w, h) = lewel::plot::SIZE;
+    say(&format!(
+        "{}: {} ({w}x{h} px; loss, learning rate, EMA momentum, kNN accuracy)",
+        a.out.display(),
+        runs.join("; ")
+    ));
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -574,6 +606,13 @@ struct PretrainArgs {
     /// Checkpoints kept in the run folder (the newest).
     #[arg(long)]
     keep: Option<usize>,
+    /// When a step's loss or a gradient is NaN or infinite: stop (exit 3, the last checkpoint
+    /// intact) or skip that step's update and go on (each step then waits for its check).
+    #[arg(long)]
+    on_nan: Option<String>,
+    /// With --on-nan skip: stop (exit 3) once more steps than this were skipped.
+    #[arg(long)]
+    max_nan_skips: Option<usize>,
     /// The run folder: config.toml, metrics.jsonl, checkpoints, lewel.lock.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -672,6 +711,8 @@ impl PretrainArgs {
             knn_memory,
             log_every,
             keep,
+            on_nan,
+            max_nan_skips,
             out,
             data,
             val_data
@@ -807,7 +848,11 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         force: a.force,
         dry_run: a.dry_run,
         ranks,
+        interrupt_at_step: None,
+        poison_gradient_at: None,
     };
+    // Ctrl-C, SIGTERM and SIGUSR1 finish the step, write a checkpoint and exit with 75.
+    lewel::signals::install();
     let s = match &a.resume {
         Some(r) => {
             if a.force {
@@ -819,6 +864,19 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         }
         None => run::pretrain(&PretrainConfig::from_given(&given)?, &opts)?,
     };
+    if let Some(st) = &s.stopped {
+        if lead {
+            say(&format!(
+                "stopped by {} after step {} of {} | checkpoint {} | continue with: lewel pretrain --resume {}",
+                st.signal,
+                st.step,
+                st.total,
+                st.checkpoint.display(),
+                st.dir.display()
+            ));
+        }
+        std::process::exit(lewel::signals::EXIT_STOPPED);
+    }
     if a.dry_run || !lead {
         return Ok(());
     }
@@ -960,6 +1018,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(Cmd::Linear(a)) => linear(a),
         Some(Cmd::Finetune(a)) => finetune(a),
         Some(Cmd::ShowAlign(a)) => show_align(a),
+        Some(Cmd::Plot(a)) => plot(a),
     }
 }
 
@@ -1247,6 +1306,15 @@ fn main() {
             let text = e.render().to_string();
             let mut lines = text.lines();
             let mut msg = lines.next().unwrap_or("").trim().to_string();
+            if msg.ends_with(':') {
+                // "the following required arguments were not provided:" and the list under it.
+                let list: Vec<&str> = lines
+                    .by_ref()
+                    .map(str::trim)
+                    .take_while(|l| !l.is_empty())
+                    .collect();
+                msg = format!("{msg} {}", list.join(", "));
+            }
             if let Some(tip) = lines.find_map(|l| l.trim().strip_prefix("tip: ")) {
                 msg = format!("{msg} ({tip})");
             }

@@ -220,6 +220,9 @@ pub struct GpuLars {
     tensor_first: CudaSlice<i32>,
     tensor_chunks: CudaSlice<i32>,
     excluded: CudaSlice<u8>,
+    /// Per chunk: the NaN guard's flags (kernel `nonfinite`), and on the host each chunk's tensor.
+    flags: CudaSlice<f32>,
+    chunk_tensor_host: Vec<usize>,
     partial: CudaSlice<f32>,
     scale: CudaSlice<f64>,
     wdv: CudaSlice<f64>,
@@ -259,6 +262,8 @@ impl GpuLars {
             tensor_first: st.clone_htod(&tf).map_err(up)?,
             tensor_chunks: st.clone_htod(&tc).map_err(up)?,
             excluded: st.clone_htod(&ex).map_err(up)?,
+            flags: g.zeros(ct.len())?,
+            chunk_tensor_host: ct.iter().map(|&t| t as usize).collect(),
             partial: g.zeros(2 * ct.len())?,
             scale: st.alloc_zeros(tf.len().max(1)).map_err(up)?,
             wdv: st.alloc_zeros(tf.len().max(1)).map_err(up)?,
@@ -318,6 +323,67 @@ impl GpuLars {
     }
 }
 
+impl GpuLars {
+    /// Queues the NaN guard's check of `params` and `grads` (kernel `nonfinite`) and the download
+    /// of its per-chunk flags into `dst` (page-locked, 4 bytes a chunk), without waiting.
+    pub fn queue_health(
+        &mut self,
+        g: &Gpu,
+        params: &impl Dev<f32>,
+        grads: &impl Dev<f32>,
+        dst: &mut crate::data::pinned::PinnedBuf,
+    ) -> crate::Result<()> {
+        let n = self.total;
+        need(
+            "GpuLars::queue_health",
+            &[("params", params.len(), n), ("grads", grads.len(), n)],
+        )?;
+        let (pv, gv) = (params.view(), grads.view());
+        let mut b = g.stream.launch_builder(&g.k.nonfinite);
+        b.arg(&pv)
+            .arg(&gv)
+            .arg(&self.chunk_len)
+            .arg(&self.chunk_start);
+        b.arg(&mut self.flags);
+        run(g, b, blocks(self.chunks, 256), "nonfinite")?;
+        let (ptr, _rec) = cudarc::driver::DevicePtr::device_ptr(&self.flags, &g.stream);
+        dst.download_from(&g.stream, ptr)
+            .map_err(|e| g.err("queuing the download of the NaN guard's flags", e))
+    }
+
+    /// Bytes of the flags [`Self::queue_health`] downloads.
+    pub fn health_bytes(&self) -> usize {
+        4 * self.chunks
+    }
+
+    /// Per tensor, from downloaded chunk flags: bit 0 a value is not finite, bit 1 a gradient.
+    pub fn tensor_health(&self, chunk_flags: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; self.tensors as usize];
+        for (c, b) in chunk_flags.chunks_exact(4).enumerate() {
+            let f = f32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as u8;
+            out[self.chunk_tensor_host[c]] |= f;
+        }
+        out
+    }
+}
+
+/// Per tensor of `table`: bit 0 when one of its values is NaN or infinite, bit 1 when one of its
+/// gradients is (the NaN guard, on the CPU).
+pub fn tensor_health(table: &SizeTable, params: &[f32], grads: &[f32]) -> Vec<u8> {
+    let bad = |v: &[f32]| {
+        v.par_chunks(PAR_CHUNK)
+            .any(|c| c.iter().any(|x| !x.is_finite()))
+    };
+    table
+        .entries
+        .iter()
+        .map(|e| {
+            let r = e.range();
+            bad(&params[r.clone()]) as u8 | (bad(&grads[r]) as u8) << 1
+        })
+        .collect()
+}
+
 /// target = m * target + (1 - m) * online over a flat buffer, as [`ema_update`], in one launch,
 /// over target's length.
 pub fn ema_update_cuda(
@@ -370,6 +436,18 @@ pub trait OptimKernels: Backend<F = f32> {
         online: &Self::Buf<f32>,
         m: f64,
     ) -> crate::Result<()>;
+    /// The NaN guard's check of the parameters and gradients of `lars`'s table, on its way to
+    /// the host (into `reuse` where it can), read by [`Self::read_health`].
+    type Health;
+    fn queue_health(
+        &self,
+        lars: &mut Self::Lars,
+        params: &Self::Buf<f32>,
+        grads: &Self::Buf<f32>,
+        reuse: Option<Self::Health>,
+    ) -> crate::Result<Self::Health>;
+    /// Per tensor: bit 0 a value is NaN or infinite, bit 1 a gradient is (waits for the check).
+    fn read_health(&self, lars: &Self::Lars, h: &Self::Health) -> crate::Result<Vec<u8>>;
 }
 
 impl OptimKernels for Cpu<f32> {
@@ -408,6 +486,19 @@ impl OptimKernels for Cpu<f32> {
         let n = target.len();
         ema_update(target, &online[..n], m);
         Ok(())
+    }
+    type Health = Vec<u8>;
+    fn queue_health(
+        &self,
+        (table, _): &mut Self::Lars,
+        params: &Vec<f32>,
+        grads: &Vec<f32>,
+        _reuse: Option<Vec<u8>>,
+    ) -> crate::Result<Vec<u8>> {
+        Ok(tensor_health(table, params, grads))
+    }
+    fn read_health(&self, _lars: &Self::Lars, h: &Vec<u8>) -> crate::Result<Vec<u8>> {
+        Ok(h.clone())
     }
 }
 
@@ -453,6 +544,29 @@ where
     ) -> crate::Result<()> {
         let n = target.len();
         ema_update_cuda(&self.gpu, target, &online.slice(..n), m)
+    }
+    type Health = crate::data::pinned::PinnedBuf;
+    fn queue_health(
+        &self,
+        lars: &mut GpuLars,
+        params: &CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        reuse: Option<Self::Health>,
+    ) -> crate::Result<Self::Health> {
+        let g = &self.gpu;
+        let mut slot = match reuse {
+            Some(s) if s.len() == lars.health_bytes() => s,
+            _ => crate::data::pinned::PinnedBuf::new(&g.ctx, lars.health_bytes(), false)
+                .map_err(|e| g.err("page-locked memory for the NaN guard", e))?,
+        };
+        lars.queue_health(g, params, grads, &mut slot)?;
+        Ok(slot)
+    }
+    fn read_health(&self, lars: &GpuLars, h: &Self::Health) -> crate::Result<Vec<u8>> {
+        let b = h
+            .bytes()
+            .map_err(|e| self.gpu.err("reading the NaN guard's flags", e))?;
+        Ok(lars.tensor_health(b))
     }
 }
 

@@ -109,6 +109,11 @@ pub struct PretrainConfig {
     /// On a GPU, the loader writes the crops into page-locked host memory (uploads are queued
     /// DMAs, not staged by the driver).
     pub pin_memory: bool,
+    /// A step whose loss or gradients are NaN or infinite: `stop` the run (the last checkpoint is
+    /// the last good state), or `skip` its update and go on (each step then waits for its own
+    /// check), stopping after more than `max_nan_skips` skipped steps.
+    pub on_nan: String,
+    pub max_nan_skips: usize,
 }
 
 /// The defaults are the built-in synthetic run, tuned to show learning in a few minutes on 2 CPU
@@ -155,6 +160,8 @@ impl Default for PretrainConfig {
             max_bad: 0.01,
             jpeg_decoder: "zune".into(),
             pin_memory: true,
+            on_nan: "stop".into(),
+            max_nan_skips: 10,
         }
     }
 }
@@ -178,8 +185,10 @@ pub type Given = serde_json::Map<String, serde_json::Value>;
 
 /// Settings a resumed run may change: how it runs and what it reports, not what it trains. The
 /// epochs extend (or shorten) the plan; every other setting is the run's own.
-const CHANGEABLE_ON_RESUME: [&str; 14] = [
+const CHANGEABLE_ON_RESUME: [&str; 16] = [
     "epochs",
+    "on_nan",
+    "max_nan_skips",
     "device",
     "precision",
     "deterministic",
@@ -209,14 +218,19 @@ impl PretrainConfig {
     /// The settings a TOML config file gives, checked (unknown keys, types) against the config.
     pub fn given_from_toml(path: &Path) -> Result<Given> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::given_from_toml_str(&text, path)
+    }
+
+    /// `given_from_toml` on the file's text (`path` names it in errors).
+    pub fn given_from_toml_str(text: &str, path: &Path) -> Result<Given> {
         let at = |e: toml::de::Error| {
             let line = e
                 .span()
                 .map_or(0, |s| text[..s.start].matches('\n').count() + 1);
             Error::user(format!("{} line {line}: {}", path.display(), e.message()))
         };
-        toml::from_str::<PretrainConfig>(&text).map_err(at)?;
-        let table: toml::Table = toml::from_str(&text).map_err(at)?;
+        toml::from_str::<PretrainConfig>(text).map_err(at)?;
+        let table: toml::Table = toml::from_str(text).map_err(at)?;
         match serde_json::to_value(table) {
             Ok(serde_json::Value::Object(m)) => Ok(m),
             _ => Err(Error::user(format!(
@@ -402,6 +416,12 @@ impl PretrainConfig {
         if self.log_every == 0 {
             return bad("log-every", "must be at least 1, got 0".into());
         }
+        if !matches!(self.on_nan.as_str(), "stop" | "skip") {
+            return bad(
+                "on-nan",
+                format!("must be stop or skip, got {:?}", self.on_nan),
+            );
+        }
         if self.keep == 0 {
             return bad(
                 "keep",
@@ -547,6 +567,21 @@ pub struct Summary {
     /// Steps taken by this invocation.
     pub steps: usize,
     pub seconds: f64,
+    /// Set when a signal stopped the run before its end.
+    pub stopped: Option<Stopped>,
+}
+
+/// A run stopped by a signal, its checkpoint written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stopped {
+    /// SIGINT, SIGTERM or SIGUSR1.
+    pub signal: String,
+    /// Steps done in all, of the run's total.
+    pub step: usize,
+    pub total: usize,
+    /// The checkpoint to resume from, and the run folder.
+    pub checkpoint: PathBuf,
+    pub dir: PathBuf,
 }
 
 /// What is saved beside the weights.
@@ -569,6 +604,23 @@ pub struct Manifest {
     /// Ranks (GPUs) of the run that wrote it.
     #[serde(default = "one")]
     pub world: usize,
+    /// Steps done in the epoch after `epoch` (a run stopped by a signal mid-epoch; 0 at an
+    /// epoch's end), with the sum of their losses (for the epoch's mean), the loss of the last
+    /// step and the bad samples skipped so far.
+    #[serde(default)]
+    pub in_epoch: usize,
+    #[serde(default)]
+    pub epoch_loss_sum: f64,
+    #[serde(default)]
+    pub last_loss: Option<f64>,
+    #[serde(default)]
+    pub skipped: usize,
+    /// Steps whose update was skipped (`--on-nan skip`): in the whole run, and in the epoch
+    /// after `epoch` (left out of its mean loss).
+    #[serde(default)]
+    pub nan_skips: usize,
+    #[serde(default)]
+    pub epoch_nan_skips: usize,
     pub config: PretrainConfig,
 }
 
@@ -705,6 +757,15 @@ fn features<B: TrainBackend>(
     for r in all.chunks(row).filter(|r| r[c] >= 0.0) {
         feats.extend_from_slice(&r[..c]);
         labels.push(r[c] as usize);
+    }
+    if let Some(i) = feats.iter().position(|v| !v.is_finite()) {
+        // Finite weights so large that the eval forward overflows: no accuracy to report, and no
+        // checkpoint to write from them.
+        return Err(Error::NonFinite(format!(
+            "the kNN monitor's features are not finite (image {}, value {}): the weights overflow the forward pass; the run stops before this epoch's checkpoint, the last one is intact: resume from it with a lower --lr",
+            i / c,
+            feats[i]
+        )));
     }
     knn::normalize_rows(&mut feats, c);
     Ok((feats, labels))
@@ -1081,9 +1142,7 @@ impl StepLog {
         let k = d.k;
         let loss = loss as f64;
         if !loss.is_finite() {
-            return Err(Error::Other(format!(
-                "the loss became {loss} at step {k}: lower --lr"
-            )));
+            return Err(Error::NonFinite(format!("the loss is {loss}")));
         }
         self.first_loss.get_or_insert(loss);
         self.last_loss = Some(loss);
@@ -1117,14 +1176,21 @@ pub(crate) fn oom(e: Error, batch: usize) -> Error {
     }
 }
 
-/// What the end of an epoch reports and records.
-struct EpochEnd {
+/// Where a run stands when it is saved: epochs done, and the steps done in the next epoch (0 at
+/// an epoch's end) with what they leave for the epoch's mean.
+struct Position {
     /// Epochs done.
     epoch: usize,
     iters: usize,
-    mean_loss: f64,
+    in_epoch: usize,
+    loss_sum: f64,
     knn_init: Option<f64>,
+    knn_last: Option<f64>,
     first_loss: Option<f64>,
+    last_loss: Option<f64>,
+    skipped: usize,
+    nan_skips: usize,
+    epoch_nan_skips: usize,
     world: usize,
 }
 
@@ -1132,12 +1198,13 @@ struct EpochEnd {
 /// monitor's accuracy, the checkpoint and its manifest (written atomically). Returns the accuracy.
 fn end_of_epoch<B: TrainBackend>(
     m: &mut Trainer<B>,
-    knn_last: Option<f64>,
     cfg: &PretrainConfig,
     log: &mut Log,
-    e: EpochEnd,
+    at: Position,
+    saved: &mut Option<Manifest>,
 ) -> Result<Option<f64>> {
-    let (epoch, mean) = (e.epoch, e.mean_loss);
+    let logged = (at.iters - at.epoch_nan_skips).max(1);
+    let (epoch, mean, knn_last) = (at.epoch, at.loss_sum / logged as f64, at.knn_last);
     match knn_last {
         Some(a) => log.line(&format!(
             "knn | epoch {epoch} | acc {a:.2}% | mean loss {mean:.4}"
@@ -1145,28 +1212,80 @@ fn end_of_epoch<B: TrainBackend>(
         None => log.line(&format!("epoch {epoch} | mean loss {mean:.4}")),
     }
     log.json(serde_json::json!({"epoch": epoch, "knn_acc": knn_last, "mean_loss": mean}))?;
+    save_at(m, cfg, at, saved)?;
+    Ok(knn_last)
+}
+
+/// The checkpoint and manifest of the run at `at` (rank 0); `saved` is the manifest written
+/// before, whose mid-epoch files this one replaces.
+fn save_at<B: TrainBackend>(
+    m: &mut Trainer<B>,
+    cfg: &PretrainConfig,
+    at: Position,
+    saved: &mut Option<Manifest>,
+) -> Result<PathBuf> {
     let mut mf = Manifest {
-        epoch,
-        step: epoch * e.iters,
+        epoch: at.epoch,
+        step: at.epoch * at.iters + at.in_epoch,
         weights: String::new(),
         weights_crc32: 0,
         optimizer: String::new(),
         optimizer_crc32: 0,
-        knn_init: e.knn_init,
-        knn_last,
-        first_loss: e.first_loss,
+        knn_init: at.knn_init,
+        knn_last: at.knn_last,
+        first_loss: at.first_loss,
         rng: "none saved: every draw is a pure function of (seed, epoch, sample, view)".into(),
-        world: e.world,
+        world: at.world,
+        in_epoch: at.in_epoch,
+        epoch_loss_sum: at.loss_sum,
+        last_loss: at.last_loss,
+        skipped: at.skipped,
+        nan_skips: at.nan_skips,
+        epoch_nan_skips: at.epoch_nan_skips,
         config: cfg.clone(),
     };
-    save(m.host()?, &cfg.out, &mut mf)?;
-    Ok(knn_last)
+    if let Err(e) = save(m.host()?, &cfg.out, &mut mf) {
+        // A full disk, a quota: the manifest still names the checkpoint before, whole.
+        let before = saved
+            .as_ref()
+            .map_or("no checkpoint was written before".to_string(), |o| {
+                format!("the checkpoint before ({}) is intact", o.weights)
+            });
+        for f in [&mf.weights, &mf.optimizer] {
+            if !f.is_empty()
+                && saved
+                    .as_ref()
+                    .is_none_or(|o| &o.weights != f && &o.optimizer != f)
+            {
+                let _ = std::fs::remove_file(cfg.out.join(f));
+            }
+        }
+        return Err(match e {
+            Error::Io { path, source } => Error::Io {
+                path: format!("writing the checkpoint failed ({before}): {path}"),
+                source,
+            },
+            e => e,
+        });
+    }
+    if let Some(old) = saved.take() {
+        // A mid-epoch checkpoint is kept only until the next one.
+        if old.in_epoch > 0 && old.weights != mf.weights {
+            let _ = std::fs::remove_file(cfg.out.join(&old.weights));
+            let _ = std::fs::remove_file(cfg.out.join(&old.optimizer));
+        }
+    }
+    let path = cfg.out.join(&mf.weights);
+    *saved = Some(mf);
+    Ok(path)
 }
 
 /// Where a run reports: log and step lines on stdout, warnings on stderr (above the progress bar,
 /// which draws on stderr when it is a terminal), metrics into metrics.jsonl.
 struct Log {
     jsonl: Option<std::fs::File>,
+    /// The same records as TensorBoard scalars (src/tensorboard.rs), beside metrics.jsonl.
+    tb: Option<crate::tensorboard::Writer>,
     bar: Option<indicatif::ProgressBar>,
     /// Ranks other than 0 print only their warnings, named.
     rank: usize,
@@ -1198,8 +1317,11 @@ impl Log {
         })
     }
     fn json(&mut self, v: serde_json::Value) -> Result<()> {
-        match &mut self.jsonl {
-            Some(f) => writeln!(f, "{v}").map_err(|e| Error::io("metrics.jsonl", e)),
+        if let Some(f) = &mut self.jsonl {
+            writeln!(f, "{v}").map_err(|e| Error::io("metrics.jsonl", e))?;
+        }
+        match &mut self.tb {
+            Some(tb) => tb.write(&v),
             None => Ok(()),
         }
     }
@@ -1213,8 +1335,14 @@ fn save(m: HostView<'_>, dir: &Path, man: &mut Manifest) -> Result<()> {
         let (sh, v) = checkpoint::to_torch(e.shape, &m.momentum[e.range()]);
         opt.insert(format!("momentum.{}", e.name), Owned::f32(sh, &v));
     }
-    man.weights = format!("checkpoint_{:04}.safetensors", man.epoch);
-    man.optimizer = format!("optimizer_{:04}.safetensors", man.epoch);
+    if man.in_epoch == 0 {
+        man.weights = format!("checkpoint_{:04}.safetensors", man.epoch);
+        man.optimizer = format!("optimizer_{:04}.safetensors", man.epoch);
+    } else {
+        // Mid-epoch (a run stopped by a signal): named by the step.
+        man.weights = format!("checkpoint_s{:08}.safetensors", man.step);
+        man.optimizer = format!("optimizer_s{:08}.safetensors", man.step);
+    }
     checkpoint::write_file_atomic(&dir.join(&man.weights), &state, None)?;
     checkpoint::write_file_atomic(&dir.join(&man.optimizer), &opt, None)?;
     man.weights_crc32 = crc_of(&dir.join(&man.weights))?;
@@ -1223,7 +1351,7 @@ fn save(m: HostView<'_>, dir: &Path, man: &mut Manifest) -> Result<()> {
         serde_json::to_string_pretty(man).map_err(|e| Error::Other(format!("manifest: {e}")))?;
     checkpoint::write_bytes_atomic(&dir.join("checkpoint.json"), json.as_bytes())?;
     // Only now, with the manifest pointing at the new files, drop checkpoints beyond the newest `keep`.
-    if man.epoch > man.config.keep {
+    if man.in_epoch == 0 && man.epoch > man.config.keep {
         let old = man.epoch - man.config.keep;
         for f in [
             format!("checkpoint_{old:04}.safetensors"),
@@ -1240,6 +1368,27 @@ fn crc_of(p: &Path) -> Result<u32> {
     Ok(crc32fast::hash(&b))
 }
 
+/// A manifest from the text of checkpoint.json (`path` names it in errors). The files it names must
+/// be plain file names (the run folder's): a path elsewhere would have `read_manifest` read, say,
+/// /dev/zero to check its CRC.
+pub fn parse_manifest(text: &str, path: &Path) -> Result<Manifest> {
+    let man: Manifest = serde_json::from_str(text).map_err(|e| {
+        Error::user(format!(
+            "{}: not a lewel checkpoint manifest ({e})",
+            path.display()
+        ))
+    })?;
+    for (key, f) in [("weights", &man.weights), ("optimizer", &man.optimizer)] {
+        if Path::new(f).file_name() != Some(std::ffi::OsStr::new(f)) {
+            return Err(Error::user(format!(
+                "{}: {key} \"{f}\" is not a file name in the run folder",
+                path.display()
+            )));
+        }
+    }
+    Ok(man)
+}
+
 /// Reads a run folder's manifest (or the manifest file itself) and checks the files it names.
 pub fn read_manifest(path: &Path) -> Result<(PathBuf, Manifest)> {
     let (dir, mpath) = if path.is_dir() {
@@ -1251,12 +1400,7 @@ pub fn read_manifest(path: &Path) -> Result<(PathBuf, Manifest)> {
         )
     };
     let text = std::fs::read_to_string(&mpath).map_err(|e| Error::io(&mpath, e))?;
-    let man: Manifest = serde_json::from_str(&text).map_err(|e| {
-        Error::user(format!(
-            "{}: not a lewel checkpoint manifest ({e})",
-            mpath.display()
-        ))
-    })?;
+    let man = parse_manifest(&text, &mpath)?;
     for (f, crc) in [
         (&man.weights, man.weights_crc32),
         (&man.optimizer, man.optimizer_crc32),
@@ -1284,6 +1428,10 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// This process's place in a data-parallel run (one process by default).
     pub ranks: Ranks,
+    /// Test hook: act as if SIGTERM arrived once this many steps of the run are done.
+    pub interrupt_at_step: Option<usize>,
+    /// Test hook: step k (0-based) leaves a NaN in the gradient of the named online tensor.
+    pub poison_gradient_at: Option<(usize, String)>,
 }
 
 /// The lock file of a run folder: held (flock) for the run's life, it holds the pid.
@@ -1351,6 +1499,7 @@ fn run_files(dir: &Path) -> Vec<PathBuf> {
         .filter(|p| {
             let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
             matches!(n, "config.toml" | "metrics.jsonl" | "checkpoint.json")
+                || n == crate::tensorboard::EVENTS_FILE
                 || ((n.starts_with("checkpoint_") || n.starts_with("optimizer_"))
                     && n.ends_with(".safetensors"))
         })
@@ -1770,6 +1919,7 @@ fn train_loop<B: TrainBackend>(
     }
     let mut log = Log {
         jsonl: None,
+        tb: None,
         bar: None,
         rank,
     };
@@ -1820,6 +1970,7 @@ fn train_loop<B: TrainBackend>(
             epochs_done: start_epoch,
             steps: 0,
             seconds: t0.elapsed().as_secs_f64(),
+            stopped: None,
         });
     }
 
@@ -1835,9 +1986,17 @@ fn train_loop<B: TrainBackend>(
                 std::fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
             }
         }
+        remove_stale_temp_files(&cfg.out);
         let toml_text = toml::to_string(&cfg).map_err(|e| Error::Other(format!("config: {e}")))?;
         checkpoint::write_bytes_atomic(&cfg.out.join("config.toml"), toml_text.as_bytes())?;
         let metrics = cfg.out.join("metrics.jsonl");
+        if let Some(man) = &man {
+            // Steps after the checkpoint (a run killed before it could save) are run again:
+            // their old records go, so each step is in the metrics once.
+            truncate_metrics(&metrics, man)?;
+            // TensorBoard's events mirror the metrics.
+            crate::tensorboard::rewrite_from_metrics(&cfg.out)?;
+        }
         log.jsonl = Some(
             std::fs::OpenOptions::new()
                 .create(true)
@@ -1845,6 +2004,7 @@ fn train_loop<B: TrainBackend>(
                 .open(&metrics)
                 .map_err(|e| Error::io(&metrics, e))?,
         );
+        log.tb = Some(crate::tensorboard::Writer::open(&cfg.out)?);
         Some(lock)
     } else {
         None
@@ -1863,11 +2023,19 @@ fn train_loop<B: TrainBackend>(
     let tty = std::io::stderr().is_terminal();
     let (knn_init, first_loss) = match &man {
         Some(man) => {
+            let at = if man.in_epoch > 0 {
+                format!(
+                    "step {} of {total} ({} of {iters} steps into epoch {})",
+                    man.step,
+                    man.in_epoch,
+                    man.epoch + 1
+                )
+            } else {
+                format!("epoch {} of {}", man.epoch, cfg.epochs)
+            };
             log.line(&format!(
-                "resumed from {} at epoch {} of {}",
-                cfg.out.join(&man.weights).display(),
-                man.epoch,
-                cfg.epochs
+                "resumed from {} at {at}",
+                cfg.out.join(&man.weights).display()
             ));
             (man.knn_init, man.first_loss)
         }
@@ -1882,6 +2050,16 @@ fn train_loop<B: TrainBackend>(
         }
     };
     let mut knn_last = man.as_ref().map_or(knn_init, |m| m.knn_last);
+    // Where the first epoch starts: a checkpoint written mid-epoch resumes at its step.
+    let (start_in_epoch, resumed_loss_sum) = man.as_ref().map_or((0, (0.0, 0)), |m| {
+        (m.in_epoch, (m.epoch_loss_sum, m.epoch_nan_skips))
+    });
+    if start_in_epoch >= iters {
+        return Err(Error::user(format!(
+            "{}: the checkpoint is at step {start_in_epoch} of an epoch of {iters} steps: the data changed since",
+            cfg.out.join("checkpoint.json").display()
+        )));
+    }
     if tty && lead {
         let bar =
             indicatif::ProgressBar::new(total as u64).with_position((start_epoch * iters) as u64);
@@ -1896,11 +2074,20 @@ fn train_loop<B: TrainBackend>(
     let mut epochs_done = start_epoch;
     // Bad samples met in the batches trained on by this process (the loader's own count runs
     // ahead by the prefetched batches).
-    let mut skipped = 0usize;
+    let mut skipped = man.as_ref().map_or(0, |m| m.skipped);
     let mut steps = StepLog {
         first_loss,
-        last_loss: None,
+        last_loss: man.as_ref().and_then(|m| m.last_loss),
     };
+    // The manifest last written (its mid-epoch files go when the next is written), the steps
+    // taken here and those not yet in a checkpoint.
+    let mut saved = man.clone();
+    let mut steps_run = 0usize;
+    let mut unsaved = 0usize;
+    let mut stopped = None;
+    let skip_mode = cfg.on_nan == "skip";
+    m.keep_buffers = skip_mode;
+    let mut nan_skips = man.as_ref().map_or(0, |m| m.nan_skips);
     let progress = || {
         if let Some(c) = &nccl {
             c.borrow().progress();
@@ -1912,20 +2099,81 @@ fn train_loop<B: TrainBackend>(
     // The ranks' state is compared at every epoch's end, and after every step with
     // LEWEL_CHECK_RANKS=1 (a download of the state per step: for debugging).
     let every_step_check = world > 1 && std::env::var("LEWEL_CHECK_RANKS").is_ok_and(|v| v == "1");
-    for epoch in start_epoch..cfg.epochs {
-        let mut loss_sum = 0.0;
+    'epochs: for epoch in start_epoch..cfg.epochs {
+        let first = if epoch == start_epoch {
+            start_in_epoch
+        } else {
+            0
+        };
+        let (mut loss_sum, mut epoch_nan_skips) = if epoch == start_epoch {
+            resumed_loss_sum
+        } else {
+            (0.0, 0)
+        };
         let mut batches = match &train {
-            TrainData::Real(l) => Some(l.epoch(epoch as u64, 0)),
+            TrainData::Real(l) => Some(l.epoch(epoch as u64, first)),
             TrainData::Synthetic => None,
         };
         // A step's loss is read once the next step is queued (on a GPU the host never waits with
         // the GPU idle); steps are logged in order.
         let mut waiting: Option<StepDone> = None;
-        for i in 0..iters {
-            let ts = Instant::now();
+        for i in first..iters {
             let k = epoch * iters + i;
+            // A stop asked for (a signal, on any rank) ends the run before this step, with
+            // a checkpoint of the steps before it.
+            let local = if opts.interrupt_at_step == Some(k) {
+                Some(libc::SIGTERM)
+            } else {
+                crate::signals::requested()
+            };
+            // Ranks agree every STOP_EVERY steps (an all-gather of the flag), alone every step.
+            if world == 1 || (i - first).is_multiple_of(STOP_EVERY) {
+                if let Some(sig) = stop_agreed(&mut shard, local)? {
+                    if let Some(w) = waiting.take() {
+                        let (l, ms) = m
+                            .take_loss()
+                            .map_err(|e| non_finite_at(e, w.k, total, &saved))?;
+                        progress();
+                        loss_sum += steps.log(&mut log, &cfg, w, l, ms, total)?;
+                    }
+                    let at = Position {
+                        epoch,
+                        iters,
+                        in_epoch: i,
+                        loss_sum,
+                        knn_init,
+                        knn_last,
+                        first_loss: steps.first_loss,
+                        last_loss: steps.last_loss,
+                        skipped,
+                        nan_skips,
+                        epoch_nan_skips,
+                        world,
+                    };
+                    let checkpoint = match (&saved, lead) {
+                        // Nothing new since the last checkpoint: it stands.
+                        (Some(s), _) if unsaved == 0 => cfg.out.join(&s.weights),
+                        (_, true) => save_at(&mut m, &cfg, at, &mut saved)?,
+                        (_, false) => PathBuf::new(),
+                    };
+                    stopped = Some(Stopped {
+                        signal: crate::signals::name(sig),
+                        step: k,
+                        total,
+                        checkpoint,
+                        dir: cfg.out.clone(),
+                    });
+                    break 'epochs;
+                }
+            }
+            let ts = Instant::now();
             plan.set_step(&cfg, &mut sc, k);
             let batch = cfg.batch_size / world;
+            if let Some((at, name)) = &opts.poison_gradient_at {
+                if *at == k {
+                    m.poison_gradient(name)?;
+                }
+            }
             let data_ms = match &mut batches {
                 None => {
                     let (v1, v2, shape) = views_for_rank(&cfg, k, rank, world);
@@ -1967,6 +2215,43 @@ fn train_loop<B: TrainBackend>(
                     wait
                 }
             };
+            if skip_mode {
+                if let Some(why) = m.skip_if_non_finite(&sc)? {
+                    // The step before is logged first: the metrics stay in step order.
+                    if let Some(w) = waiting.take() {
+                        let (l, ms) = m
+                            .take_loss()
+                            .map_err(|e| non_finite_at(e, w.k, total, &saved))?;
+                        progress();
+                        loss_sum += steps.log(&mut log, &cfg, w, l, ms, total)?;
+                    }
+                    nan_skips += 1;
+                    epoch_nan_skips += 1;
+                    steps_run += 1;
+                    unsaved += 1;
+                    if nan_skips > cfg.max_nan_skips {
+                        return Err(non_finite_at(
+                            Error::NonFinite(format!(
+                                "{why}, and {nan_skips} steps were skipped, more than --max-nan-skips {}",
+                                cfg.max_nan_skips
+                            )),
+                            k,
+                            total,
+                            &saved,
+                        ));
+                    }
+                    log.warn(&format!(
+                        "step {}: {why}: its update is skipped ({nan_skips} skipped, at most {})",
+                        k + 1,
+                        cfg.max_nan_skips
+                    ));
+                    log.json(serde_json::json!({"step": k + 1, "epoch": epoch + 1, "loss": null, "lr": sc.lars.lr, "ema_m": sc.ema_m, "skipped_update": why, "nan_skips": nan_skips}))?;
+                    if let Some(b) = &log.bar {
+                        b.inc(1);
+                    }
+                    continue;
+                }
+            }
             m.update(&sc)?;
             if every_step_check {
                 check_ranks(&mut m, &mut shard, &format!("after step {}", k + 1))?;
@@ -1986,33 +2271,45 @@ fn train_loop<B: TrainBackend>(
                 skipped,
                 mib: dev.has_device_memory().then(|| m.device_bytes() >> 20),
             };
+            steps_run += 1;
+            unsaved += 1;
             if let Some(w) = waiting.replace(done) {
-                let (l, ms) = m.take_loss()?;
+                let (l, ms) = m
+                    .take_loss()
+                    .map_err(|e| non_finite_at(e, w.k, total, &saved))?;
                 progress();
                 loss_sum += steps.log(&mut log, &cfg, w, l, ms, total)?;
             }
         }
         if let Some(w) = waiting.take() {
-            let (l, ms) = m.take_loss()?;
+            let (l, ms) = m
+                .take_loss()
+                .map_err(|e| non_finite_at(e, w.k, total, &saved))?;
             progress();
             loss_sum += steps.log(&mut log, &cfg, w, l, ms, total)?;
         }
         epochs_done = epoch + 1;
-        let mean = loss_sum / iters as f64;
-        let end = EpochEnd {
-            epoch: epochs_done,
-            iters,
-            mean_loss: mean,
-            knn_init,
-            first_loss: steps.first_loss,
-            world,
-        };
         m.restart_step_clock();
         check_ranks(&mut m, &mut shard, &format!("after epoch {epochs_done}"))?;
         let acc = knn_monitor(&mut m, &knn_data, &cfg, &mut shard)?;
         if lead {
-            knn_last = end_of_epoch(&mut m, acc, &cfg, &mut log, end)?;
+            let at = Position {
+                epoch: epochs_done,
+                iters,
+                in_epoch: 0,
+                loss_sum,
+                knn_init,
+                knn_last: acc,
+                first_loss: steps.first_loss,
+                last_loss: steps.last_loss,
+                skipped,
+                nan_skips,
+                epoch_nan_skips,
+                world,
+            };
+            knn_last = end_of_epoch(&mut m, &cfg, &mut log, at, &mut saved)?;
         }
+        unsaved = 0;
         progress();
         if opts.stop_after == Some(epochs_done) {
             break;
@@ -2027,9 +2324,95 @@ fn train_loop<B: TrainBackend>(
         first_loss: steps.first_loss,
         last_loss: steps.last_loss,
         epochs_done,
-        steps: (epochs_done - start_epoch) * iters,
+        steps: steps_run,
         seconds: t0.elapsed().as_secs_f64(),
+        stopped,
     })
+}
+
+/// A NaN or infinity met at step k (0-based): the message says where, and which checkpoint is
+/// the last good one (none is written after it).
+fn non_finite_at(e: Error, k: usize, total: usize, saved: &Option<Manifest>) -> Error {
+    let Error::NonFinite(what) = e else {
+        return e;
+    };
+    // --on-nan skip helps with a loss or gradient, not with weights an update overflowed.
+    let skip = if what.contains("gradient") || what.contains("loss is") {
+        ", or pass --on-nan skip"
+    } else {
+        ""
+    };
+    let last = match saved {
+        Some(m) => format!(
+            "the last checkpoint (step {}, {}) is intact: resume from it with a lower --lr{skip}",
+            m.step, m.weights
+        ),
+        None => format!("no checkpoint was written yet: lower --lr{skip}"),
+    };
+    Error::NonFinite(format!(
+        "step {} of {total}: {what}; the run stops; {last}",
+        k + 1
+    ))
+}
+
+/// Steps between the ranks' agreements on a stop (each an all-gather of one flag).
+const STOP_EVERY: usize = 16;
+
+/// The stop signal any rank has received (the first rank's, in rank order), or this process's
+/// alone.
+fn stop_agreed(shard: &mut Shard, local: Option<i32>) -> Result<Option<i32>> {
+    let Some(gather) = shard.gather.as_mut() else {
+        return Ok(local);
+    };
+    let all = gather(&[local.unwrap_or(0) as f32])?;
+    Ok(all.iter().map(|&v| v as i32).find(|&v| v != 0))
+}
+
+/// Drops the temp files of atomic writes that a killed run left in its folder (called under the
+/// folder's lock: no other lewel process writes there).
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        if n.starts_with('.') && n.contains(".tmp-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Keeps the records of metrics.jsonl up to the checkpoint `man` (steps up to its step, epochs up
+/// to its epoch; anything else stays), rewritten atomically when some go.
+fn truncate_metrics(path: &Path, man: &Manifest) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut dropped = false;
+    for line in text.lines() {
+        let v: Option<serde_json::Value> = serde_json::from_str(line).ok();
+        let num = |k: &str| v.as_ref().and_then(|v| v.get(k)).and_then(|x| x.as_u64());
+        let keep = match (num("step"), num("epoch")) {
+            (Some(step), _) => step as usize <= man.step,
+            (None, Some(epoch)) => epoch as usize <= man.epoch,
+            // A line cut short by a kill, or not a record: dropped.
+            _ => v.is_some(),
+        };
+        if keep {
+            kept.push_str(line);
+            kept.push('\n');
+        } else {
+            dropped = true;
+        }
+    }
+    if dropped || !text.ends_with('\n') && !text.is_empty() {
+        checkpoint::write_bytes_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// The weights file behind a run folder, a manifest, or a state file given directly.
@@ -2302,6 +2685,197 @@ mod tests {
             .collect()
     }
 
+    /// A NaN in one gradient (the test hook) stops the run in that step with exit code 3,
+    /// naming the tensor and the last checkpoint, which stays loadable; with `--on-nan skip` the
+    /// step is skipped, counted and logged, and the run ends with finite weights; past
+    /// `--max-nan-skips` it stops.
+    #[test]
+    fn a_nan_gradient_is_caught_named_and_stops_or_is_skipped() {
+        let name = "online_net.backbone.layer1.0.conv1.weight";
+        let poison = |k: usize| RunOptions {
+            poison_gradient_at: Some((k, name.into())),
+            ..Default::default()
+        };
+        let d = tmp("nan-stop");
+        let e = pretrain(&small(d.clone()), &poison(5)).unwrap_err();
+        assert_eq!(e.exit_code(), 3, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "step 6 of 8: the gradient of {name} is not finite"
+            )),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("the last checkpoint (step 4, checkpoint_0001.safetensors) is intact"),
+            "{msg}"
+        );
+        let (_, man) = read_manifest(&d).unwrap();
+        assert_eq!((man.epoch, man.step), (1, 4));
+        let last_step = step_numbers(&d).last().copied();
+        assert_eq!(last_step, Some(5), "steps after the bad one are not logged");
+
+        let skip = |out: PathBuf, limit: usize| PretrainConfig {
+            on_nan: "skip".into(),
+            max_nan_skips: limit,
+            ..small(out)
+        };
+        let d = tmp("nan-skip");
+        let s = pretrain(&skip(d.clone(), 1), &poison(5)).unwrap();
+        assert_eq!((s.epochs_done, s.steps), (2, 8));
+        let recs: Vec<serde_json::Value> = std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let skipped: Vec<_> = recs
+            .iter()
+            .filter(|r| r.get("skipped_update").is_some())
+            .collect();
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(
+            (
+                skipped[0]["step"].as_u64(),
+                skipped[0]["nan_skips"].as_u64()
+            ),
+            (Some(6), Some(1))
+        );
+        assert!(skipped[0]["skipped_update"]
+            .as_str()
+            .unwrap()
+            .contains(name));
+        assert_eq!(
+            step_numbers(&d),
+            (1..=8).collect::<Vec<_>>(),
+            "each step once, in order"
+        );
+        let w = checkpoint::read_file(&d.join("checkpoint_0002.safetensors")).unwrap();
+        assert!(w
+            .values()
+            .all(|t| t.to_f32().is_none_or(|v| v.iter().all(|x| x.is_finite()))));
+        let (_, man) = read_manifest(&d).unwrap();
+        assert_eq!(man.nan_skips, 1);
+
+        let d = tmp("nan-limit");
+        let e = pretrain(&skip(d.clone(), 0), &poison(5)).unwrap_err();
+        assert_eq!(e.exit_code(), 3);
+        assert!(e.to_string().contains("more than --max-nan-skips 0"), "{e}");
+    }
+
+    /// A skipped step leaves no trace: weights, target, momentum and the BN statistics are
+    /// bitwise what they were before it, and the next step runs as if it never happened.
+    #[test]
+    fn a_skipped_step_is_undone_bit_for_bit() {
+        let cfg = small(tmp("undo"));
+        let (lc, mut sc) = cfg.validate().unwrap();
+        let plan = Plan::new(&cfg, synthetic_iters(&cfg));
+        let mut m = crate::train::Lewel::new(lc, cfg.seed);
+        m.keep_buffers = true;
+        let snapshot = |m: &mut crate::train::Lewel| {
+            let h = m.host().unwrap();
+            let mut v = h.online.params.clone();
+            v.extend(&h.online.buffers);
+            v.extend(&h.target.params);
+            v.extend(&h.target.buffers);
+            v.extend(h.momentum);
+            (
+                v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                h.online.counters.clone(),
+            )
+        };
+        let step = |m: &mut crate::train::Lewel, sc: &mut StepConfig, k: usize, bad: bool| {
+            plan.set_step(&cfg, sc, k);
+            let (v1, v2, shape) = views_for_step(&cfg, k);
+            if bad {
+                m.poison_gradient("online_net.backbone.conv1.weight")
+                    .unwrap();
+            }
+            m.queue_forward_backward(&v1, &v2, shape, sc).unwrap();
+            let why = m.skip_if_non_finite(sc).unwrap();
+            if why.is_none() {
+                m.update(sc).unwrap();
+                m.take_loss().unwrap();
+            }
+            why
+        };
+        assert_eq!(step(&mut m, &mut sc, 0, false), None);
+        let before = snapshot(&mut m);
+        let why = step(&mut m, &mut sc, 1, true).expect("skipped");
+        assert!(why.contains("online_net.backbone.conv1.weight"), "{why}");
+        assert!(
+            snapshot(&mut m) == before,
+            "the skipped step changed the state"
+        );
+        // Without the skip the same state would have moved.
+        assert_eq!(step(&mut m, &mut sc, 1, false), None);
+        assert!(snapshot(&mut m) != before);
+    }
+
+    fn step_numbers(dir: &Path) -> Vec<u64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("step").and_then(|s| s.as_u64()))
+            .collect()
+    }
+
+    /// A stop asked for mid-epoch (the SIGTERM test hook) writes a checkpoint at that step;
+    /// resuming gives the uninterrupted run's weights and metrics, each step once, even after a
+    /// kill left records past the checkpoint, a cut-off line and a temp file behind.
+    #[test]
+    fn a_stop_mid_epoch_resumes_exactly_with_each_step_once() {
+        let (a, b) = (tmp("nostop"), tmp("midstop"));
+        let full = pretrain(&small(a.clone()), &RunOptions::default()).unwrap();
+        assert_eq!(full.stopped, None);
+        let hook = RunOptions {
+            interrupt_at_step: Some(6),
+            ..Default::default()
+        };
+        let first = pretrain(&small(b.clone()), &hook).unwrap();
+        let st = first.stopped.expect("the run stops");
+        assert_eq!((st.signal.as_str(), st.step, st.total), ("SIGTERM", 6, 8));
+        assert_eq!(st.checkpoint, b.join("checkpoint_s00000006.safetensors"));
+        assert_eq!((first.steps, first.epochs_done), (6, 1));
+        let (_, man) = read_manifest(&b).unwrap();
+        assert_eq!((man.epoch, man.step, man.in_epoch), (1, 6, 2));
+        // What a kill after step 7 (before any checkpoint) leaves: step 7's record, half a
+        // record, a temp file.
+        let mut extra = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+        extra += "{\"step\": 7, \"epoch\": 2, \"loss\": 9.0}\n{\"step\": 8, \"ep";
+        std::fs::write(b.join("metrics.jsonl"), extra).unwrap();
+        std::fs::write(b.join(".checkpoint_0002.safetensors.tmp-1"), b"half").unwrap();
+        // Stopped again before its first step: the checkpoint stands, nothing is rewritten.
+        let again = resume(
+            &b,
+            &Given::new(),
+            &RunOptions {
+                interrupt_at_step: Some(6),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(again.stopped.unwrap().checkpoint, st.checkpoint);
+        assert!(!b.join(".checkpoint_0002.safetensors.tmp-1").exists());
+        let resumed = resume(&b, &Given::new(), &RunOptions::default()).unwrap();
+        assert_eq!((resumed.steps, resumed.stopped), (2, None));
+        assert_eq!(
+            (resumed.knn_final, resumed.last_loss.map(f64::to_bits)),
+            (full.knn_final, full.last_loss.map(f64::to_bits))
+        );
+        let wa = std::fs::read(a.join("checkpoint_0002.safetensors")).unwrap();
+        let wb = std::fs::read(b.join("checkpoint_0002.safetensors")).unwrap();
+        assert!(wa == wb, "weights after a mid-epoch resume differ");
+        assert_eq!(
+            losses(&a),
+            losses(&b),
+            "each step once, with the same values"
+        );
+        // The mid-epoch files went with the next checkpoint.
+        assert!(!b.join("checkpoint_s00000006.safetensors").exists());
+        assert!(!b.join("optimizer_s00000006.safetensors").exists());
+    }
+
     #[test]
     fn resume_after_an_interruption_is_exact() {
         let (a, b) = (tmp("full"), tmp("split"));
@@ -2455,6 +3029,49 @@ mod tests {
         );
         std::fs::remove_dir_all(&d).unwrap();
     }
+
+    /// Found in review beside the manifest fuzz target (fuzz/seeds/manifest/bad-dev-zero.json): a
+    /// manifest naming a file outside the run folder had it read whole for its CRC (/dev/zero:
+    /// memory without bound). The names must be the folder's own files.
+    #[test]
+    fn a_manifest_names_only_files_of_its_run_folder() {
+        let dir = tmp("manifest-names");
+        let run = dir.join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(dir.join("outside.safetensors"), b"x").unwrap();
+        std::fs::write(run.join("optimizer_0001.safetensors"), b"y").unwrap();
+        let (cx, cy) = (crc32fast::hash(b"x"), crc32fast::hash(b"y"));
+        let text = |weights: &str| {
+            let mut m = serde_json::json!({
+                "epoch": 1, "step": 62, "weights": weights, "weights_crc32": cx,
+                "optimizer": "optimizer_0001.safetensors", "optimizer_crc32": cy,
+                "knn_init": null, "knn_last": null, "first_loss": null, "rng": "",
+            });
+            m["config"] = serde_json::to_value(PretrainConfig::default()).unwrap();
+            m.to_string()
+        };
+        for bad in [
+            "../outside.safetensors",
+            "/dev/zero",
+            "",
+            "..",
+            "sub/w.safetensors",
+        ] {
+            std::fs::write(run.join("checkpoint.json"), text(bad)).unwrap();
+            let e = read_manifest(&run).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "{}: weights \"{bad}\" is not a file name in the run folder",
+                    run.join("checkpoint.json").display()
+                )
+            );
+        }
+        std::fs::copy(dir.join("outside.safetensors"), run.join("w.safetensors")).unwrap();
+        std::fs::write(run.join("checkpoint.json"), text("w.safetensors")).unwrap();
+        assert_eq!(read_manifest(&run).unwrap().1.weights, "w.safetensors");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 #[cfg(test)]
@@ -2526,6 +3143,23 @@ mod real_data_tests {
         );
         let w = |r: &str| std::fs::read(d.join(r).join("checkpoint_0002.safetensors")).unwrap();
         assert!(w("full") == w("split"), "weights after resume differ");
+        // Stopped mid-epoch: the loader starts the epoch's order at the checkpoint's batch.
+        let hook = RunOptions {
+            interrupt_at_step: Some(5),
+            ..Default::default()
+        };
+        let st = pretrain(&cfg("mid"), &hook).unwrap().stopped.unwrap();
+        assert_eq!(st.step, 5);
+        let resumed = resume(&d.join("mid"), &Given::new(), &RunOptions::default()).unwrap();
+        assert_eq!(resumed.steps, 3);
+        assert_eq!(
+            (resumed.knn_final, resumed.last_loss.map(f64::to_bits)),
+            (full.knn_final, full.last_loss.map(f64::to_bits))
+        );
+        assert!(
+            w("full") == w("mid"),
+            "weights after a mid-epoch resume differ"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -678,3 +678,183 @@ fn bench_json_is_consistent_and_bad_input_is_one_line() {
         assert_eq!(v.get("data_s").is_some(), data == "builtin", "{v}");
     }
 }
+
+/// A run folder holding `epochs` epochs of `iters` made-up steps (as metrics.jsonl records them).
+fn fake_run(dir: &std::path::Path, epochs: usize, iters: usize, scale: f64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut text = format!("{{\"epoch\":0,\"knn_acc\":{}}}\n", 10.0 * scale);
+    let total = (epochs * iters) as f64;
+    for e in 1..=epochs {
+        let mut sum = 0.0;
+        for i in 0..iters {
+            let k = (e - 1) * iters + i + 1;
+            let t = k as f64 / total;
+            let loss = scale * (4.0 - 2.5 * t) + 0.2 * ((k * 7919) % 13) as f64 / 13.0;
+            sum += loss;
+            let lr = if t < 0.2 {
+                t / 0.2
+            } else {
+                0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            };
+            let m = 1.0 - 0.1 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+            text.push_str(&format!(
+                "{{\"step\":{k},\"epoch\":{e},\"loss\":{loss},\"lr\":{lr},\"ema_m\":{m},\"ms\":50.0,\"img_per_s\":300.0,\"data_ms\":2.0,\"skipped\":0,\"device_mib\":null}}\n"
+            ));
+        }
+        text.push_str(&format!(
+            "{{\"epoch\":{e},\"knn_acc\":{},\"mean_loss\":{}}}\n",
+            scale * (10.0 + 5.0 * e as f64),
+            sum / iters as f64
+        ));
+    }
+    std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+}
+
+/// `lewel plot` draws two runs into one PNG of the stated size: each run's colour is there, and
+/// so is text (dark pixels where the first panel's tick labels stand).
+#[test]
+fn plot_draws_runs_as_a_png() {
+    let d = tmp("plot");
+    fake_run(&d.join("a"), 3, 20, 1.0);
+    fake_run(&d.join("b"), 2, 20, 1.3);
+    let png = d.join("curves.png");
+    let (code, out, err) =
+        run(lewel()
+            .current_dir(&d)
+            .args(["plot", "a", "b/", "--out", "curves.png"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.is_empty(), "{err}");
+    assert_eq!(
+        out.trim_end(),
+        "curves.png: a: 60 steps, 3 epochs; b: 40 steps, 2 epochs (1600x1000 px; loss, learning rate, EMA momentum, kNN accuracy)"
+    );
+    let bytes = std::fs::read(&png).unwrap();
+    let mut dec = zune_png::PngDecoder::new(zune_core::bytestream::ZCursor::new(&bytes[..]));
+    dec.decode_headers().unwrap();
+    let (w, h) = dec.dimensions().unwrap();
+    assert_eq!((w, h), (1600, 1000));
+    let px = dec.decode_raw().unwrap();
+    assert_eq!(px.len(), w * h * 3, "RGB, 8 bits");
+    let at = |x: usize, y: usize| {
+        let i = (y * w + x) * 3;
+        (px[i], px[i + 1], px[i + 2])
+    };
+    let mut colours = std::collections::HashSet::new();
+    for y in 0..h {
+        for x in 0..w {
+            colours.insert(at(x, y));
+        }
+    }
+    assert!(colours.len() > 50, "{} distinct colours", colours.len());
+    assert!(colours.contains(&(31, 119, 180)), "run a's blue");
+    assert!(colours.contains(&(255, 127, 14)), "run b's orange");
+    let dark = (0..90)
+        .flat_map(|x| (80..450).map(move |y| (x, y)))
+        .filter(|&(x, y)| {
+            let (r, g, b) = at(x, y);
+            r < 100 && g < 100 && b < 100
+        })
+        .count();
+    assert!(
+        dark > 200,
+        "tick labels and the axis name: {dark} dark pixels"
+    );
+    assert!(
+        !std::fs::read_dir(&d).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(".tmp")),
+        "written atomically"
+    );
+}
+
+/// A run with no steps yet is left out with a warning while another has some; alone, it is one
+/// line and exit 2.
+#[test]
+fn plot_leaves_out_a_run_with_no_steps_yet() {
+    let d = tmp("plot-empty");
+    fake_run(&d.join("a"), 1, 5, 1.0);
+    std::fs::create_dir_all(d.join("new")).unwrap();
+    std::fs::write(
+        d.join("new/metrics.jsonl"),
+        "{\"epoch\":0,\"knn_acc\":9.5}\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(lewel()
+        .current_dir(&d)
+        .args(["plot", "a", "new", "--out", "c.png"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.trim_end(),
+        "warning: new: no steps logged yet; left out of the plot"
+    );
+    assert!(out.starts_with("c.png: a: 5 steps, 1 epochs ("), "{out}");
+    let r = run(lewel()
+        .current_dir(&d)
+        .args(["plot", "new", "--out", "d.png"]));
+    assert_bad(&r, "new: no steps logged yet");
+    assert_eq!(r.2.lines().count(), 1, "{}", r.2);
+    assert!(!d.join("d.png").exists());
+}
+
+/// Every bad input of `lewel plot`: one line naming the run, file or flag, exit 2, no PNG.
+#[test]
+fn plot_bad_input_is_one_line() {
+    let d = tmp("plot-bad");
+    fake_run(&d.join("good"), 1, 3, 1.0);
+    std::fs::create_dir_all(d.join("bare")).unwrap();
+    std::fs::write(d.join("file.txt"), "x").unwrap();
+    std::fs::create_dir_all(d.join("dir.png")).unwrap();
+    fake_run(&d.join("torn"), 1, 3, 1.0);
+    let m = d.join("torn/metrics.jsonl");
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replacen("\"loss\"", "\"loss\":,", 1);
+    std::fs::write(&m, text).unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["missing"],
+            "missing: does not exist; expected a run folder",
+        ),
+        (vec!["file.txt"], "file.txt: is not a folder"),
+        (vec!["bare"], "bare: no metrics.jsonl"),
+        (
+            vec!["good", "torn"],
+            "torn/metrics.jsonl: line 2: expected a JSON record",
+        ),
+        (
+            vec!["good", "--out", "nowhere/c.png"],
+            "--out nowhere/c.png: the folder nowhere does not exist",
+        ),
+        (
+            vec!["good", "--out", "c.jpg"],
+            "--out c.jpg: expected a file name ending in .png",
+        ),
+        (
+            vec!["good", "--out", "good"],
+            "--out good: expected a file name ending in .png",
+        ),
+        (
+            vec!["good", "--out", "dir.png"],
+            "--out dir.png: is a folder; expected a .png file name",
+        ),
+        (vec![], "RUN"),
+    ];
+    for (args, says) in cases {
+        let mut all = vec!["plot"];
+        all.extend(&args);
+        if !args.contains(&"--out") {
+            all.extend(["--out", "c.png"]);
+        }
+        let r = run(lewel().current_dir(&d).args(&all));
+        assert_bad(&r, says);
+        assert_eq!(r.2.lines().count(), 1, "{args:?}: {}", r.2);
+    }
+    let pngs = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "png"))
+        .count();
+    assert_eq!(pngs, 0, "no PNG written");
+}

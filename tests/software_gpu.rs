@@ -1359,3 +1359,106 @@ fn bench_runs_on_the_software_gpu() {
         "0",
     ]);
 }
+
+/// Issue 20 on the GPU path: SIGTERM mid-epoch finishes the step, writes a checkpoint from the
+/// device and exits 75; `--resume` ends bitwise where an uninterrupted `--deterministic` run ends,
+/// each step once in the metrics. A weight that overflows in the update stops the run with exit 3,
+/// naming the same tensor as the CPU engine does (the NaN guard's kernel and its flags).
+#[test]
+fn sigterm_resume_and_the_nan_guard_on_the_software_gpu() {
+    if !available("sigterm_resume_and_the_nan_guard_on_the_software_gpu") {
+        return;
+    }
+    let d = tmp("sig");
+    let p = |n: &str| d.join(n).to_string_lossy().into_owned();
+    let (full, cut) = (p("full"), p("cut"));
+    // 2 epochs of 8 steps (64 images, batch 8).
+    let long = |out: &str| -> Vec<String> {
+        let mut a: Vec<String> = with(&["--device", "cuda", "--deterministic", "--out", out])
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let i = a.iter().position(|s| s == "--train-len").unwrap();
+        a[i + 1] = "64".into();
+        a
+    };
+    let full_args = long(&full);
+    let o = emu_output(&full_args, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let child = Command::new("bash")
+        .arg(repo().join("scripts/emu-env.sh"))
+        .arg(env!("CARGO_BIN_EXE_lewel"))
+        .args(long(&cut))
+        .env("SWGPU_NONDET_SEED", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while losses_so_far(Path::new(&cut)) < 3 {
+        assert!(t.elapsed().as_secs() < 120, "no step 3 after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // emu-env.sh execs lewel: the child is lewel itself.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let (o, _) = wait_at_most(child, 120, "the stopped run");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(75),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("stopped by SIGTERM after step"), "{out}");
+    let resumed = emu(&["pretrain", "--resume", &cut]);
+    assert!(resumed.contains("resumed from"), "{resumed}");
+    let bits = |r: &str| -> Vec<u64> { losses(Path::new(r)).iter().map(|v| v.to_bits()).collect() };
+    assert_eq!(bits(&full).len(), 16);
+    assert_eq!(
+        bits(&full),
+        bits(&cut),
+        "each step once, bitwise the uninterrupted run's"
+    );
+    let w = |r: &str| std::fs::read(Path::new(r).join("checkpoint_0002.safetensors")).unwrap();
+    assert!(
+        w(&full) == w(&cut),
+        "weights after a SIGTERM and resume differ"
+    );
+
+    // --lr 1e45 overflows a weight in the first update, on both devices the same one.
+    let blow = |dev: &str, out: &str| {
+        let a = with(&["--device", dev, "--lr", "1e45", "--out", out]);
+        let o = emu_output(&a, &[]);
+        assert_eq!(
+            o.status.code(),
+            Some(3),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(
+            !Path::new(out).join("checkpoint.json").exists(),
+            "a checkpoint after the blow-up"
+        );
+        e.split("step 1 of 8: ")
+            .nth(1)
+            .unwrap()
+            .split(" became")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let (g, c) = (blow("cuda", &p("nan-gpu")), blow("cpu", &p("nan-cpu")));
+    assert_eq!(g, c, "the GPU names another tensor than the CPU");
+    assert!(g.starts_with("online_net."), "{g}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Step records in a run folder's metrics so far.
+fn losses_so_far(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"step\""))
+        .count()
+}

@@ -984,6 +984,37 @@ fn optim(c: &mut Ctx) -> Result<()> {
     lars_step(&table, &excluded, &mut w_c, &gr, &mut buf_c, &cfg);
     c.cmp("LARS step 3 tensors", "params", &w_, &w_c, 1e-12)?;
     c.cmp("LARS step 3 tensors", "momentum", &buf_, &buf_c, 1e-12)?;
+    // The NaN guard's flags: a NaN weight in the first tensor, an infinite gradient at the very
+    // end of the last one and a NaN gradient in the excluded one; the CPU's flags to the bit.
+    let (mut wb, mut gb) = (w.clone(), gr.clone());
+    wb[5] = f32::NAN;
+    gb[n - 1] = f32::NEG_INFINITY;
+    gb[64 * 64 * 9 + 7] = f32::NAN;
+    let (wb_, gb_) = (c.put::<f32>(&wb)?, c.put::<f32>(&gb)?);
+    let mut dst = crate::data::pinned::PinnedBuf::new(&g.ctx, lars.health_bytes(), false)
+        .map_err(|e| g.err("page-locked memory", e))?;
+    let mut flags = Vec::new();
+    for (wv, gv) in [(&w_, &gr_), (&wb_, &gb_)] {
+        lars.queue_health(g, wv, gv, &mut dst)?;
+        flags.push(lars.tensor_health(dst.bytes().map_err(|e| g.err("reading flags", e))?));
+    }
+    let want = vec![
+        crate::optim::tensor_health(&table, &g.download(&w_)?[..n], &gr),
+        crate::optim::tensor_health(&table, &wb, &gb),
+    ];
+    let ok = flags == want && want[1] == [1, 2, 2];
+    c.rows.push(Row {
+        op: "NaN guard flags".into(),
+        dtype: "f32",
+        output: "per tensor",
+        nmse: if ok { 0.0 } else { 1.0 },
+        tol: 0.0,
+        failure: if ok {
+            String::new()
+        } else {
+            format!("GPU {flags:?}, CPU {want:?} (want [1, 2, 2] for the second)")
+        },
+    });
     // SGD (the probe's and fine-tuning's) over the middle of the buffers, twice (momentum used).
     let sgd = crate::optim::SgdConfig {
         lr: 0.4,

@@ -35,8 +35,9 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// The error, on one line whatever a decoder's message holds (zune's end with a newline).
 fn err<T>(msg: impl Into<String>) -> Result<T, DecodeError> {
-    Err(DecodeError(msg.into()))
+    Err(DecodeError(crate::error::one_line(&msg.into())))
 }
 
 // ----------------------------------------------------------------------------
@@ -273,6 +274,17 @@ pub fn decode_jpeg_with(
     guarded("JPEG", || {
         let info = jpeg_headers(b)?;
         jpeg_check_complete(b)?;
+        // Every 8x8 block of the image takes at least one bit of the file (the DC code of its first
+        // scan). Decoders fill a scan that runs short with gray, so a few hundred corrupt bytes
+        // claiming 16384x16384 pixels would take a minute and 800 MB to "decode": refused here.
+        if info.w.div_ceil(8) * info.h.div_ceil(8) > 8 * b.len() {
+            return err(format!(
+                "corrupt JPEG ({}x{} pixels claimed by {} bytes, too few to hold them)",
+                info.w,
+                info.h,
+                b.len()
+            ));
+        }
         if !matches!(info.components, 1 | 3 | 4) {
             return err(format!(
                 "unsupported JPEG with {} components",
@@ -679,6 +691,63 @@ pub(crate) mod tests {
                 assert!(!e.0.contains("panicked"), "byte {i}: {e}");
             }
         }
+    }
+
+    /// Found by fuzzing (fuzz/seeds/image/bad-png-crc.png, bad-jpeg-3-bytes.jpg): zune's error
+    /// messages end with a newline, which made a skipped file's line in `lewel pack`'s report (and a
+    /// bad sample's) two lines. A decode error is one line.
+    #[test]
+    fn decode_errors_are_one_line() {
+        let png =
+            b"\x89PNG\x0d\x0a\x1a\x0a\x00\x00\x00\x0dIHDR\x00\x00\x00\x02\x00\x00\x00\x04\x08\
+              \x04\x00\x00\x00\x0e\xe6&\xb2\x00\x00\x00\x1fIDATx\x01\x01\x14\x00\xeb\xff\x00\
+              \x00\xff\xc8\x80\x00<\xff\xc8\x80\x00x\xff\xc8\x80\x00\xb4\xff\xc8\x80b\xea\x0a \
+              3 2 255 \x00d\xc8\x85^\x8b\xbf\x89\x00\x00\x00\x00IEND\xaeB`\x82";
+        let e = decode(png).unwrap_err().0;
+        assert!(
+            e.starts_with("bad PNG: CRC does not match") && !e.contains('\n'),
+            "{e:?}"
+        );
+        let e = decode(&[0xFF, 0xD8, 0xFF]).unwrap_err().0;
+        assert!(
+            e.starts_with("bad JPEG headers: ") && !e.contains('\n'),
+            "{e:?}"
+        );
+    }
+
+    /// Found by probing the image fuzz target with large sizes (fuzz/seeds/image/bad-jpeg-16k.jpg):
+    /// a 1 KB JPEG whose header claims 16384x16384 pixels decoded to 800 MB of gray in about 20 s
+    /// (90 s in the fuzzer's build). A file that cannot hold one bit per 8x8 block is refused at
+    /// once; the same file at its real size, and any real JPEG, decode.
+    #[test]
+    fn a_jpeg_claiming_more_pixels_than_its_bytes_hold_is_refused() {
+        let b = odd("a/baseline.JPEG");
+        let sof = (0..b.len() - 1)
+            .find(|&i| b[i] == 0xFF && b[i + 1] == 0xC0)
+            .unwrap();
+        assert_eq!(decode(&b).unwrap().data.len(), 40 * 30 * 3);
+        let t0 = std::time::Instant::now();
+        for (w, h) in [(16384u16, 16384u16), (1000, 1000), (16384, 40)] {
+            let mut c = b.clone();
+            c[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
+            c[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
+            // (an image is not printed on failure: 800 MB of Debug)
+            let e = decode(&c).err().map(|e| e.0);
+            assert_eq!(
+                e.as_deref(),
+                Some(&*format!(
+                    "corrupt JPEG ({w}x{h} pixels claimed by {} bytes, too few to hold them)",
+                    b.len()
+                ))
+            );
+        }
+        assert!(t0.elapsed().as_secs_f64() < 1.0, "{:?}", t0.elapsed());
+        // at the bound: 1098 bytes hold 8784 blocks, 752x744 has 94 x 93 = 8742
+        let mut c = b.clone();
+        c[sof + 5..sof + 7].copy_from_slice(&744u16.to_be_bytes());
+        c[sof + 7..sof + 9].copy_from_slice(&752u16.to_be_bytes());
+        assert_eq!(b.len(), 1098);
+        assert!(!decode(&c).is_err_and(|e| e.0.contains("too few")));
     }
 
     #[test]

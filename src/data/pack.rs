@@ -122,10 +122,26 @@ fn names_bytes(classes: &[String]) -> Vec<u8> {
 /// A packed file, mapped. Sample bytes are slices of the map; nothing is read until touched.
 pub struct Packed {
     path: PathBuf,
-    map: memmap2::Mmap,
+    map: Bytes,
     classes: Vec<String>,
     n: usize,
     index_offset: usize,
+}
+
+/// A packed file's bytes: the map of the file, or bytes held in memory (`Packed::from_bytes`).
+enum Bytes {
+    Map(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
 }
 
 impl std::fmt::Debug for Packed {
@@ -153,20 +169,30 @@ impl Packed {
     /// of class names and index, and every entry's bounds and label. Failures are one line naming
     /// the file and what was expected.
     pub fn open(path: &Path) -> Result<Packed> {
-        let bad = |what: String| Error::user(format!("{}: {what}", path.display()));
         let f = std::fs::File::open(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                bad("no such file".into())
+                Error::user(format!("{}: no such file", path.display()))
             } else {
                 Error::io(path, e)
             }
         })?;
-        let actual = f.metadata().map_err(|e| Error::io(path, e))?.len();
         // SAFETY: the map is read-only and packed files are never modified in place (lewel pack
         // writes a temp file and renames it); a file truncated by someone else while mapped would
         // fault on access, the caveat of every mmap reader.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+        Self::check(path, Bytes::Map(map))
+    }
+
+    /// A packed file from its bytes, checked as `open` checks a file (`path` names it in errors).
+    pub fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<Packed> {
+        Self::check(path, Bytes::Owned(bytes))
+    }
+
+    /// `open`'s checks, on the file's bytes.
+    fn check(path: &Path, map: Bytes) -> Result<Packed> {
+        let bad = |what: String| Error::user(format!("{}: {what}", path.display()));
         let b: &[u8] = &map;
+        let actual = b.len() as u64;
         if b.len() < 8 || b[..8] != MAGIC {
             if MAGIC.starts_with(b) {
                 return Err(bad(format!(

@@ -176,7 +176,7 @@ registry! {
     "concat.cu" { pair concat_fwd, pair concat_bwd, pair split_fwd, pair split_bwd }
     "l2norm.cu" { pair l2norm_fwd, pair l2norm_bwd }
     "loss.cu" { pair loss_rows, one loss_reduce, pair loss_bwd }
-    "optim.cu" { one lars_norms, one lars_trust, one lars_update, one ema_update, one sgd_update }
+    "optim.cu" { one lars_norms, one lars_trust, one lars_update, one ema_update, one sgd_update, one nonfinite }
     "pool.cu" { pair maxpool_fwd, pair maxpool_bwd, pair avgpool_fwd, pair avgpool_bwd }
     "relu.cu" { pair relu_fwd, pair relu_bwd }
     "softmax.cu" { pair softmax_fwd, pair softmax_bwd, pair align_fwd, pair align_bwd }

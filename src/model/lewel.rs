@@ -63,8 +63,19 @@ impl LewelConfig {
                 "{what}: no usable online_net.backbone.conv1.weight: not a LEWEL state"
             ))
         })?;
-        let hid = shape("online_net.neck.proj.mlp.0.weight")?[0];
-        let dim = shape("online_net.neck.proj.mlp.3.weight")?[0];
+        // The neck's two linears, [hid, C, 1] and [dim, hid, 1] (Conv1d): checked whole, so that
+        // hid and dim are sizes the file holds data for, not just numbers in its header.
+        let linear = |n: &str, i: usize| -> crate::Result<usize> {
+            match shape(n)?[..] {
+                [o, c, 1] if o > 0 && c == i => Ok(o),
+                ref s => Err(crate::Error::user(format!(
+                    "{what}: {n} has shape {s:?}, expected [out, {i}, 1]: not a LEWEL state of {}",
+                    arch.name()
+                ))),
+            }
+        };
+        let hid = linear("online_net.neck.proj.mlp.0.weight", arch.out_channels())?;
+        let dim = linear("online_net.neck.proj.mlp.3.weight", hid)?;
         let c = LewelConfig {
             arch,
             hid,
@@ -263,6 +274,61 @@ mod tests {
             .filter(|e| e.name.starts_with(prefix))
             .map(|e| e.shape.numel())
             .sum()
+    }
+
+    /// Found by fuzzing (fuzz/seeds/checkpoint/bad-lewel-*.safetensors): a neck weight stored as a
+    /// scalar panicked (its shape indexed at 0), and one of shape [2^40, 0, 1] (no data, so a valid
+    /// file of a few hundred bytes) set hid to 2^40 and the model built from it tried to allocate
+    /// terabytes. Both are one-line errors now, and a real state still infers.
+    #[test]
+    fn infer_refuses_neck_shapes_the_file_does_not_hold() {
+        use crate::checkpoint::{Owned, Tensors};
+        let arch = Arch { depth: 18, div: 64 };
+        let mut s = ParamStore::<f32>::new();
+        let c = LewelConfig::new(arch, 1, 1.0, 0.5);
+        EncoderObj::build(&mut s, "online_net.", &c, &mut Rng::new(0));
+        let good = crate::checkpoint::store_tensors(&s);
+        assert_eq!(LewelConfig::infer(&good, 1, 1.0, 0.5, "s").unwrap(), c);
+        let with = |name: &str, shape: Vec<usize>| -> Tensors {
+            let mut t = good.clone();
+            let n = shape.iter().product::<usize>();
+            t.insert(name.into(), Owned::f32(shape, &vec![0.0; n]));
+            t
+        };
+        let (l0, l3) = (
+            "online_net.neck.proj.mlp.0.weight",
+            "online_net.neck.proj.mlp.3.weight",
+        );
+        for (t, want) in [
+            (
+                with(l0, vec![]),
+                format!("s: {l0} has shape [], expected [out, 8, 1]"),
+            ),
+            (
+                with(l0, vec![1 << 40, 0, 1]),
+                format!("s: {l0} has shape [1099511627776, 0, 1], expected [out, 8, 1]"),
+            ),
+            (
+                with(l0, vec![0, 8, 1]),
+                format!("s: {l0} has shape [0, 8, 1]"),
+            ),
+            (
+                with(l3, vec![4, 64]),
+                format!("s: {l3} has shape [4, 64], expected [out, 64, 1]"),
+            ),
+            (
+                with(l3, vec![1 << 40, 0, 1]),
+                format!("s: {l3} has shape [1099511627776, 0, 1], expected [out, 64, 1]"),
+            ),
+        ] {
+            let e = LewelConfig::infer(&t, 1, 1.0, 0.5, "s").unwrap_err();
+            let m = e.to_string();
+            assert!(
+                m.starts_with(&want) && m.ends_with("not a LEWEL state of resnet18/64"),
+                "{m}"
+            );
+            assert_eq!(e.exit_code(), 2);
+        }
     }
 
     #[test]

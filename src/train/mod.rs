@@ -177,6 +177,8 @@ struct Queued<B: TrainBackend> {
     start: Option<B::Mark>,
     /// Behind its update.
     end: Option<B::Mark>,
+    /// The NaN guard's check behind its update.
+    health: Option<B::Health>,
 }
 
 /// The online and target models with their graphs on one device, the LARS momentum, and the
@@ -220,7 +222,20 @@ pub struct Trainer<B: TrainBackend> {
     pub buffer_hook: Option<BufferHook<B>>,
     /// Runs on the loss before it is queued to the host ([`LossHook`]).
     pub loss_hook: Option<LossHook<B>>,
+    /// The NaN guard: every update checks the online weights and gradients (one pass over each,
+    /// queued like the loss) and [`Trainer::take_loss`] fails naming the first that is not finite.
+    pub nan_guard: bool,
+    spare_health: Vec<B::Health>,
+    /// `--on-nan skip`: each step's online BN statistics (and counters) are kept before its
+    /// forward, so a step whose loss or gradients are not finite can be undone.
+    pub keep_buffers: bool,
+    saved_buffers: Option<SavedBuffers<B>>,
+    /// Test hook: the next backward leaves a NaN in this range of the gradients.
+    poison: Option<std::ops::Range<usize>>,
 }
+
+/// A step's online BN statistics and counters as they were before its forward (`--on-nan skip`).
+type SavedBuffers<B> = (<B as Backend>::Buf<f32>, Vec<(String, i64)>);
 
 /// The LEWEL trainer on the CPU (the reference).
 pub type Lewel = Trainer<Cpu<f32>>;
@@ -312,6 +327,11 @@ impl Trainer<Cpu<f32>> {
             grad_hook: None,
             buffer_hook: None,
             loss_hook: None,
+            nan_guard: true,
+            spare_health: Vec::new(),
+            keep_buffers: false,
+            saved_buffers: None,
+            poison: None,
         };
         m.copy_online_to_target();
         m
@@ -352,6 +372,11 @@ impl Trainer<Cpu<f32>> {
             grad_hook: None,
             buffer_hook: None,
             loss_hook: None,
+            nan_guard: true,
+            spare_health: Vec::new(),
+            keep_buffers: false,
+            saved_buffers: None,
+            poison: None,
         })
     }
 }
@@ -420,6 +445,30 @@ impl<B: TrainBackend> Trainer<B> {
         let dev = &self.g.dev;
         let loss = dev.read_loss(&q.loss)?;
         self.spare.push(q.loss);
+        if !loss.is_finite() && self.nan_guard {
+            return Err(Error::NonFinite(format!("the loss is {loss}")));
+        }
+        if let (Some(h), Some((_, lars))) = (q.health, &self.lars) {
+            let flags = dev.read_health(lars, &h)?;
+            self.spare_health.push(h);
+            let names = &self.g.store.table.entries;
+            let first = |bit: u8| {
+                flags
+                    .iter()
+                    .position(|f| f & bit != 0)
+                    .map(|i| &names[i].name)
+            };
+            if let Some(n) = first(2) {
+                return Err(Error::NonFinite(format!(
+                    "the gradient of {n} is not finite (NaN or infinite); the loss was {loss}"
+                )));
+            }
+            if let Some(n) = first(1) {
+                return Err(Error::NonFinite(format!(
+                    "{n} became NaN or infinite in the update (finite gradients, loss {loss})"
+                )));
+            }
+        }
         let Some(end) = q.end else {
             // No update followed (a check): no step time.
             self.spare_marks.extend(q.start);
@@ -457,6 +506,18 @@ impl<B: TrainBackend> Trainer<B> {
             let (_, _, target) = B::f_side(&mut self.tg.store, &mut self.tg.w);
             hook(&self.g.dev, online, target)?;
         }
+        if self.keep_buffers {
+            let dev = self.g.dev.clone();
+            let counters = self.g.store.counters.clone();
+            let (_, _, online) = B::f_side(&mut self.g.store, &mut self.g.w);
+            let n = B::len(online);
+            let mut saved = match self.saved_buffers.take() {
+                Some((b, _)) if B::len(&b) == n => b,
+                _ => dev.alloc::<f32>(n)?,
+            };
+            dev.copy(&B::view(online, 0..n), &mut B::view_mut(&mut saved, 0..n))?;
+            self.saved_buffers = Some((saved, counters));
+        }
         Ok(())
     }
 
@@ -480,6 +541,11 @@ impl<B: TrainBackend> Trainer<B> {
             let (_, grads, _) = B::f_side(&mut self.g.store, &mut self.g.w);
             hook(&self.g.dev, grads)?;
         }
+        if let Some(r) = self.poison.take() {
+            let (_, grads, _) = B::f_side(&mut self.g.store, &mut self.g.w);
+            let nan = vec![f32::NAN; r.len()];
+            self.g.dev.upload_f(&nan, &mut B::view_mut(grads, r))?;
+        }
         if let Some(hook) = &mut self.loss_hook {
             self.g.with_f_mut(loss, |dev, v| hook(dev, v))?;
         }
@@ -489,6 +555,7 @@ impl<B: TrainBackend> Trainer<B> {
             loss,
             start,
             end: None,
+            health: None,
         });
         Ok(())
     }
@@ -496,17 +563,8 @@ impl<B: TrainBackend> Trainer<B> {
     /// The LARS step over the online parameters, then the EMA of the target (parameters, and for
     /// EMAN the BN running statistics with num_batches_tracked copied).
     pub fn update(&mut self, sc: &StepConfig) -> Result<()> {
+        self.ensure_lars(sc.exclude)?;
         let dev = &self.g.dev;
-        if self.lars.as_ref().is_none_or(|(r, _)| *r != sc.exclude) {
-            // The exclusion flags depend only on the names and the rule: computed once per rule.
-            let t = &self.g.store.table;
-            let flags = t
-                .entries
-                .iter()
-                .map(|e| optim::lars_excluded(&e.name, sc.exclude))
-                .collect();
-            self.lars = Some((sc.exclude, dev.lars_new(t, flags)?));
-        }
         let lars = &mut self.lars.as_mut().unwrap().1;
         let (params, grads, buffers) = B::f_side(&mut self.g.store, &mut self.g.w);
         dev.lars_step(lars, params, grads, &mut self.momentum, &sc.lars)?;
@@ -520,15 +578,101 @@ impl<B: TrainBackend> Trainer<B> {
                 tc.1 = oc.1;
             }
         }
+        let health = if self.nan_guard {
+            let (params, grads, _) = B::f_side(&mut self.g.store, &mut self.g.w);
+            Some(dev.queue_health(lars, params, grads, self.spare_health.pop())?)
+        } else {
+            None
+        };
         dev.refresh(&mut self.g.store, &mut self.g.w)?;
         self.tg.dev.refresh(&mut self.tg.store, &mut self.tg.w)?;
         // The step ends here, for its time (`take_loss`).
         let end = self.mark()?;
         match self.queued.back_mut() {
-            Some(q) => self.spare_marks.extend(q.end.replace(end)),
+            Some(q) => {
+                self.spare_marks.extend(q.end.replace(end));
+                self.spare_health
+                    .extend(std::mem::replace(&mut q.health, health));
+            }
             None => self.spare_marks.push(end),
         }
         Ok(())
+    }
+
+    /// The LARS state for `rule`: the exclusion flags depend only on the names and the rule, so
+    /// they are computed once per rule.
+    fn ensure_lars(&mut self, rule: ExcludeRule) -> Result<()> {
+        if self.lars.as_ref().is_none_or(|(r, _)| *r != rule) {
+            let t = &self.g.store.table;
+            let flags = t
+                .entries
+                .iter()
+                .map(|e| optim::lars_excluded(&e.name, rule))
+                .collect();
+            self.lars = Some((rule, self.g.dev.lars_new(t, flags)?));
+        }
+        Ok(())
+    }
+
+    /// Test hook: the next step's gradient of the online tensor `name` gets a NaN (its last
+    /// element), as a numerical blow-up would leave it.
+    pub fn poison_gradient(&mut self, name: &str) -> Result<()> {
+        let e = self
+            .g
+            .store
+            .table
+            .entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| Error::user(format!("no online tensor {name}")))?;
+        let r = e.range();
+        self.poison = Some(r.end - 1..r.end);
+        Ok(())
+    }
+
+    /// `--on-nan skip`, between a step's backward and its update (waits for the step): when its
+    /// loss or a gradient is NaN or infinite, the step is undone (the online BN statistics and
+    /// counters as before its forward, no update, its loss dropped) and the reason returned.
+    /// Needs `keep_buffers`.
+    pub fn skip_if_non_finite(&mut self, sc: &StepConfig) -> Result<Option<String>> {
+        let q = self
+            .queued
+            .back()
+            .ok_or_else(|| Error::Other("skip_if_non_finite: no step is queued".into()))?;
+        let dev = self.g.dev.clone();
+        let loss = dev.read_loss(&q.loss)?;
+        let why = if !loss.is_finite() {
+            Some(format!("the loss is {loss}"))
+        } else {
+            self.ensure_lars(sc.exclude)?;
+            let lars = &mut self.lars.as_mut().unwrap().1;
+            let (params, grads, _) = B::f_side(&mut self.g.store, &mut self.g.w);
+            let h = dev.queue_health(lars, params, grads, self.spare_health.pop())?;
+            let flags = dev.read_health(lars, &h)?;
+            self.spare_health.push(h);
+            flags.iter().position(|f| f & 2 != 0).map(|i| {
+                format!(
+                    "the gradient of {} is not finite (NaN or infinite)",
+                    self.g.store.table.entries[i].name
+                )
+            })
+        };
+        if why.is_some() {
+            let (saved, counters) = self
+                .saved_buffers
+                .as_ref()
+                .ok_or_else(|| Error::Other("skip_if_non_finite: keep_buffers is off".into()))?;
+            let (_, _, online) = B::f_side(&mut self.g.store, &mut self.g.w);
+            let n = B::len(saved);
+            dev.copy(&B::view(saved, 0..n), &mut B::view_mut(online, 0..n))?;
+            self.g.store.counters = counters.clone();
+            dev.refresh(&mut self.g.store, &mut self.g.w)?;
+            let q = self.queued.pop_back().expect("checked above");
+            self.spare.push(q.loss);
+            self.spare_marks.extend(q.start);
+            self.spare_marks.extend(q.end);
+        }
+        Ok(why)
     }
 
     /// The state on the host: the stores themselves on the CPU, downloaded copies elsewhere.
