@@ -48,10 +48,12 @@ for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
     echo "== $t: $runs executions"
     start=$SECONDS
+    dict=()
+    [[ -f fuzz/dicts/$t.dict ]] && dict=(-dict="fuzz/dicts/$t.dict")
     # shellcheck disable=SC2086
     if ! cargo +nightly fuzz run "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
         -runs="$runs" -max_len="$(max_len "$t")" -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1 ${FUZZ_ARGS:-}; then
+        -print_final_stats=1 "${dict[@]}" ${FUZZ_ARGS:-}; then
         echo "== $t: FAILED (input saved under fuzz/artifacts/$t/)"
         status=1
     fi

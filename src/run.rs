@@ -1237,11 +1237,16 @@ fn save_at<B: TrainBackend>(
         rng: "none saved: every draw is a pure function of (seed, epoch, sample, view)".into(),
         world: at.world,
         in_epoch: at.in_epoch,
-        epoch_loss_sum: at.loss_sum,
+        // What the next epoch has done: nothing yet at an epoch's end.
+        epoch_loss_sum: if at.in_epoch == 0 { 0.0 } else { at.loss_sum },
         last_loss: at.last_loss,
         skipped: at.skipped,
         nan_skips: at.nan_skips,
-        epoch_nan_skips: at.epoch_nan_skips,
+        epoch_nan_skips: if at.in_epoch == 0 {
+            0
+        } else {
+            at.epoch_nan_skips
+        },
         config: cfg.clone(),
     };
     if let Err(e) = save(m.host()?, &cfg.out, &mut mf) {
@@ -2680,7 +2685,10 @@ mod tests {
             .lines()
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                format!("{} {} {} {}", v["step"], v["loss"], v["knn_acc"], v["lr"])
+                format!(
+                    "{} {} {} {} {}",
+                    v["step"], v["loss"], v["knn_acc"], v["lr"], v["mean_loss"]
+                )
             })
             .collect()
     }

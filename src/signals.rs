@@ -34,13 +34,13 @@ extern "C" fn on_signal(sig: libc::c_int) {
         STOP.store(before, Ordering::SeqCst);
         return;
     }
-    let msg: &[u8] = match sig {
-        libc::SIGINT => b"\nlewel: SIGINT: finishing the step, then writing a checkpoint (Ctrl-C again stops at once)\n",
-        libc::SIGTERM => b"lewel: SIGTERM: finishing the step, then writing a checkpoint\n",
-        _ => b"lewel: SIGUSR1: finishing the step, then writing a checkpoint\n",
-    };
-    unsafe {
-        libc::write(2, msg.as_ptr().cast(), msg.len());
+    if sig == libc::SIGINT {
+        // Someone at a terminal: say it was heard. (SIGTERM and SIGUSR1 come from schedulers and
+        // launchers, which read the line the stop prints.)
+        const MSG: &[u8] = b"\nlewel: SIGINT: finishing the step, then writing a checkpoint (Ctrl-C again stops at once)\n";
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        }
     }
 }
 

@@ -653,13 +653,14 @@ fn two_software_gpus_follow_one_with_bn_groups() {
         .count();
     println!("rank 0: {all_reduces} all-reduces in 3 steps with 0.05 MiB buckets");
     assert!(all_reduces >= 3 * 20, "{all_reduces} all-reduces");
-    // The kNN monitor's features (memory and queries) gathered at epochs 0 to 3, and the ranks'
-    // state hashes at the end of epochs 1 to 3.
+    // The kNN monitor's features (memory and queries) gathered at epochs 0 to 3, the ranks'
+    // state hashes at the end of epochs 1 to 3, and their agreement on a stop (a signal) before
+    // each epoch's first step (every 16 steps; an epoch here is one step).
     let gathers = trace
         .lines()
         .filter(|l| l.contains("rank 0: call") && l.contains("ncclAllGather"))
         .count();
-    assert_eq!(gathers, 2 * 4 + 3, "all-gathers");
+    assert_eq!(gathers, 2 * 4 + 3 + 3, "all-gathers");
     emu_with(&dp(&["--bn-group", "8", "--out", &p("one")]), TWO);
     // The kNN monitor before training: each rank computes half the features, gathered to rank 0;
     // the same vote as one GPU's.
